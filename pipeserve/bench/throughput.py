@@ -1,0 +1,57 @@
+"""`pipeserve bench throughput`: random-token prompts of exact length, forced to exact output length."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import torch
+
+from pipeserve import LLM, SamplingParams
+
+
+def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """`num` prompts of exactly `length` token ids, reproducible from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    # Stay clear of the low ids, where tokenizers keep their special tokens.
+    return torch.randint(100, vocab_size, (num, length), generator=g).tolist()
+
+
+def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: int, output_len: int,
+                   num_prompts: int, output_json: str | None = None) -> dict[str, Any]:
+    """Run the workload once after a short warm-up; print a summary and return (and optionally save) it."""
+    with LLM(model, **engine_kwargs) as llm:
+        prompts = random_prompts(num_prompts, input_len, llm.config.model.vocab_size)
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+        start = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        elapsed = time.perf_counter() - start
+        config = llm.config
+    total_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    total_in = num_prompts * input_len
+    result = {
+        "elapsed_s": elapsed,
+        "num_requests": num_prompts,
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
+        "requests_per_s": num_prompts / elapsed,
+        "output_tokens_per_s": total_out / elapsed,
+        "total_tokens_per_s": (total_in + total_out) / elapsed,
+        "engine_config": _config_dict(config),
+    }
+    print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['output_tokens_per_s']:.1f} output "
+          f"tokens/s, {result['total_tokens_per_s']:.1f} total tokens/s ({num_prompts} requests of {input_len} "
+          f"in + {output_len} out, {elapsed:.1f} s)")
+    if output_json:
+        with open(output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _config_dict(config) -> dict[str, Any]:
+    d = dataclasses.asdict(config)
+    d["model"]["dtype"] = str(config.model.dtype).removeprefix("torch.")
+    return d

@@ -1,0 +1,163 @@
+"""Frozen configuration records. Each component takes only the one it needs."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Llama architecture numbers that change the math (mirrors HF `LlamaConfig`)."""
+
+    path: str  # HF folder or .gguf file
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.endswith(".gguf")
+
+    @staticmethod
+    def from_hf_dict(path: str, cfg: dict[str, Any], dtype: torch.dtype) -> ModelConfig:
+        """Build from a `config.json`-shaped dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
+        arch = cfg.get("model_type", "llama")
+        if arch != "llama":
+            raise ValueError(f"model {path!r} has model_type {arch!r}; pipeserve runs Llama-architecture models")
+        heads = cfg["num_attention_heads"]
+        rope_params = dict(cfg.get("rope_parameters") or {})
+        rope_scaling = cfg.get("rope_scaling") or None
+        rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = rope_params
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            rope_scaling.setdefault("rope_type", rope_scaling.get("type", "default"))
+            if rope_scaling["rope_type"] == "default":
+                rope_scaling = None
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return ModelConfig(
+            path=path,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            dtype=dtype,
+        )
+
+    @staticmethod
+    def load(path: str, dtype: str = "auto") -> ModelConfig:
+        """Read the config of an HF folder or a GGUF file at `path` (already resolved to exist)."""
+        if path.endswith(".gguf"):
+            from pipeserve.loader.gguf_loader import gguf_hf_config
+
+            cfg = gguf_hf_config(path)
+        else:
+            cfg_file = os.path.join(path, "config.json")
+            if not os.path.isfile(cfg_file):
+                raise ValueError(f"model folder {path!r} has no config.json")
+            with open(cfg_file) as f:
+                cfg = json.load(f)
+        return ModelConfig.from_hf_dict(path, cfg, resolve_dtype(dtype))
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
+    """`auto` is bfloat16 where the hardware computes it natively (CUDA, or CPUs with bf16 units), else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        native = device.startswith("cuda") or cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing. `num_kv_blocks` wins over the memory budget when set."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int = 2 << 30  # budget per stage when num_kv_blocks is None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits (vLLM names)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is cut: pipeline stages, and threads of each model process."""
+
+    pipeline_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    threads_per_worker: int | None = None
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine needs, grouped per component."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 0
+    num_virtual_engines: int = 1
+    num_blocks_per_ve: int = 0  # resolved from CacheConfig by EngineArgs
+
+    @property
+    def tokens_per_ve(self) -> int:
+        return self.num_blocks_per_ve * self.cache.block_size

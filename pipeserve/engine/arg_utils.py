@@ -1,0 +1,75 @@
+"""`EngineArgs`: the user-facing engine settings (vLLM's names), validated into an EngineConfig."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from pipeserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from pipeserve.loader.default_model import resolve_model_path
+from pipeserve.worker.kv_cache import kv_bytes_per_block
+
+
+@dataclass
+class EngineArgs:
+    """Everything `LLM(...)` and the CLI's engine flags accept."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float = 2.0
+    seed: int = 0
+    threads_per_worker: int | None = None
+    device: str = "cpu"
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def create_engine_config(self) -> EngineConfig:
+        """Resolve defaults and check every limit, raising ValueError that names the bad setting."""
+        path = resolve_model_path(self.model)
+        model = ModelConfig.load(path, self.dtype)
+        max_len = self.max_model_len or min(model.max_position_embeddings, 4096)
+        if max_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_len}")
+        if max_len > model.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
+                             f"{model.max_position_embeddings}")
+        scheduler = self._scheduler_config(max_len)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        cache = CacheConfig(self.block_size, self.num_kv_blocks, int(self.kv_cache_memory_gb * (1 << 30)))
+        parallel = ParallelConfig(threads_per_worker=self.threads_per_worker or os.cpu_count(), device=self.device)
+        num_ve = 1
+        blocks = self._num_blocks(model, cache, model.num_hidden_layers) // num_ve
+        if blocks * self.block_size < max_len:
+            raise ValueError(f"the KV cache holds {blocks * self.block_size} tokens per virtual engine, fewer than "
+                             f"max_model_len={max_len}: raise num_kv_blocks / kv_cache_memory_gb or lower max_model_len")
+        return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks)
+
+    def _scheduler_config(self, max_len: int) -> SchedulerConfig:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            budget = 512 if self.enable_chunked_prefill else max_len
+        if budget < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {budget}")
+        if not self.enable_chunked_prefill and budget < max_len:
+            raise ValueError(f"without chunked prefill, max_num_batched_tokens ({budget}) must be >= max_model_len "
+                             f"({max_len}) so that any prompt fits one step")
+        return SchedulerConfig(self.max_num_seqs, budget, max_len, self.enable_chunked_prefill)
+
+    def _num_blocks(self, model: ModelConfig, cache: CacheConfig, layers_on_busiest_stage: int) -> int:
+        if cache.num_kv_blocks is not None:
+            if cache.num_kv_blocks < 1:
+                raise ValueError(f"num_kv_blocks must be >= 1, got {cache.num_kv_blocks}")
+            return cache.num_kv_blocks
+        per_block = kv_bytes_per_block(model, layers_on_busiest_stage, cache.block_size)
+        return max(1, cache.kv_cache_memory_bytes // per_block)

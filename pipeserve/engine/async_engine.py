@@ -1,0 +1,200 @@
+"""The engine: virtual engines driven concurrently by asyncio over one executor.
+
+Each virtual engine (VE) is a Scheduler over its own KV pool. A VE loop plans a step, awaits the
+executor, applies the sampled tokens, and publishes outputs. With P VEs, up to P steps are in flight
+at once, one per VE, which is what keeps every pipeline stage busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipeserve.config import EngineConfig
+from pipeserve.engine.block_manager import BlockManager
+from pipeserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from pipeserve.engine.request import Request
+from pipeserve.engine.scheduler import Scheduler
+from pipeserve.executor.base import Executor
+from pipeserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pipeserve.sampling_params import SamplingParams
+
+
+@dataclass
+class _Tracked:
+    """Engine-side state of a request: where it runs, its text so far, and who listens."""
+
+    request: Request
+    virtual_engine: int
+    detok: IncrementalDetokenizer
+    queue: asyncio.Queue | None = None
+
+
+class RequestStream:
+    """Cumulative outputs of one request as it advances; the last has `finished=True`.
+
+    Leaving the iteration early (a client that went away) aborts the request and frees its blocks.
+    """
+
+    def __init__(self, request_id: str, queue: asyncio.Queue, engine: AsyncEngine):
+        self.request_id, self._queue, self._engine = request_id, queue, engine
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    """Accepts requests, assigns each to the least-loaded virtual engine, and streams RequestOutputs."""
+
+    def __init__(self, config: EngineConfig, executor: Executor, tokenizer: Any | None):
+        self.config, self.executor, self.tokenizer = config, executor, tokenizer
+        self.schedulers = [
+            Scheduler(config.scheduler, BlockManager(config.num_blocks_per_ve, config.cache.block_size),
+                      config.model.eos_token_ids, virtual_engine=i)
+            for i in range(config.num_virtual_engines)
+        ]
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self._wakeups: list[asyncio.Event] = []
+        self._error: BaseException | None = None
+
+    # ---- requests ------------------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the engine's limits; returns its resolved max_tokens."""
+        n, limit = len(prompt_token_ids), self.config.scheduler.max_model_len
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.config.model.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        if n + max_tokens > limit:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "
+                             f"max_model_len={limit}")
+        if max_tokens < 1:
+            raise ValueError(f"the prompt ({n} tokens) leaves no room to generate within max_model_len={limit}")
+        return max_tokens
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                    request_id: str | None = None) -> RequestStream:
+        """Queue a request on the virtual engine with the fewest unfinished requests; iterate the result."""
+        max_tokens = self.validate(prompt_token_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._tracked:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, prompt_token_ids, params, max_tokens, prompt)
+        ve = min(range(len(self.schedulers)), key=lambda i: self.schedulers[i].num_unfinished)
+        queue: asyncio.Queue = asyncio.Queue()
+        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        self._tracked[request_id] = _Tracked(req, ve, detok, queue)
+        self.schedulers[ve].add_request(req)
+        if self._wakeups:
+            self._wakeups[ve].set()
+        return RequestStream(request_id, queue, self)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks at once (no-op once finished)."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is not None:
+            self.schedulers[tracked.virtual_engine].abort(request_id)
+
+    # ---- the loops -----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[AsyncEngine]:
+        """Run the virtual-engine loops in the current event loop for the duration of the block."""
+        self._wakeups = [asyncio.Event() for _ in self.schedulers]
+        for ve, event in enumerate(self._wakeups):
+            if self.schedulers[ve].has_work():
+                event.set()
+        tasks = [asyncio.create_task(self._ve_loop(ve)) for ve in range(len(self.schedulers))]
+        try:
+            yield self
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._wakeups = []
+
+    async def _ve_loop(self, ve: int) -> None:
+        scheduler, wakeup = self.schedulers[ve], self._wakeups[ve]
+        while True:
+            if not scheduler.has_work():
+                wakeup.clear()
+                await wakeup.wait()
+                continue
+            sched = scheduler.schedule()
+            if sched.is_empty:
+                await asyncio.sleep(0)
+                continue
+            try:
+                step = await self.executor.execute(sched)
+            except Exception as exc:  # a dead stage: fail every listener rather than hang them
+                self._fail_all(exc)
+                raise
+            for req in scheduler.update(step):
+                self._publish(scheduler, req)
+
+    def _publish(self, scheduler: Scheduler, req: Request) -> None:
+        tracked = self._tracked.get(req.request_id)
+        if tracked is None:
+            return
+        delta = tracked.detok.append(req.output_token_ids[-1])
+        stops = req.sampling_params.stop_strings
+        if delta and stops and not req.status.finished:
+            hit = find_stop_string(tracked.detok.text, len(delta), stops)
+            if hit is not None:
+                tracked.detok.text = tracked.detok.text[: hit[1]]
+                scheduler.finish_stopped(req, hit[0])
+        output = self._request_output(tracked)
+        if output.finished:
+            self._tracked.pop(req.request_id, None)
+        tracked.queue.put_nowait(output)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._error = exc
+        for tracked in list(self._tracked.values()):
+            tracked.queue.put_nowait(exc)
+        self._tracked.clear()
+
+    def _request_output(self, tracked: _Tracked) -> RequestOutput:
+        req = tracked.request
+        params = req.sampling_params
+        completion = CompletionOutput(
+            index=0, text=tracked.detok.text, token_ids=list(req.output_token_ids),
+            finish_reason=req.status.value if req.status.finished else None, stop_reason=req.stop_reason,
+        )
+        if params.logprobs is not None:
+            completion.logprobs = [self._logprob_dict(s) for s in req.output_logprobs]
+            completion.cumulative_logprob = sum(s.logprob for s in req.output_logprobs)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
+                             finished=req.status.finished)
+
+    def _logprob_dict(self, sampled) -> dict[int, Logprob]:
+        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
+        entries = {t: Logprob(lp, rank + 1, decode(t)) for rank, (t, lp) in enumerate(sampled.top_logprobs or [])}
+        if sampled.token_id not in entries:
+            entries[sampled.token_id] = Logprob(sampled.logprob, sampled.rank, decode(sampled.token_id))
+        return entries
+
+    # ---- state ---------------------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return any(s.has_work() for s in self.schedulers)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

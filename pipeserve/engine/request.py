@@ -1,0 +1,61 @@
+"""A request's state inside the engine: its tokens, progress and status."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from pipeserve.sampling_params import SamplingParams
+from pipeserve.types import SampledToken
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+class Request:
+    """Prompt plus outputs so far; `num_computed_tokens` of them have KV in the cache."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                 max_tokens: int, prompt: str | None = None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.max_tokens = max_tokens  # resolved: never None here
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[SampledToken] = []
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        self.arrival_time = time.monotonic()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def tokens_to_compute(self) -> list[int]:
+        """The tokens without KV yet: the rest of the prompt, or the last sampled token."""
+        if self.num_computed_tokens < len(self.prompt_token_ids):
+            return self.prompt_token_ids[self.num_computed_tokens:] + self.output_token_ids
+        return self.output_token_ids[self.num_computed_tokens - len(self.prompt_token_ids):]
+
+    def finish(self, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        self.status, self.stop_reason = status, stop_reason

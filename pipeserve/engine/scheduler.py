@@ -1,0 +1,170 @@
+"""Continuous batching with chunked prefill and preemption by recompute, for one virtual engine.
+
+Every step: running requests first (their decode token, or the next chunk of their prompt), then waiting
+requests in arrival order, all under one token budget (`max_num_batched_tokens`) and `max_num_seqs`.
+When the KV pool runs dry, the most recently admitted running request is preempted: its blocks are freed
+and it goes back to the front of the queue, to recompute prompt + outputs later. It loses no tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pipeserve.config import SchedulerConfig
+from pipeserve.engine.block_manager import BlockManager
+from pipeserve.engine.request import Request, RequestStatus
+from pipeserve.types import ScheduledRequest, SchedulerOutput, StepOutput
+
+
+class Scheduler:
+    """Plans one step at a time; `update` applies the step's sampled tokens. Needs no model to test."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: tuple[int, ...] = (),
+                 virtual_engine: int = 0):
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids = set(eos_token_ids)
+        self.virtual_engine = virtual_engine
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._scheduled: dict[str, int] = {}  # req_id -> tokens in the step in flight
+        self._next_step = 0
+        self.num_preemptions = 0
+
+    # ---- queue ---------------------------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, req_id: str) -> Request | None:
+        """Finish a request now and free its blocks (a no-op for unknown or finished ids)."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return None
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return req
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- planning ------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step. Must not be called while this scheduler's previous step is in flight."""
+        assert not self._scheduled, "a virtual engine runs one step at a time"
+        budget = self.config.max_num_batched_tokens
+        planned: list[Request] = []
+        budget = self._schedule_running(budget, planned)
+        self._schedule_waiting(budget, planned)
+        out = SchedulerOutput(step_id=self._next_step, virtual_engine=self.virtual_engine)
+        self._next_step += 1
+        for req in planned:
+            out.requests.append(self._scheduled_request(req))
+        return out
+
+    def _schedule_running(self, budget: int, planned: list[Request]) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            else:
+                self._scheduled[req.request_id] = n
+                planned.append(req)
+                budget -= n
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, budget: int, planned: list[Request]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = req.num_tokens - req.num_computed_tokens
+            if n > budget and not self.config.enable_chunked_prefill:
+                break  # without chunking a prompt runs whole, in a later step with more room
+            n = min(n, budget)
+            if not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
+                self.block_manager.free(req.request_id)
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._scheduled[req.request_id] = n
+            planned.append(req)
+            budget -= n
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.block_manager.free(req.request_id)
+        self._scheduled.pop(req.request_id, None)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _scheduled_request(self, req: Request) -> ScheduledRequest:
+        n = self._scheduled[req.request_id]
+        samples = req.num_computed_tokens + n == req.num_tokens
+        return ScheduledRequest(
+            req_id=req.request_id,
+            token_ids=req.tokens_to_compute()[:n],
+            start_pos=req.num_computed_tokens,
+            block_table=list(self.block_manager.block_tables[req.request_id]),
+            sampling_params=req.sampling_params if samples else None,
+            num_output_tokens=req.num_output_tokens,
+        )
+
+    # ---- results -------------------------------------------------------------------------------------
+
+    def update(self, step: StepOutput) -> list[Request]:
+        """Advance the requests of the step in flight; returns those that received a new token."""
+        advanced = []
+        for req_id, n in self._scheduled.items():
+            req = self.requests.get(req_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while its step was in flight
+            req.num_computed_tokens += n
+            sampled = step.sampled.get(req_id)
+            if sampled is None:
+                continue
+            req.output_token_ids.append(sampled.token_id)
+            req.output_logprobs.append(sampled)
+            self._check_stop(req, sampled.token_id)
+            advanced.append(req)
+        self._scheduled.clear()
+        return advanced
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        params = req.sampling_params
+        if req.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return self._finish(req, RequestStatus.FINISHED_STOPPED, token)
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return self._finish(req, RequestStatus.FINISHED_STOPPED, None)
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            self._finish(req, RequestStatus.FINISHED_LENGTH)
+
+    def finish_stopped(self, req: Request, stop_reason: str) -> None:
+        """End a request because the engine found a stop string in its text."""
+        self._finish(req, RequestStatus.FINISHED_STOPPED, stop_reason)
+
+    def _finish(self, req: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        if req.status.finished:
+            return
+        req.finish(status, stop_reason)
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.block_manager.free(req.request_id)
+        self.requests.pop(req.request_id, None)

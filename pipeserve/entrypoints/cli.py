@@ -1,0 +1,119 @@
+"""The `pipeserve` command: generate, bench throughput."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pipeserve.engine.arg_utils import EngineArgs
+
+DEFAULT_PROMPTS = [
+    "What is pipeline parallelism in one paragraph?",
+    "Write a haiku about a river.",
+    "List three uses of a paperclip.",
+]
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Engine flags with vLLM's names; each maps to an EngineArgs field."""
+    d = EngineArgs()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF folder, .gguf file, or 'smollm2-135m-instruct' (default)")
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=d.enable_chunked_prefill)
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--num-kv-blocks", type=int, default=d.num_kv_blocks)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker,
+                   help="torch threads of each process that runs the model (default: cores / processes)")
+    g.add_argument("--device", default=d.device)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed engine flags as LLM(...) keyword arguments."""
+    return {k: v for k, v in vars(args).items() if k in EngineArgs.field_names() and k != "model"}
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from pipeserve import LLM, SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p,
+                            seed=args.sampling_seed)
+    prompts = args.prompt or DEFAULT_PROMPTS
+    with LLM(args.model, **engine_kwargs(args)) as llm:
+        tok = llm.get_tokenizer()
+        inputs = []
+        for p in prompts:
+            if args.raw or tok is None or not getattr(tok, "chat_template", None):
+                inputs.append(p)
+            else:
+                text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True)
+                inputs.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text})
+        for prompt, inp in zip(prompts, inputs, strict=True):
+            print(f"\n>>> {prompt}\n", flush=True)
+            out = llm.generate([inp], params, on_output=_TextPrinter())[0]
+            print(f"\n[{len(out.outputs[0].token_ids)} tokens, finish_reason={out.outputs[0].finish_reason}]")
+
+
+class _TextPrinter:
+    """Writes each new piece of a request's cumulative text to stdout as it arrives."""
+
+    def __init__(self) -> None:
+        self.printed = 0
+
+    def __call__(self, _: int, out) -> None:
+        text = out.outputs[0].text
+        sys.stdout.write(text[self.printed :])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeserve", description="A pipeline-parallel LLM inference engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for a few prompts, streaming it to the terminal")
+    add_engine_flags(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); default: three built-in ones")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
+    gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    tp = bench_sub.add_parser("throughput", help="offline throughput on random-token prompts")
+    add_engine_flags(tp)
+    tp.add_argument("--input-len", type=int, default=128)
+    tp.add_argument("--output-len", type=int, default=128)
+    tp.add_argument("--num-prompts", type=int, default=64)
+    tp.add_argument("--output-json", default=None)
+    tp.set_defaults(func=_bench_throughput)
+    return parser
+
+
+def _bench_throughput(args: argparse.Namespace) -> None:
+    from pipeserve.bench.throughput import run_throughput
+
+    run_throughput(args.model, engine_kwargs(args), args.input_len, args.output_len, args.num_prompts,
+                   args.output_json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as exc:
+        sys.exit(f"pipeserve: error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""An executor runs steps on the model's stages, wherever they live."""
+
+from __future__ import annotations
+
+import abc
+
+from pipeserve.types import SchedulerOutput, StepOutput
+
+
+class Executor(abc.ABC):
+    """Takes a virtual engine's step plan to the stages and returns the last stage's StepOutput."""
+
+    @abc.abstractmethod
+    async def execute(self, sched: SchedulerOutput) -> StepOutput:
+        """Run one step; steps are executed in the order this is called."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop every process and free every resource; safe to call twice."""
+
+    def check_health(self) -> None:
+        """Raise if any stage is dead."""

@@ -1,0 +1,37 @@
+"""All stages in the engine's own process: the PP=1 path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from pipeserve.config import EngineConfig
+from pipeserve.distributed.stage import StageInfo
+from pipeserve.executor.base import Executor
+from pipeserve.types import SchedulerOutput, StepOutput
+from pipeserve.worker.model_runner import ModelRunner
+
+
+class UniProcExecutor(Executor):
+    """Runs the whole model in this process. `offload=True` runs steps in a thread so an event loop
+    serving HTTP stays responsive; offline generation runs them inline."""
+
+    def __init__(self, config: EngineConfig, offload: bool = False):
+        if config.parallel.threads_per_worker:
+            torch.set_num_threads(config.parallel.threads_per_worker)
+        self.offload = offload
+        self.runner = ModelRunner(
+            config.model, StageInfo.whole_model(config.model.num_hidden_layers),
+            num_blocks_per_ve=config.num_blocks_per_ve, block_size=config.cache.block_size,
+            num_virtual_engines=config.num_virtual_engines, max_model_len=config.scheduler.max_model_len,
+            seed=config.seed, device=config.parallel.device,
+        )
+
+    async def execute(self, sched: SchedulerOutput) -> StepOutput:
+        if self.offload:
+            return await asyncio.to_thread(self.runner.execute, sched)
+        return self.runner.execute(sched)
+
+    def shutdown(self) -> None:
+        self.runner = None

@@ -1,0 +1,89 @@
+"""Turns the last stage's logits into tokens: greedy, temperature, top-k, top-p, min-p, seeds, logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeserve.sampling_params import SamplingParams
+from pipeserve.types import SampledToken
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, output index) pairs over the generator's seed space
+
+
+class Sampler:
+    """Samples one token per row of logits.
+
+    A seeded request draws its randomness from (seed, number of tokens it has output so far) alone, so it
+    samples the same tokens whatever else shares the batch, and after a preemption too. Unseeded requests
+    share one generator seeded from the engine seed.
+    """
+
+    def __init__(self, seed: int, eos_token_ids: tuple[int, ...]):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eos_token_ids = list(eos_token_ids)
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 num_outputs: list[int]) -> list[SampledToken]:
+        logits = logits.float()  # (S, V)
+        self._apply_min_tokens(logits, params, num_outputs)
+        token_ids = logits.argmax(dim=-1)  # greedy rows keep this
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows)
+            probs = self._filtered_probs(logits[rows], [params[i] for i in random_rows])
+            for j, i in enumerate(random_rows):
+                noise = torch.empty_like(probs[j]).exponential_(generator=self._generator(params[i], num_outputs[i]))
+                token_ids[i] = (probs[j] / noise).argmax()  # exponential race: a draw from probs
+        return self._with_logprobs(logits, token_ids, params)
+
+    def _apply_min_tokens(self, logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int]) -> None:
+        for i, p in enumerate(params):
+            if num_outputs[i] < p.min_tokens:
+                banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else self.eos_token_ids)
+                logits[i, banned] = float("-inf")
+
+    def _generator(self, p: SamplingParams, num_outputs: int) -> torch.Generator:
+        if p.seed is None:
+            return self.generator
+        return torch.Generator().manual_seed((p.seed * _SEED_MIX + num_outputs) % (1 << 63))
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        temps = torch.tensor([p.temperature for p in params]).unsqueeze(1)
+        logits = logits / temps
+        top_k = [p.top_k for p in params]
+        if any(k > 0 for k in top_k):
+            vocab = logits.shape[-1]
+            ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k]).unsqueeze(1)
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, ks - 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        top_p = torch.tensor([p.top_p for p in params]).unsqueeze(1)
+        if (top_p < 1.0).any():
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each token
+            drop_sorted = before >= top_p  # keeps the smallest prefix whose mass reaches top_p
+            probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
+        min_p = torch.tensor([p.min_p for p in params]).unsqueeze(1)
+        if (min_p > 0).any():
+            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        return probs / probs.sum(dim=-1, keepdim=True)
+
+    @staticmethod
+    def _with_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                       params: list[SamplingParams]) -> list[SampledToken]:
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        out = [SampledToken(int(t)) for t in token_ids.tolist()]
+        if not want:
+            return out
+        rows = torch.tensor(want)
+        logprobs = logits[rows].log_softmax(dim=-1)  # the model's distribution, before sampling filters
+        chosen = logprobs.gather(1, token_ids[rows].unsqueeze(1))  # (W, 1)
+        ranks = (logprobs > chosen).sum(dim=-1) + 1
+        max_k = max(params[i].logprobs for i in want)
+        top_vals, top_ids = logprobs.topk(max(max_k, 1), dim=-1)
+        for j, i in enumerate(want):
+            k = params[i].logprobs
+            top = list(zip(top_ids[j, :k].tolist(), top_vals[j, :k].tolist(), strict=True))
+            out[i] = SampledToken(out[i].token_id, float(chosen[j, 0]), int(ranks[j]), top)
+        return out

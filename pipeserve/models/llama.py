@@ -1,0 +1,180 @@
+"""Llama decoder (HF `LlamaForCausalLM` math), built for one pipeline stage.
+
+A stage creates only its own decoder layers; the others are parameter-free placeholders, so layer
+indices and checkpoint names stay global. The first stage owns the embedding; the last the final norm
+and the LM head (with tied embeddings, the last stage loads the embedding matrix as its head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeserve.config import ModelConfig
+from pipeserve.distributed.stage import StageInfo
+from pipeserve.layers.attention import AttentionMetadata, PagedAttention
+from pipeserve.layers.linear import Linear, MergedLinear, default_weight_loader
+from pipeserve.layers.norm import RMSNorm
+from pipeserve.layers.rotary import RotaryEmbedding
+from pipeserve.types import IntermediateTensors
+
+
+class PlaceholderLayer(nn.Module):
+    """Stands where a layer of another stage would be: no parameters, never called."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a placeholder layer belongs to another pipeline stage and cannot run here")
+
+
+class LlamaAttention(nn.Module):
+    """Fused QKV projection, rotary embedding, paged attention, output projection."""
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+        super().__init__()
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [nh * hd, nkv * hd, nkv * hd], cfg.attention_bias, cfg.dtype)
+        self.o_proj = Linear(nh * hd, cfg.hidden_size, cfg.attention_bias, cfg.dtype)
+        self.rope = rope
+        self.attn = PagedAttention(nh, nkv, hd)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # (T, nh*hd), (T, nkv*hd), (T, nkv*hd)
+        t = x.shape[0]
+        q, k = self.rope(positions, q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, -1))
+        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv_cache, meta)  # (T, nh, hd)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class LlamaMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [inter, inter], cfg.mlp_bias, cfg.dtype)
+        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, cfg.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks; carries (hidden, residual) so stages can hand both over."""
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.self_attn = LlamaAttention(cfg, rope)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden if residual is None else hidden + residual
+        hidden = self.self_attn(positions, self.input_layernorm(residual), kv_cache, meta)
+        residual = hidden + residual
+        hidden = self.mlp(self.post_attention_layernorm(residual))
+        return hidden, residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """The stage's part of the model; `forward` returns IntermediateTensors, or final hidden states on the last stage."""
+
+    def __init__(self, cfg: ModelConfig, stage: StageInfo, max_positions: int):
+        super().__init__()
+        self.cfg, self.stage = cfg, stage
+        rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = self._embedding() if stage.is_first else PlaceholderLayer()
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, rope) if stage.owns_layer(i) else PlaceholderLayer()
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype) if stage.is_last else PlaceholderLayer()
+        self.lm_head = self._lm_head() if stage.is_last else PlaceholderLayer()
+
+    def _embedding(self) -> nn.Embedding:
+        emb = nn.Embedding(self.cfg.vocab_size, self.cfg.hidden_size, dtype=self.cfg.dtype)
+        emb.weight.requires_grad_(False)
+        emb.weight.weight_loader = default_weight_loader
+        return emb
+
+    def _lm_head(self) -> Linear:
+        head = Linear(self.cfg.hidden_size, self.cfg.vocab_size, False, self.cfg.dtype)
+        if self.cfg.tie_word_embeddings and self.stage.is_first:
+            head.weight = self.embed_tokens.weight  # one matrix serves both ends
+        return head
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata, intermediate: IntermediateTensors | None) -> IntermediateTensors | torch.Tensor:
+        if self.stage.is_first:
+            hidden, residual = self.embed_tokens(input_ids), None  # (T, hidden)
+        else:
+            hidden, residual = intermediate.hidden_states, intermediate.residual
+        for i in range(self.stage.start_layer, self.stage.end_layer):
+            hidden, residual = self.layers[i](positions, hidden, residual, kv_caches[i - self.stage.start_layer], meta)
+        if not self.stage.is_last:
+            return IntermediateTensors(hidden, residual)
+        return self.norm(hidden + residual)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # (S, vocab)
+
+    # ---- loading -------------------------------------------------------------------------------------
+
+    _STACKED = {  # checkpoint projection -> (fused parameter, shard index)
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def param_for(self, ckpt_name: str) -> tuple[str, int | None] | None:
+        """The (parameter name, shard) a checkpoint tensor loads into on this stage, or None if not ours."""
+        name = ckpt_name
+        if name == "model.embed_tokens.weight" and self.stage.is_last and self.cfg.tie_word_embeddings:
+            if not self.stage.is_first:
+                return "lm_head.weight", None
+        name = name.removeprefix("model.")
+        if name.startswith("layers."):
+            if not self.stage.owns_layer(int(name.split(".")[1])):
+                return None
+            for ckpt, (fused, shard) in self._STACKED.items():
+                if f".{ckpt}." in name:
+                    return name.replace(ckpt, fused), shard
+        return (name, None) if name in self._own_params else None
+
+    @property
+    def _own_params(self) -> dict[str, nn.Parameter]:
+        if not hasattr(self, "_param_cache"):
+            self._param_cache = dict(self.named_parameters(remove_duplicate=False))
+        return self._param_cache
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load (checkpoint name, tensor) pairs this stage owns; returns the parameter names filled."""
+        loaded: set[str] = set()
+        params = self._own_params
+        for ckpt_name, tensor in weights:
+            target = self.param_for(ckpt_name)
+            if target is None:
+                continue
+            name, shard = target
+            param = params[name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            loader(param, tensor.to(param.dtype), shard)
+            loaded.add(name if shard is None else f"{name}#{shard}")
+        return loaded
+
+    def expected_loads(self) -> set[str]:
+        """Every (parameter#shard) a complete checkpoint must fill on this stage."""
+        expected = set()
+        for name, param in self._own_params.items():
+            loader = getattr(param, "weight_loader", None)
+            shards = getattr(getattr(loader, "__self__", None), "out_sizes", None)
+            expected |= {f"{name}#{i}" for i in range(len(shards))} if shards else {name}
+        if self.cfg.tie_word_embeddings and self.stage.is_first and self.stage.is_last:
+            expected.discard("lm_head.weight")
+        return expected

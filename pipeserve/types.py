@@ -1,0 +1,89 @@
+"""The contracts between engine and stages. The architecture is these types.
+
+One step: `VirtualEngine.schedule() -> SchedulerOutput -> stages -> StepOutput -> VirtualEngine.update()`.
+Everything here is small and picklable: it crosses process and machine boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeserve.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: which tokens to compute, where their KV goes, whether to sample."""
+
+    req_id: str
+    token_ids: list[int]  # the tokens computed this step (a prefill chunk, or the one decode token)
+    start_pos: int  # = num_computed_tokens before this step; positions are start_pos .. start_pos+len-1
+    block_table: list[int]  # physical KV blocks of the request, in order
+    sampling_params: SamplingParams | None  # set only when this step samples the request's next token
+    num_output_tokens: int = 0  # outputs so far: makes seeded sampling independent of batch and preemption
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.start_pos > 0 and len(self.token_ids) == 1
+
+
+@dataclass
+class SchedulerOutput:
+    """What one virtual engine asks the stages to run in one step."""
+
+    step_id: int
+    virtual_engine: int
+    requests: list[ScheduledRequest] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.requests)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+    @property
+    def kind(self) -> str:
+        """prefill, decode or mixed: for traces and logs."""
+        decodes = sum(r.is_decode for r in self.requests)
+        if decodes == len(self.requests):
+            return "decode"
+        return "prefill" if decodes == 0 else "mixed"
+
+
+@dataclass
+class IntermediateTensors:
+    """What stage i hands stage i+1: the residual stream, split as vLLM does (hidden, residual)."""
+
+    hidden_states: torch.Tensor  # (T, hidden)
+    residual: torch.Tensor  # (T, hidden)
+
+
+@dataclass
+class SampledToken:
+    """A sampled token, with its log-probability and the top alternatives when asked for."""
+
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class StepOutput:
+    """What the last stage returns to the engine: the sampled token per sampling request."""
+
+    step_id: int
+    virtual_engine: int
+    sampled: dict[str, SampledToken] = field(default_factory=dict)

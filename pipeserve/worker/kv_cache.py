@@ -1,0 +1,20 @@
+"""KV cache sizing and allocation for one stage, split among virtual engines."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeserve.config import ModelConfig
+
+
+def kv_bytes_per_block(cfg: ModelConfig, num_layers: int, block_size: int) -> int:
+    """Bytes one block costs on a stage that holds `num_layers` layers (K and V)."""
+    elem = torch.empty((), dtype=cfg.dtype).element_size()
+    return 2 * num_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def allocate_kv_caches(cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
+                       device: str = "cpu") -> list[torch.Tensor]:
+    """One (2, num_blocks, block_size, n_kv_heads, head_dim) tensor per layer of the stage."""
+    shape = (2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    return [torch.zeros(shape, dtype=cfg.dtype, device=device) for _ in range(num_layers)]

@@ -1,0 +1,44 @@
+"""Runs one stage's forward pass for a step: inputs -> layers -> hand-off tensors, or sampled tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeserve.config import ModelConfig
+from pipeserve.distributed.stage import StageInfo
+from pipeserve.layers.sampler import Sampler
+from pipeserve.loader.model_loader import load_model
+from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
+from pipeserve.worker.input_batch import build_model_input
+from pipeserve.worker.kv_cache import allocate_kv_caches
+
+
+class ModelRunner:
+    """Owns the stage's weights and one KV cache per virtual engine."""
+
+    def __init__(self, model_cfg: ModelConfig, stage: StageInfo, *, num_blocks_per_ve: int, block_size: int,
+                 num_virtual_engines: int, max_model_len: int, seed: int, device: str = "cpu",
+                 disable_progress: bool = False):
+        self.stage, self.block_size, self.device = stage, block_size, device
+        self.model = load_model(model_cfg, stage, max_model_len, device, disable_progress)
+        num_layers = stage.end_layer - stage.start_layer
+        self.kv_caches = [allocate_kv_caches(model_cfg, num_layers, num_blocks_per_ve, block_size, device)
+                          for _ in range(num_virtual_engines)]
+        self.sampler = Sampler(seed, model_cfg.eos_token_ids) if stage.is_last else None
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput,
+                intermediate: IntermediateTensors | None = None) -> IntermediateTensors | StepOutput:
+        """Run the stage on the step; the last stage samples and returns a StepOutput."""
+        inp = build_model_input(sched, self.block_size, self.device)
+        out = self.model(inp.input_ids, inp.positions, self.kv_caches[sched.virtual_engine], inp.attn, intermediate)
+        if not self.stage.is_last:
+            return out
+        step = StepOutput(step_id=sched.step_id, virtual_engine=sched.virtual_engine)
+        if not inp.sampled_requests:
+            return step
+        logits = self.model.compute_logits(out[inp.sample_rows])  # (S, vocab)
+        reqs = inp.sampled_requests
+        tokens = self.sampler(logits, [r.sampling_params for r in reqs], [r.num_output_tokens for r in reqs])
+        step.sampled = {r.req_id: t for r, t in zip(reqs, tokens, strict=True)}
+        return step

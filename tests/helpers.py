@@ -1,0 +1,51 @@
+"""Shared test helpers: tiny random Llama checkpoints and the HF reference they are checked against."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# Ties: in a random model two logits can agree to within float rounding, and then any engine (HF included)
+# may pick either. A mismatch is accepted only when HF's own logits put our token within this margin of
+# HF's choice; comparison of that sequence stops there, since the continuations legitimately differ.
+NEAR_TIE = 1e-4
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+def make_tiny_llama(folder: str, seed: int = 0, **overrides: Any) -> str:
+    """Save a random LlamaForCausalLM (safetensors) with TINY's shape, changed by `overrides`."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**TINY, **overrides})
+    model = LlamaForCausalLM(cfg).float()
+    with torch.no_grad():  # random biases and norms, so those code paths change the output
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def hf_greedy(model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """HF transformers' greedy continuation of one prompt (no padding, so nothing to second-guess)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             min_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def assert_greedy_match(model: LlamaForCausalLM, prompt: list[int], ours: list[int], expected: list[int]) -> None:
+    """Token-for-token equality, except past a near-tie in HF's own logits (see NEAR_TIE)."""
+    for i, (a, b) in enumerate(zip(ours, expected, strict=True)):
+        if a == b:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + expected[:i]])).logits[0, -1].float()
+        gap = (logits[b] - logits[a]).abs().item()
+        assert gap < NEAR_TIE, f"token {i}: ours {a}, HF {b}, HF logit gap {gap:.3g} is not a tie"
+        return
