@@ -1,0 +1,147 @@
+"""Scheduler and block manager, driven by fake step outputs: no model involved."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeserve.config import SchedulerConfig
+from pipeserve.engine.block_manager import BlockManager
+from pipeserve.engine.request import Request, RequestStatus
+from pipeserve.engine.scheduler import Scheduler
+from pipeserve.sampling_params import SamplingParams
+from pipeserve.types import SampledToken, SchedulerOutput, StepOutput
+
+EOS = 2
+
+
+def make_scheduler(blocks: int = 64, block_size: int = 4, budget: int = 16, max_seqs: int = 8,
+                   chunked: bool = True, max_len: int = 256) -> Scheduler:
+    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_len,
+                          enable_chunked_prefill=chunked)
+    return Scheduler(cfg, BlockManager(blocks, block_size), eos_token_ids=(EOS,))
+
+
+def request(rid: str, prompt_len: int, max_tokens: int = 4, **params) -> Request:
+    return Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=max_tokens, **params), max_tokens)
+
+
+def fake_step(sched: SchedulerOutput, token: int = 7) -> StepOutput:
+    """What a model would return: one token for each request that samples this step."""
+    return StepOutput(sched.step_id, sched.virtual_engine,
+                      {r.req_id: SampledToken(token) for r in sched.requests if r.sampling_params is not None})
+
+
+def run_to_completion(s: Scheduler, max_steps: int = 500) -> list[SchedulerOutput]:
+    steps = []
+    while s.has_work():
+        out = s.schedule()
+        steps.append(out)
+        s.update(fake_step(out))
+        assert len(steps) < max_steps, "scheduler made no progress"
+    return steps
+
+
+def test_block_manager_allocates_and_frees():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    assert bm.allocate("a", 5) and len(bm.block_tables["a"]) == 2
+    assert bm.allocate("a", 8) and len(bm.block_tables["a"]) == 2  # still fits
+    assert not bm.allocate("b", 9)  # needs 3, only 2 free: nothing taken
+    assert bm.num_free_blocks == 2
+    bm.free("a")
+    assert bm.num_free_blocks == 4 and "a" not in bm.block_tables
+
+
+def test_chunked_prefill_splits_long_prompt_under_budget():
+    s = make_scheduler(budget=16)
+    s.add_request(request("a", 40))
+    first = s.schedule()
+    assert first.num_tokens == 16 and first.requests[0].sampling_params is None
+    s.update(fake_step(first))
+    second = s.schedule()
+    assert second.requests[0].start_pos == 16 and second.num_tokens == 16
+    s.update(fake_step(second))
+    third = s.schedule()
+    assert third.num_tokens == 8 and third.requests[0].sampling_params is not None  # last chunk samples
+
+
+def test_decodes_and_prefill_chunks_share_a_step():
+    s = make_scheduler(budget=16)
+    s.add_request(request("a", 3, max_tokens=10))
+    s.update(fake_step(s.schedule()))  # a's prefill
+    s.add_request(request("b", 30))
+    step = s.schedule()
+    kinds = {r.req_id: r.num_tokens for r in step.requests}
+    assert kinds == {"a": 1, "b": 15} and step.kind == "mixed"
+
+
+def test_without_chunking_a_prompt_waits_for_a_step_with_room():
+    s = make_scheduler(budget=32, chunked=False)
+    s.add_request(request("a", 20))
+    s.add_request(request("b", 20))
+    step = s.schedule()
+    assert [r.req_id for r in step.requests] == ["a"] and step.num_tokens == 20
+
+
+def test_max_num_seqs_limits_running_batch():
+    s = make_scheduler(max_seqs=2, budget=64)
+    for i in range(4):
+        s.add_request(request(str(i), 4))
+    assert [r.req_id for r in s.schedule().requests] == ["0", "1"]
+
+
+def test_requests_finish_on_length_eos_and_stop_token():
+    s = make_scheduler()
+    s.add_request(request("len", 4, max_tokens=3))
+    s.add_request(request("stop", 4, max_tokens=10, stop_token_ids=[7]))
+    s.add_request(request("ign", 4, max_tokens=3, ignore_eos=True))
+    reqs = dict(s.requests)
+    out = s.schedule()
+    s.update(fake_step(out, token=7))
+    assert reqs["stop"].status == RequestStatus.FINISHED_STOPPED and reqs["stop"].stop_reason == 7
+    while s.has_work():
+        s.update(fake_step(s.schedule(), token=EOS))
+    assert reqs["len"].status == RequestStatus.FINISHED_STOPPED  # EOS ends it
+    assert reqs["ign"].status == RequestStatus.FINISHED_LENGTH and len(reqs["ign"].output_token_ids) == 3
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+
+
+def test_preemption_recomputes_and_loses_no_tokens():
+    # 6 blocks of 4 tokens: two requests of 8 prompt + 8 output tokens (4 blocks each) cannot both run.
+    s = make_scheduler(blocks=6, block_size=4, budget=32)
+    a, b = request("a", 8, max_tokens=8), request("b", 8, max_tokens=8)
+    s.add_request(a)
+    s.add_request(b)
+    steps = run_to_completion(s)
+    assert s.num_preemptions >= 1 and b.num_preemptions >= 1
+    assert a.output_token_ids == [7] * 8 and b.output_token_ids == [7] * 8
+    # After preemption b recomputes prompt + outputs so far in one prefill, then samples the next token.
+    recompute = [r for st in steps for r in st.requests if r.req_id == "b" and r.start_pos == 0][-1]
+    assert recompute.token_ids[8:] == [7] * (len(recompute.token_ids) - 8)
+    assert s.block_manager.num_free_blocks == 6
+
+
+def test_abort_frees_blocks_and_ignores_in_flight_result():
+    s = make_scheduler()
+    s.add_request(request("a", 10))
+    out = s.schedule()
+    assert s.block_manager.num_used_blocks == 3
+    s.abort("a")
+    assert s.block_manager.num_used_blocks == 0
+    assert s.update(fake_step(out)) == [] and not s.has_work()
+
+
+def test_schedule_twice_without_update_is_refused():
+    s = make_scheduler()
+    s.add_request(request("a", 4))
+    s.schedule()
+    with pytest.raises(AssertionError):
+        s.schedule()
+
+
+def test_block_tables_cover_every_computed_token():
+    s = make_scheduler(blocks=64, block_size=4, budget=8)
+    for i in range(5):
+        s.add_request(request(str(i), 3 + 5 * i, max_tokens=6))
+    for step in run_to_completion(s):
+        for r in step.requests:
+            assert len(r.block_table) * 4 >= r.context_len
