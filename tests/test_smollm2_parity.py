@@ -1,0 +1,49 @@
+"""The embedded SmolLM2-135M, loaded by pipeserve and by HF transformers from the same GGUF file, agrees."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import assert_greedy_match, hf_greedy
+from pipeserve import LLM, SamplingParams
+from pipeserve.loader.default_model import default_model_path
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2():
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    with LLM(dtype="float32", max_model_len=512, max_num_batched_tokens=24, threads_per_worker=1) as llm:
+        yield llm
+
+
+def test_smollm2_greedy_matches_hf(smollm2, hf_smollm2):
+    tok = smollm2.get_tokenizer()
+    texts = ["The capital of France is", "def fibonacci(n):\n    ", "Pipeline parallelism splits a model into"]
+    chat = tok.apply_chat_template([{"role": "user", "content": "Name a primary colour."}], tokenize=False,
+                                   add_generation_prompt=True)
+    prompts = [tok.encode(t) for t in texts] + [tok.encode(chat, add_special_tokens=False)]
+    # max_num_batched_tokens=24 chunks the longer prompts and mixes the chunks with other requests' decodes.
+    outs = smollm2.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        expected = hf_greedy(hf_smollm2, prompt, MAX_TOKENS)
+        assert_greedy_match(hf_smollm2, prompt, out.outputs[0].token_ids, expected)
+
+
+def test_smollm2_text_is_coherent(smollm2):
+    out = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(temperature=0, max_tokens=24))[0].outputs[0]
+    assert "Paris" in out.text
