@@ -56,6 +56,9 @@ def hf_worker(dtype: str, input_len: int, output_len: int, batch: int, threads: 
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                  dtype=getattr(torch, dtype))
     model.eval()
+    # transformers may warn that GGUF weights "stay packed"; for llama they are dequantized to dense `dtype`
+    # tensors (as pipeserve does). Record the parameter dtypes so a packed/quantized load would show up.
+    weight_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     vocab = model.config.vocab_size
     ids = torch.tensor(random_prompts(batch, input_len, vocab))  # same prompts (seed 0) as pipeserve gets
 
@@ -70,7 +73,7 @@ def hf_worker(dtype: str, input_len: int, output_len: int, batch: int, threads: 
         elapsed = time.perf_counter() - start
     total_out = (out.shape[1] - input_len) * out.shape[0]
     return {"elapsed_s": elapsed, "total_output_tokens": total_out, "output_tokens_per_s": total_out / elapsed,
-            "vocab_size": vocab, "torch_threads": torch.get_num_threads()}
+            "vocab_size": vocab, "torch_threads": torch.get_num_threads(), "weight_dtypes": weight_dtypes}
 
 
 def pipeserve_worker(dtype: str, input_len: int, output_len: int, batch: int, threads: int) -> dict[str, Any]:

@@ -138,12 +138,20 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the model is cut: pipeline stages, and threads of each model process."""
+    """How the model is cut: pipeline stages (layers per stage), threads and device of each model process."""
 
     pipeline_parallel_size: int = 1
     tensor_parallel_size: int = 1
+    stage_layers: tuple[int, ...] = ()  # decoder layers per stage, summing to the layer count
     threads_per_worker: int | None = None
     device: str = "cpu"
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: pick a free port
+    distributed_timeout_s: float = 300.0  # how long a stage waits on a peer before declaring it dead
+
+    @property
+    def world_size(self) -> int:
+        return self.pipeline_parallel_size * self.tensor_parallel_size
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,7 @@ class EngineConfig:
     seed: int = 0
     num_virtual_engines: int = 1
     num_blocks_per_ve: int = 0  # resolved from CacheConfig by EngineArgs
+    trace_file: str | None = None  # write a Chrome trace (and a PNG Gantt chart) of every stage's steps
 
     @property
     def tokens_per_ve(self) -> int:

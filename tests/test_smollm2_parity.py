@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from helpers import assert_greedy_match, hf_greedy
 from transformers import AutoModelForCausalLM
 
-from helpers import assert_greedy_match, hf_greedy
 from pipeserve import LLM, SamplingParams
 from pipeserve.loader.default_model import default_model_path
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+import torch
+
 from pipeserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from pipeserve.distributed.partition import parse_partition
 from pipeserve.loader.default_model import resolve_model_path
 from pipeserve.worker.kv_cache import kv_bytes_per_block
 
@@ -24,8 +27,13 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     kv_cache_memory_gb: float = 2.0
     seed: int = 0
+    pipeline_parallel_size: int = 1
+    pp_layer_partition: str | None = None
+    num_virtual_engines: int | None = None
     threads_per_worker: int | None = None
-    device: str = "cpu"
+    device: str | None = None
+    master_port: int | None = None
+    trace_file: str | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -45,13 +53,28 @@ class EngineArgs:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         cache = CacheConfig(self.block_size, self.num_kv_blocks, int(self.kv_cache_memory_gb * (1 << 30)))
-        parallel = ParallelConfig(threads_per_worker=self.threads_per_worker or os.cpu_count(), device=self.device)
-        num_ve = 1
-        blocks = self._num_blocks(model, cache, model.num_hidden_layers) // num_ve
+        parallel = self._parallel_config(model)
+        num_ve = self.num_virtual_engines or parallel.pipeline_parallel_size
+        if num_ve < 1:
+            raise ValueError(f"num_virtual_engines must be >= 1, got {num_ve}")
+        # Every stage holds the same number of blocks; the stage with the most layers sets how many fit.
+        blocks = self._num_blocks(model, cache, max(parallel.stage_layers)) // num_ve
         if blocks * self.block_size < max_len:
             raise ValueError(f"the KV cache holds {blocks * self.block_size} tokens per virtual engine, fewer than "
                              f"max_model_len={max_len}: raise num_kv_blocks / kv_cache_memory_gb or lower max_model_len")
-        return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks)
+        return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks, self.trace_file)
+
+    def _parallel_config(self, model: ModelConfig) -> ParallelConfig:
+        pp = self.pipeline_parallel_size
+        if pp < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp}")
+        sizes = parse_partition(self.pp_layer_partition, model, pp)
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // pp)
+        if threads < 1:
+            raise ValueError(f"threads_per_worker must be >= 1, got {threads}")
+        return ParallelConfig(pipeline_parallel_size=pp, stage_layers=tuple(sizes), threads_per_worker=threads,
+                              device=device, master_port=self.master_port)
 
     def _scheduler_config(self, max_len: int) -> SchedulerConfig:
         if self.max_num_seqs < 1:

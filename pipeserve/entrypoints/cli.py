@@ -31,7 +31,16 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker,
                    help="torch threads of each process that runs the model (default: cores / processes)")
-    g.add_argument("--device", default=d.device)
+    g.add_argument("--device", default=d.device, help="cpu or cuda (default: cuda when available)")
+    p = parser.add_argument_group("parallelism")
+    p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size)
+    p.add_argument("--pp-layer-partition", default=d.pp_layer_partition,
+                   help="'balanced' (default: by estimated cost), 'even', or layers per stage like 19,11")
+    p.add_argument("--num-virtual-engines", type=int, default=d.num_virtual_engines,
+                   help="independent schedulers kept in flight (default: the pipeline size)")
+    p.add_argument("--master-port", type=int, default=d.master_port, help="rendezvous port (default: a free one)")
+    p.add_argument("--trace-file", default=d.trace_file,
+                   help="write every stage's step timeline as Chrome-trace JSON, plus a PNG Gantt chart beside it")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 from pipeserve.config import EngineConfig
 from pipeserve.executor.base import Executor
+
+logger = logging.getLogger(__name__)
 
 
 def create_executor(config: EngineConfig, offload: bool = False) -> Executor:
     """One process for PP=1; one process per stage otherwise."""
-    from pipeserve.executor.uniproc import UniProcExecutor
+    if config.parallel.pipeline_parallel_size == 1:
+        from pipeserve.executor.uniproc import UniProcExecutor
 
-    return UniProcExecutor(config, offload=offload)
+        return UniProcExecutor(config, offload=offload)
+    from pipeserve.distributed.partition import StageCosts, describe, stages_from_sizes
+    from pipeserve.executor.multiproc import MultiprocExecutor
+
+    sizes = list(config.parallel.stage_layers)
+    logger.info("pipeline partition: %s", describe(sizes, StageCosts.of(config.model)))
+    return MultiprocExecutor(config, stages_from_sizes(sizes))

@@ -24,7 +24,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  num_outputs: list[int]) -> list[SampledToken]:
-        logits = logits.float()  # (S, V)
+        logits = logits.float().cpu()  # (S, V); sampling state (generators) lives on the CPU
         self._apply_min_tokens(logits, params, num_outputs)
         token_ids = logits.argmax(dim=-1)  # greedy rows keep this
         random_rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -1,0 +1,47 @@
+"""Point-to-point hand-off of IntermediateTensors between neighbouring stages (torch.distributed).
+
+Both ends know the shape from the SchedulerOutput (tokens x hidden), so only the data travels: hidden
+states and residual go as one (2, T, hidden) tensor, one message per step. Gloo moves bytes, so 16-bit
+floats travel viewed as int16 (gloo has no bfloat16); NCCL takes them as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from pipeserve.types import IntermediateTensors
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16)
+    return t
+
+
+class StageLink:
+    """Sends to the next stage's rank and receives from the previous one, in step order."""
+
+    def __init__(self, prev_rank: int | None, next_rank: int | None, group: dist.ProcessGroup | None = None):
+        self.prev_rank, self.next_rank, self.group = prev_rank, next_rank, group
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self.bytes_sent = 0
+
+    def send(self, tensors: IntermediateTensors) -> None:
+        """Start sending; the previous send is completed first so at most one is outstanding."""
+        self.wait_sends()
+        packed = torch.stack((tensors.hidden_states, tensors.residual)).contiguous()  # (2, T, hidden)
+        wire = _wire(packed)
+        self._pending.append((dist.isend(wire, dst=self.next_rank, group=self.group), wire))
+        self.bytes_sent += wire.numel() * wire.element_size()
+
+    def recv(self, num_tokens: int, hidden: int, dtype: torch.dtype, device: str) -> IntermediateTensors:
+        """Receive the previous stage's tensors for a step of `num_tokens` tokens."""
+        buf = torch.empty(2, num_tokens, hidden, dtype=dtype, device=device)
+        dist.recv(_wire(buf), src=self.prev_rank, group=self.group)
+        return IntermediateTensors(buf[0], buf[1])
+
+    def wait_sends(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()

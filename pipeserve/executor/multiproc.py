@@ -1,0 +1,239 @@
+"""One process per pipeline stage, on this machine.
+
+Stage processes are started as `python -m pipeserve.worker.main` and connect back to the engine over an
+authenticated multiprocessing connection (pickle: trusted processes only). The engine sends every step plan to every stage over a pipe, in issue order; activations flow stage to
+stage through torch.distributed; the last stage's StepOutput comes back over its pipe. A reader thread
+resolves the engine's futures and watches every process: an error message or a dead process fails all
+waiting steps with an error that names the stage, and the remaining stages are torn down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection, Listener, wait
+from typing import Any
+
+from pipeserve.config import EngineConfig
+from pipeserve.distributed.stage import StageInfo
+from pipeserve.executor.base import Executor
+from pipeserve.types import SchedulerOutput, StepOutput
+from pipeserve.worker.worker import WorkerSpec
+
+logger = logging.getLogger(__name__)
+
+
+class StageFailure(RuntimeError):
+    """A pipeline stage raised or died; the message names the stage and the cause."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class MultiprocExecutor(Executor):
+    """Starts one process per stage and routes steps and results between them and the engine."""
+
+    def __init__(self, config: EngineConfig, stages: list[StageInfo], startup_timeout_s: float = 600.0):
+        par = config.parallel
+        init_method = f"tcp://{par.master_addr}:{par.master_port or free_port(par.master_addr)}"
+        self.specs = [WorkerSpec(config, st, st.rank, len(stages), init_method) for st in stages]
+        self.procs: list[subprocess.Popen] = []
+        self.conns: list[Connection] = []
+        self._pending: dict[tuple[int, int], tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._lock = threading.Lock()
+        self._stats: queue.Queue = queue.Queue()
+        self._failure: StageFailure | None = None
+        self._closed = False
+        try:
+            self._launch(startup_timeout_s)
+            self.stage_params = self._wait_ready(startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._reader = threading.Thread(target=self._read_loop, name="pipeserve-results", daemon=True)
+        self._reader.start()
+
+    # ---- start-up ------------------------------------------------------------------------------------
+
+    def _launch(self, timeout_s: float) -> None:
+        authkey = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        host, port = listener.address
+        for spec in self.specs:
+            proc = subprocess.Popen([sys.executable, "-m", "pipeserve.worker.main", "--engine", f"{host}:{port}",
+                                     "--rank", str(spec.rank)], stdin=subprocess.PIPE)
+            proc.stdin.write(authkey.hex().encode() + b"\n")
+            proc.stdin.close()
+            self.procs.append(proc)
+        try:
+            by_rank = self._accept_all(listener, timeout_s)
+        finally:
+            listener.close()
+        self.conns = [by_rank[r] for r in range(len(self.specs))]
+        for spec, conn in zip(self.specs, self.conns, strict=True):
+            conn.send(("spec", spec))
+
+    def _accept_all(self, listener: Listener, timeout_s: float) -> dict[int, Connection]:
+        by_rank: dict[int, Connection] = {}
+
+        def accept() -> None:
+            while len(by_rank) < len(self.specs):
+                conn = listener.accept()
+                kind, rank = conn.recv()
+                by_rank[rank] = conn
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout_s
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(timeout=0.2)
+            for rank, proc in enumerate(self.procs):
+                if proc.poll() is not None and rank not in by_rank:
+                    raise StageFailure(f"pipeline stage {rank} exited with code {proc.returncode} before connecting")
+        if thread.is_alive():
+            missing = sorted(set(range(len(self.specs))) - set(by_rank))
+            raise StageFailure(f"stages {missing} did not connect within {timeout_s:.0f} s")
+        return by_rank
+
+    def _wait_ready(self, timeout_s: float) -> list[int]:
+        params: dict[int, int] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(params) < len(self.conns):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(len(self.conns))) - set(params))
+                raise StageFailure(f"stages {missing} did not start within {timeout_s:.0f} s")
+            for conn in wait(self.conns, timeout=remaining):
+                msg = self._recv(conn)
+                if msg[0] == "error":
+                    raise StageFailure(f"pipeline stage {msg[1]} failed to start: {msg[2]}")
+                params[msg[1]] = msg[2]
+        return [params[r] for r in range(len(self.conns))]
+
+    def _recv(self, conn: Connection) -> tuple:
+        """A message from a stage; a closed connection means the stage process is gone."""
+        try:
+            return conn.recv()
+        except (EOFError, OSError):
+            rank = self.conns.index(conn)
+            proc = self.procs[rank]
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            code = proc.returncode
+            raise StageFailure(f"pipeline stage {rank} (pid {proc.pid}) died"
+                               + (f" with exit code {code}" if code is not None else "")) from None
+
+    # ---- steps ---------------------------------------------------------------------------------------
+
+    async def execute(self, sched: SchedulerOutput) -> StepOutput:
+        if self._failure is not None:
+            raise self._failure
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._pending[(sched.virtual_engine, sched.step_id)] = (loop, future)
+        msg = ("step", sched)
+        for conn in self.conns:  # same order to every stage: that is what keeps send/recv pairs matched
+            conn.send(msg)
+        return await future
+
+    def _read_loop(self) -> None:
+        while not self._closed:
+            try:
+                for conn in wait(self.conns, timeout=0.5):
+                    self._dispatch(self._recv(conn))
+            except StageFailure as exc:
+                if not self._closed:
+                    self._fail(exc)
+                return
+            except OSError:
+                return  # connections closed by shutdown
+
+    def _dispatch(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "result":
+            step: StepOutput = msg[1]
+            with self._lock:
+                loop, future = self._pending.pop((step.virtual_engine, step.step_id))
+            loop.call_soon_threadsafe(_set_result, future, step)
+        elif kind == "stats":
+            self._stats.put(msg[1])
+        elif kind == "error":
+            raise StageFailure(f"pipeline stage {msg[1]} failed: {msg[2]}")
+
+    def _fail(self, exc: StageFailure) -> None:
+        logger.error("%s", exc)
+        self._failure = exc
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for loop, future in pending.values():
+            loop.call_soon_threadsafe(_set_exception, future, exc)
+        self._terminate()
+
+    def check_health(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        for rank, proc in enumerate(self.procs):
+            if proc.poll() is not None:
+                raise StageFailure(f"pipeline stage {rank} is not running (exit code {proc.returncode})")
+
+    def collect_stats(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """Per-stage step records, bytes sent and parameter counts; call while no step is in flight."""
+        for conn in self.conns:
+            conn.send(("stats", None))
+        stats = [self._stats.get(timeout=timeout_s) for _ in self.conns]
+        return sorted(stats, key=lambda s: s["rank"])
+
+    # ---- teardown ------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for conn in self.conns:
+            try:
+                conn.send(("stop", None))
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self._terminate()
+        for conn in self.conns:
+            conn.close()
+
+    def _terminate(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,137 @@
+"""The process of one pipeline stage: join the process group, load the stage, then run steps in order.
+
+Steps arrive over a pipe from the engine in the order the engine issued them. A stage other than the
+first receives its input tensors from the previous stage; a stage other than the last sends its output
+to the next; the last stage returns the sampled tokens to the engine. Every failure is reported to the
+engine with the stage's rank before the process exits: the engine must never wait on a dead stage.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeserve.config import EngineConfig
+from pipeserve.distributed.comm import StageLink
+from pipeserve.distributed.stage import StageInfo
+from pipeserve.types import SchedulerOutput
+from pipeserve.worker.model_runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a stage process needs to start (picklable)."""
+
+    config: EngineConfig
+    stage: StageInfo
+    rank: int
+    world_size: int
+    init_method: str
+
+
+@dataclass
+class StepRecord:
+    """One step as this stage saw it: for traces and busy-time accounting."""
+
+    virtual_engine: int
+    step_id: int
+    stage: int
+    start: float
+    end: float
+    kind: str
+    num_tokens: int
+
+
+class StageWorker:
+    """Runs one stage's steps; `handle` answers one message from the engine."""
+
+    def __init__(self, spec: WorkerSpec):
+        cfg, stage = spec.config, spec.stage
+        self.spec, self.stage = spec, stage
+        self.runner = ModelRunner(
+            cfg.model, stage, num_blocks_per_ve=cfg.num_blocks_per_ve, block_size=cfg.cache.block_size,
+            num_virtual_engines=cfg.num_virtual_engines, max_model_len=cfg.scheduler.max_model_len,
+            seed=cfg.seed, device=cfg.parallel.device, disable_progress=not stage.is_first,
+        )
+        self.link = StageLink(None if stage.is_first else spec.rank - 1, None if stage.is_last else spec.rank + 1)
+        self.records: list[StepRecord] = []
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.runner.model.parameters())  # shared (tied) tensors count once
+
+    def run_step(self, sched: SchedulerOutput) -> Any:
+        cfg = self.spec.config.model
+        inter = None
+        if not self.stage.is_first:
+            inter = self.link.recv(sched.num_tokens, cfg.hidden_size, cfg.dtype, self.spec.config.parallel.device)
+        start = time.time()
+        out = self.runner.execute(sched, inter)
+        end = time.time()
+        self.records.append(StepRecord(sched.virtual_engine, sched.step_id, self.stage.rank, start, end, sched.kind,
+                                       sched.num_tokens))
+        if not self.stage.is_last:
+            self.link.send(out)
+            return None
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {"rank": self.stage.rank, "records": self.records, "bytes_sent": self.link.bytes_sent,
+                "num_params": self.num_params()}
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    """Process entry point of stage `spec.rank`."""
+    try:
+        torch.set_num_threads(spec.config.parallel.threads_per_worker or 1)
+        backend = "nccl" if spec.config.parallel.device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(spec.rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
+                                timeout=_timeout(spec.config.parallel.distributed_timeout_s))
+        worker = StageWorker(spec)
+        conn.send(("ready", spec.rank, worker.num_params()))
+        _serve(worker, conn)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the engine went away: nothing left to report to
+    except BaseException as exc:  # report, never die silently
+        _report(conn, spec.rank, exc)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _serve(worker: StageWorker, conn: Connection) -> None:
+    while True:
+        kind, payload = conn.recv()
+        if kind == "step":
+            out = worker.run_step(payload)
+            if out is not None:
+                conn.send(("result", out))
+        elif kind == "stats":
+            worker.link.wait_sends()
+            conn.send(("stats", worker.stats()))
+        elif kind == "stop":
+            worker.link.wait_sends()
+            return
+        else:
+            raise ValueError(f"unknown message {kind!r}")
+
+
+def _report(conn: Connection, rank: int, exc: BaseException) -> None:
+    cause = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    try:
+        conn.send(("error", rank, f"{cause}\n{traceback.format_exc()}"))
+    except (OSError, EOFError):
+        pass
+
+
+def _timeout(seconds: float):
+    import datetime
+
+    return datetime.timedelta(seconds=seconds)
