@@ -259,31 +259,62 @@ def test_stop_string_not_in_output_runs_to_length(tok_llm):
     assert out.finish_reason == "length" and out.stop_reason is None and out.text == full.text
 
 
+@pytest.fixture(scope="module")
+def last_token_stop(tok_llm):
+    """(prompt, n, stop): a greedy run of n tokens whose last token alone completes `stop`, seen nowhere earlier."""
+    tok = tok_llm.get_tokenizer()
+    for prompt in TEXT_PROMPTS:
+        full = _greedy_text(tok_llm, prompt, 24)
+        for n in range(3, 25):
+            before = tok.decode(full.token_ids[: n - 1], skip_special_tokens=True)
+            text = tok.decode(full.token_ids[:n], skip_special_tokens=True)
+            stop = text[len(before):].strip()
+            if len(stop) >= 2 and "\ufffd" not in text and text.find(stop) == len(text.rstrip()) - len(stop):
+                return prompt, n, stop, text
+    raise AssertionError("no greedy output ends on a fresh token")
+
+
 @pytest.mark.xfail(strict=True, reason="async_engine._publish skips the stop-string check when the same token "
                                        "also ends the request by length, so the stop string stays in the text")
-def test_stop_string_completed_by_the_last_allowed_token(tok_llm):
-    full = _greedy_text(tok_llm, TEXT_PROMPTS[1], 10)
-    stop = full.text[-3:]
-    assert full.text.find(stop) == len(full.text) - 3, "pick a prompt whose last 3 characters are new"
-    out = tok_llm.generate(TEXT_PROMPTS[1], SamplingParams(max_tokens=10, stop=stop, **GREEDY))[0].outputs[0]
+def test_stop_string_completed_by_the_last_allowed_token(tok_llm, last_token_stop):
+    prompt, n, stop, text = last_token_stop
+    out = tok_llm.generate(prompt, SamplingParams(max_tokens=n, stop=stop, **GREEDY))[0].outputs[0]
+    assert len(out.token_ids) == n
     assert stop not in out.text  # SamplingParams: `stop` strings are cut from the returned text
-    assert out.text == full.text[:-3]
+    assert out.text == text[: text.find(stop)]
     assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_stop_string_completed_one_token_before_the_limit(tok_llm, last_token_stop):
+    prompt, n, stop, text = last_token_stop  # same stop, one more token allowed: the stop check runs
+    out = tok_llm.generate(prompt, SamplingParams(max_tokens=n + 1, stop=stop, **GREEDY))[0].outputs[0]
+    assert len(out.token_ids) == n
+    assert out.text == text[: text.find(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+@pytest.fixture(scope="module")
+def stop_token_case(tok_llm):
+    """(prompt, stop_id, greedy token ids): a visible token that first appears after a few others."""
+    tok = tok_llm.get_tokenizer()
+    for prompt in TEXT_PROMPTS:
+        full = _greedy_text(tok_llm, prompt, 12).token_ids
+        for i in range(2, 12):
+            if full.index(full[i]) == i and tok.decode([full[i]], skip_special_tokens=True).strip():
+                return prompt, full[i], full
+    raise AssertionError("no usable stop token")
 
 
 @pytest.mark.xfail(strict=True, reason="async_engine._publish detokenizes the stop token too; vLLM leaves a "
                                        "stop_token_ids token's text out of the output text")
-def test_stop_token_text_is_not_in_output_text(tok_llm):
+def test_stop_token_text_is_not_in_output_text(tok_llm, stop_token_case):
     tok = tok_llm.get_tokenizer()
-    prompt = TEXT_PROMPTS[2]
-    full = _greedy_text(tok_llm, prompt, 12)
-    stop_id = full.token_ids[3]
-    first = full.token_ids.index(stop_id)
-    assert tok.decode([stop_id], skip_special_tokens=True), "the stop token must have visible text"
+    prompt, stop_id, full = stop_token_case
+    first = full.index(stop_id)
     out = tok_llm.generate(prompt, SamplingParams(max_tokens=12, stop_token_ids=[stop_id], **GREEDY))[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
-    assert out.token_ids == full.token_ids[: first + 1]
-    assert out.text == tok.decode(full.token_ids[:first], skip_special_tokens=True)
+    assert out.token_ids == full[: first + 1]
+    assert out.text == tok.decode(full[:first], skip_special_tokens=True)
 
 
 def test_chat(tok_llm):

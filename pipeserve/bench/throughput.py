@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from pipeserve import LLM, SamplingParams
+from pipeserve.timeline import bubble_fraction, busy_fractions
 
 
 def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -26,10 +27,12 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         prompts = random_prompts(num_prompts, input_len, llm.config.model.vocab_size)
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-        start = time.perf_counter()
+        wall_start, start = time.time(), time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         elapsed = time.perf_counter() - start
         config = llm.config
+        records = llm.engine.step_records()
+    busy = busy_fractions(records, config.parallel.pipeline_parallel_size, wall_start, wall_start + elapsed)
     total_out = sum(len(o.outputs[0].token_ids) for o in outs)
     total_in = num_prompts * input_len
     result = {
@@ -40,11 +43,16 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         "requests_per_s": num_prompts / elapsed,
         "output_tokens_per_s": total_out / elapsed,
         "total_tokens_per_s": (total_in + total_out) / elapsed,
+        "stage_busy_fraction": busy,
+        "pipeline_bubble_fraction": bubble_fraction(busy),
+        "num_steps": len({(r.virtual_engine, r.step_id) for r in records if r.start >= wall_start}),
         "engine_config": _config_dict(config),
     }
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['output_tokens_per_s']:.1f} output "
           f"tokens/s, {result['total_tokens_per_s']:.1f} total tokens/s ({num_prompts} requests of {input_len} "
           f"in + {output_len} out, {elapsed:.1f} s)")
+    print("Stage busy: " + ", ".join(f"stage {i} {b:.1%}" for i, b in enumerate(busy))
+          + f"; pipeline bubble {result['pipeline_bubble_fraction']:.1%}")
     if output_json:
         with open(output_json, "w") as f:
             json.dump(result, f, indent=2)

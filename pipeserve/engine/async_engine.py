@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,9 @@ from pipeserve.engine.scheduler import Scheduler
 from pipeserve.executor.base import Executor
 from pipeserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pipeserve.sampling_params import SamplingParams
+from pipeserve.timeline import StepRecord, write_trace
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -196,5 +200,15 @@ class AsyncEngine:
     def has_unfinished(self) -> bool:
         return any(s.has_work() for s in self.schedulers)
 
+    def step_records(self) -> list[StepRecord]:
+        """Every stage's step records so far (call while no step is in flight)."""
+        return [r for stage in self.executor.collect_stats() for r in stage["records"]]
+
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        """Write the trace if one was asked for, then stop the stages."""
+        try:
+            if self.config.trace_file and self.executor.failure is None:
+                png = write_trace(self.step_records(), self.config.trace_file)
+                logger.info("wrote %s and %s", self.config.trace_file, png)
+        finally:
+            self.executor.shutdown()

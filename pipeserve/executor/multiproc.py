@@ -52,7 +52,7 @@ class MultiprocExecutor(Executor):
         self._pending: dict[tuple[int, int], tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._lock = threading.Lock()
         self._stats: queue.Queue = queue.Queue()
-        self._failure: StageFailure | None = None
+        self.failure: StageFailure | None = None
         self._closed = False
         try:
             self._launch(startup_timeout_s)
@@ -138,8 +138,8 @@ class MultiprocExecutor(Executor):
     # ---- steps ---------------------------------------------------------------------------------------
 
     async def execute(self, sched: SchedulerOutput) -> StepOutput:
-        if self._failure is not None:
-            raise self._failure
+        if self.failure is not None:
+            raise self.failure
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
@@ -175,7 +175,7 @@ class MultiprocExecutor(Executor):
 
     def _fail(self, exc: StageFailure) -> None:
         logger.error("%s", exc)
-        self._failure = exc
+        self.failure = exc
         with self._lock:
             pending, self._pending = self._pending, {}
         for loop, future in pending.values():
@@ -183,8 +183,8 @@ class MultiprocExecutor(Executor):
         self._terminate()
 
     def check_health(self) -> None:
-        if self._failure is not None:
-            raise self._failure
+        if self.failure is not None:
+            raise self.failure
         for rank, proc in enumerate(self.procs):
             if proc.poll() is not None:
                 raise StageFailure(f"pipeline stage {rank} is not running (exit code {proc.returncode})")

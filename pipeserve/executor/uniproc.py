@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from typing import Any
 
 import torch
 
 from pipeserve.config import EngineConfig
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor
+from pipeserve.timeline import StepRecord
 from pipeserve.types import SchedulerOutput, StepOutput
 from pipeserve.worker.model_runner import ModelRunner
+from pipeserve.worker.worker import MAX_RECORDS
 
 
 class UniProcExecutor(Executor):
@@ -21,6 +25,7 @@ class UniProcExecutor(Executor):
         if config.parallel.threads_per_worker:
             torch.set_num_threads(config.parallel.threads_per_worker)
         self.offload = offload
+        self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS)
         self.runner = ModelRunner(
             config.model, StageInfo.whole_model(config.model.num_hidden_layers),
             num_blocks_per_ve=config.num_blocks_per_ve, block_size=config.cache.block_size,
@@ -30,8 +35,15 @@ class UniProcExecutor(Executor):
 
     async def execute(self, sched: SchedulerOutput) -> StepOutput:
         if self.offload:
-            return await asyncio.to_thread(self.runner.execute, sched)
-        return self.runner.execute(sched)
+            out = await asyncio.to_thread(self.runner.execute, sched)
+        else:
+            out = self.runner.execute(sched)
+        self.records.append(self.runner.last_record)
+        return out
+
+    def collect_stats(self) -> list[dict[str, Any]]:
+        return [{"rank": 0, "records": list(self.records), "bytes_sent": 0,
+                 "num_params": sum(p.numel() for p in self.runner.model.parameters())}]
 
     def shutdown(self) -> None:
         self.runner = None

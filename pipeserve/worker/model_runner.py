@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pipeserve.config import ModelConfig
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.sampler import Sampler
 from pipeserve.loader.model_loader import load_model
+from pipeserve.timeline import StepRecord
 from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
 from pipeserve.worker.input_batch import build_model_input
 from pipeserve.worker.kv_cache import allocate_kv_caches
@@ -25,11 +28,19 @@ class ModelRunner:
         self.kv_caches = [allocate_kv_caches(model_cfg, num_layers, num_blocks_per_ve, block_size, device)
                           for _ in range(num_virtual_engines)]
         self.sampler = Sampler(seed, model_cfg.eos_token_ids) if stage.is_last else None
+        self.last_record: StepRecord | None = None  # timing of the latest step, for traces
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput,
                 intermediate: IntermediateTensors | None = None) -> IntermediateTensors | StepOutput:
         """Run the stage on the step; the last stage samples and returns a StepOutput."""
+        start = time.time()
+        out = self._forward(sched, intermediate)
+        self.last_record = StepRecord(sched.virtual_engine, sched.step_id, self.stage.rank, start, time.time(),
+                                      sched.kind, sched.num_tokens)
+        return out
+
+    def _forward(self, sched: SchedulerOutput, intermediate: IntermediateTensors | None):
         inp = build_model_input(sched, self.block_size, self.device)
         out = self.model(inp.input_ids, inp.positions, self.kv_caches[sched.virtual_engine], inp.attn, intermediate)
         if not self.stage.is_last:

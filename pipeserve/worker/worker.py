@@ -8,8 +8,8 @@ engine with the stage's rank before the process exits: the engine must never wai
 
 from __future__ import annotations
 
-import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -20,8 +20,11 @@ import torch.distributed as dist
 from pipeserve.config import EngineConfig
 from pipeserve.distributed.comm import StageLink
 from pipeserve.distributed.stage import StageInfo
+from pipeserve.timeline import StepRecord
 from pipeserve.types import SchedulerOutput
 from pipeserve.worker.model_runner import ModelRunner
+
+MAX_RECORDS = 200_000  # step records kept for traces: bounded, so a long-running server does not grow
 
 
 @dataclass(frozen=True)
@@ -33,19 +36,6 @@ class WorkerSpec:
     rank: int
     world_size: int
     init_method: str
-
-
-@dataclass
-class StepRecord:
-    """One step as this stage saw it: for traces and busy-time accounting."""
-
-    virtual_engine: int
-    step_id: int
-    stage: int
-    start: float
-    end: float
-    kind: str
-    num_tokens: int
 
 
 class StageWorker:
@@ -60,7 +50,7 @@ class StageWorker:
             seed=cfg.seed, device=cfg.parallel.device, disable_progress=not stage.is_first,
         )
         self.link = StageLink(None if stage.is_first else spec.rank - 1, None if stage.is_last else spec.rank + 1)
-        self.records: list[StepRecord] = []
+        self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.runner.model.parameters())  # shared (tied) tensors count once
@@ -70,18 +60,15 @@ class StageWorker:
         inter = None
         if not self.stage.is_first:
             inter = self.link.recv(sched.num_tokens, cfg.hidden_size, cfg.dtype, self.spec.config.parallel.device)
-        start = time.time()
         out = self.runner.execute(sched, inter)
-        end = time.time()
-        self.records.append(StepRecord(sched.virtual_engine, sched.step_id, self.stage.rank, start, end, sched.kind,
-                                       sched.num_tokens))
+        self.records.append(self.runner.last_record)
         if not self.stage.is_last:
             self.link.send(out)
             return None
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {"rank": self.stage.rank, "records": self.records, "bytes_sent": self.link.bytes_sent,
+        return {"rank": self.stage.rank, "records": list(self.records), "bytes_sent": self.link.bytes_sent,
                 "num_params": self.num_params()}
 
 

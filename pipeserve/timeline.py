@@ -1,0 +1,80 @@
+"""Step timelines of the pipeline stages: busy fractions, Chrome traces (Perfetto) and a Gantt chart."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class StepRecord:
+    """One step as one stage ran it (wall-clock seconds)."""
+
+    virtual_engine: int
+    step_id: int
+    stage: int
+    start: float
+    end: float
+    kind: str  # prefill, decode or mixed
+    num_tokens: int
+
+
+def busy_fractions(records: list[StepRecord], num_stages: int, t0: float, t1: float) -> list[float]:
+    """Fraction of [t0, t1] each stage spent computing."""
+    busy = [0.0] * num_stages
+    for r in records:
+        busy[r.stage] += max(0.0, min(r.end, t1) - max(r.start, t0))
+    return [b / (t1 - t0) for b in busy]
+
+
+def bubble_fraction(busy: list[float]) -> float:
+    """Share of stage-time left idle: 0 is a perfectly full pipeline."""
+    return 1.0 - sum(busy) / len(busy)
+
+
+def write_chrome_trace(records: list[StepRecord], path: str) -> None:
+    """One row per stage, one slice per step, named by virtual engine (opens in Perfetto / chrome://tracing)."""
+    t0 = min((r.start for r in records), default=0.0)
+    stages = sorted({r.stage for r in records})
+    events: list[dict] = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}}
+                          for s in stages]
+    for r in records:
+        events.append({"name": f"VE{r.virtual_engine} {r.kind}", "cat": r.kind, "ph": "X", "pid": 0, "tid": r.stage,
+                       "ts": (r.start - t0) * 1e6, "dur": (r.end - r.start) * 1e6, "args": asdict(r)})
+    with open(path, "w") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+
+
+def write_gantt_png(records: list[StepRecord], path: str, title: str = "pipeline timeline") -> None:
+    """A Gantt chart: a row per stage, steps coloured by virtual engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = min((r.start for r in records), default=0.0)
+    stages = sorted({r.stage for r in records})
+    ves = sorted({r.virtual_engine for r in records})
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.6 * len(stages)))
+    for r in records:
+        ax.barh(r.stage, (r.end - r.start) * 1e3, left=(r.start - t0) * 1e3, height=0.6,
+                color=colours(r.virtual_engine % 10), edgecolor="black", linewidth=0.2)
+    ax.set_yticks(stages, [f"stage {s}" for s in stages])
+    ax.invert_yaxis()
+    ax.set_xlabel("time (ms)")
+    ax.set_title(title)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours(v % 10)) for v in ves]
+    ax.legend(handles, [f"virtual engine {v}" for v in ves], loc="upper right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_trace(records: list[StepRecord], path: str) -> str:
+    """Write `path` (Chrome JSON) and a PNG beside it; returns the PNG's path."""
+    write_chrome_trace(records, path)
+    png = os.path.splitext(path)[0] + ".png"
+    write_gantt_png(records, png)
+    return png
