@@ -1,0 +1,107 @@
+"""Pipeline-parallel throughput on this machine: the seed workload scaled down, as ratios measured in one run.
+
+Each configuration is one `pipeserve bench throughput` process (so nothing leaks between them); the
+configurations alternate for --repeats rounds and the table reports medians and ratios:
+
+  PP=2 vs PP=1 (one thread per stage process: the like-for-like speedup on two cores)
+  PP=2 with 2 virtual engines vs 1 virtual engine
+  PP=2 cost-balanced partition vs even partition
+  PP=2 with one thread per stage vs PP=1 with two threads (the same two cores)
+
+    python benchmarks/bench_pipeline.py --markdown results/pipeline.md --trace results/pp2_trace.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+CONFIGS = {  # name -> extra `pipeserve bench throughput` flags
+    "pp1": ["-pp", "1", "--threads-per-worker", "1"],
+    "pp2": ["-pp", "2", "--threads-per-worker", "1"],
+    "pp2_1ve": ["-pp", "2", "--threads-per-worker", "1", "--num-virtual-engines", "1"],
+    "pp2_even": ["-pp", "2", "--threads-per-worker", "1", "--pp-layer-partition", "even"],
+    "pp1_2threads": ["-pp", "1", "--threads-per-worker", "2"],
+}
+COMPARISONS = [  # (label, numerator, denominator)
+    ("PP=2 vs PP=1 (1 thread per stage)", "pp2", "pp1"),
+    ("PP=2: 2 virtual engines vs 1", "pp2", "pp2_1ve"),
+    ("PP=2: cost-balanced vs even partition", "pp2", "pp2_even"),
+    ("PP=2 (1 thread x 2 stages) vs PP=1 (2 threads)", "pp2", "pp1_2threads"),
+]
+
+
+def run_config(name: str, args: argparse.Namespace, trace: str | None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, "-m", "pipeserve.entrypoints.cli", "bench", "throughput", *CONFIGS[name],
+           "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+           "--num-prompts", str(args.num_prompts), "--max-model-len", str(args.max_model_len),
+           "--max-num-seqs", str(args.num_prompts), "--dtype", args.dtype, "--output-json", out]
+    if trace:
+        cmd += ["--trace-file", trace]
+    print("running", name, flush=True, file=sys.stderr)
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    with open(out) as f:
+        result = json.load(f)
+    os.unlink(out)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--configs", default=",".join(CONFIGS), help="subset of: " + ", ".join(CONFIGS))
+    p.add_argument("--trace", default=None, help="also write the last PP=2 run's trace (JSON + PNG) here")
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args()
+    names = args.configs.split(",")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.repeats):
+        for name in names:  # alternate configurations so drift in machine load hits all of them alike
+            trace = args.trace if (name == "pp2" and r == args.repeats - 1) else None
+            runs[name].append(run_config(name, args, trace))
+    median = {n: statistics.median(x["output_tokens_per_s"] for x in rs) for n, rs in runs.items()}
+    lines = [
+        f"Workload: {args.num_prompts} prompts of {args.input_len} random tokens, {args.output_len} output tokens "
+        f"each, max model len {args.max_model_len}, dtype {args.dtype}; median of {args.repeats} alternating runs.",
+        "",
+        "| configuration | output tok/s | stage busy | bubble |",
+        "|---|---:|---|---:|",
+    ]
+    for n, rs in runs.items():
+        last = rs[-1]
+        busy = " / ".join(f"{b:.0%}" for b in last["stage_busy_fraction"])
+        lines.append(f"| {n} ({' '.join(CONFIGS[n])}) | {median[n]:.1f} | {busy} | "
+                     f"{last['pipeline_bubble_fraction']:.0%} |")
+    lines += ["", "| comparison | ratio |", "|---|---:|"]
+    for label, a, b in COMPARISONS:
+        if a in median and b in median:
+            lines.append(f"| {label} | {median[a] / median[b]:.2f}x |")
+    lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+              f"command: `python benchmarks/bench_pipeline.py {' '.join(sys.argv[1:])}`"]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        os.makedirs(os.path.dirname(args.markdown) or ".", exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(runs, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
