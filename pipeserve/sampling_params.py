@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+_GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """Sampling settings of one request.
 
-    temperature 0 is greedy. `seed` makes a request's samples independent of the rest of the batch.
+    temperature 0 (or below 1e-5) is greedy. `seed` makes a request's samples independent of the rest of the batch.
     `stop` strings are cut from the returned text; `stop_token_ids` (and EOS unless `ignore_eos`) end it.
     `logprobs=N` returns, per generated token, its log-probability and the top-N alternatives.
     """
@@ -39,7 +41,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As in vLLM, temperatures this small are greedy: dividing logits by them would overflow.
+        return self.temperature < _GREEDY_BELOW
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""

@@ -65,7 +65,7 @@ def test_outputs_in_input_order(llm):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     assert len(outs) == len(prompts)
     alone = [llm.generate({"prompt_token_ids": p}, params)[0] for p in prompts]
-    for p, o, a in zip(prompts, outs, alone):
+    for p, o, a in zip(prompts, outs, alone, strict=True):
         assert o.prompt_token_ids == p
         assert o.prompt is None
         assert o.finished and o.outputs[0].finished()
@@ -203,7 +203,7 @@ def test_text_prompts(tok_llm):
     tok = tok_llm.get_tokenizer()
     assert tok is not None and len(tok) == 49152
     outs = tok_llm.generate(TEXT_PROMPTS, SamplingParams(max_tokens=5, **GREEDY))
-    for text, o in zip(TEXT_PROMPTS, outs):
+    for text, o in zip(TEXT_PROMPTS, outs, strict=True):
         assert o.prompt == text
         assert o.prompt_token_ids == tok.encode(text)
         assert len(o.outputs[0].token_ids) == 5 and o.outputs[0].text
@@ -274,8 +274,6 @@ def last_token_stop(tok_llm):
     raise AssertionError("no greedy output ends on a fresh token")
 
 
-@pytest.mark.xfail(strict=True, reason="async_engine._publish skips the stop-string check when the same token "
-                                       "also ends the request by length, so the stop string stays in the text")
 def test_stop_string_completed_by_the_last_allowed_token(tok_llm, last_token_stop):
     prompt, n, stop, text = last_token_stop
     out = tok_llm.generate(prompt, SamplingParams(max_tokens=n, stop=stop, **GREEDY))[0].outputs[0]
@@ -305,8 +303,6 @@ def stop_token_case(tok_llm):
     raise AssertionError("no usable stop token")
 
 
-@pytest.mark.xfail(strict=True, reason="async_engine._publish detokenizes the stop token too; vLLM leaves a "
-                                       "stop_token_ids token's text out of the output text")
 def test_stop_token_text_is_not_in_output_text(tok_llm, stop_token_case):
     tok = tok_llm.get_tokenizer()
     prompt, stop_id, full = stop_token_case
@@ -347,7 +343,7 @@ def test_streaming_callback(tok_llm):
         calls = seen[i]
         assert len(calls) == n  # one output per token
         assert [f for _, _, f in calls] == [False] * (n - 1) + [True]
-        for (t0, ids0, _), (t1, ids1, _) in zip(calls, calls[1:]):
+        for (t0, ids0, _), (t1, ids1, _) in zip(calls, calls[1:], strict=False):
             assert t1.startswith(t0) and ids1[: len(ids0)] == ids0 and len(ids1) == len(ids0) + 1
         assert len(calls[-1][0]) > len(calls[0][0])
         assert calls[-1][0] == outs[i].outputs[0].text
@@ -359,3 +355,56 @@ def test_tiny_with_tokenizer_folder_is_complete(tmp_path_factory):
     assert os.path.isfile(os.path.join(folder, "config.json"))
     assert os.path.isfile(os.path.join(folder, "tokenizer.json")) or os.path.isfile(
         os.path.join(folder, "tokenizer_config.json"))
+
+
+@pytest.fixture(scope="module")
+def straddling_stop(tok_llm):
+    """(prompt, stop): a stop string whose first half ends one token's text and second half starts the next's."""
+    tok = tok_llm.get_tokenizer()
+    for prompt in TEXT_PROMPTS:
+        full = _greedy_text(tok_llm, prompt, 24)
+        for k in range(2, 23):
+            a = tok.decode(full.token_ids[:k], skip_special_tokens=True)
+            b = tok.decode(full.token_ids[: k + 1], skip_special_tokens=True)
+            if "\ufffd" in b or len(a) < 2 or len(b) < len(a) + 2 or not b.startswith(a):
+                continue
+            stop = b[len(a) - 2 : len(a) + 2]
+            if stop.strip() and b.find(stop) == len(a) - 2:
+                return prompt, stop
+    raise AssertionError("no stop string straddles two tokens")
+
+
+def test_streamed_text_never_shrinks_with_stop_strings(tok_llm, straddling_stop):
+    prompt, stop = straddling_stop
+    texts: list[str] = []
+    outs = tok_llm.generate(prompt, SamplingParams(max_tokens=24, stop=stop, **GREEDY),
+                            on_output=lambda i, o: texts.append(o.outputs[0].text))
+    final = outs[0].outputs[0]
+    assert final.finish_reason == "stop" and final.stop_reason == stop
+    for t in texts:  # what a streaming client has printed must stay a prefix of the final text
+        assert final.text.startswith(t), (t, final.text)
+
+
+def test_stop_string_straddling_two_tokens_is_found(tok_llm, straddling_stop):
+    prompt, stop = straddling_stop
+    full = _greedy_text(tok_llm, prompt, 24)
+    out = tok_llm.generate(prompt, SamplingParams(max_tokens=24, stop=stop, **GREEDY))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full.text[: full.text.find(stop)]
+
+
+def test_callback_error_propagates_and_engine_recovers(llm):
+    class Boom(RuntimeError):
+        pass
+
+    def cb(i, out):
+        if i == 1:
+            raise Boom("client went away")
+
+    prompts = [{"prompt_token_ids": ids(5, start=s)} for s in range(3)]
+    with pytest.raises(Boom):
+        llm.generate(prompts, SamplingParams(max_tokens=6, **GREEDY), on_output=cb)
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.schedulers[0].block_manager.num_free_blocks == llm.config.num_blocks_per_ve
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, **GREEDY))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6, 6]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import assert_greedy_match, hf_greedy
+
 from pipeserve import LLM, SamplingParams
 from pipeserve.executor.multiproc import StageFailure
 from pipeserve.types import ScheduledRequest, SchedulerOutput

@@ -104,6 +104,17 @@ def test_unseeded_rows_share_the_engine_seeded_generator():
     assert len(set(a)) > 10  # successive rows draw fresh randomness
 
 
+@pytest.mark.parametrize("temperature", [
+    1e-5,
+    1e-30,
+    1e-38,
+])
+def test_tiny_positive_temperature_acts_greedy(temperature):
+    logits = random_logits(6, 50, seed=12)
+    got = tokens(sampler(), logits, [SamplingParams(temperature=temperature, seed=i) for i in range(6)])
+    assert got == logits.argmax(dim=-1).tolist()
+
+
 # ---- seeds ---------------------------------------------------------------------------------------------
 
 
@@ -136,10 +147,10 @@ def test_seeded_draws_differ_across_output_index_and_seed():
     # independent draws: every token turns up, none dominates, and consecutive draws are not tied together
     freq = frequencies(seq, vocab)
     assert (freq > 0).all() and freq.max().item() < 0.08
-    repeats = sum(a == b for a, b in zip(seq, seq[1:]))
+    repeats = sum(a == b for a, b in zip(seq, seq[1:], strict=False))
     assert repeats < 30  # ~10 expected for independent uniform draws
     other = [tokens(s, logits, [SamplingParams(temperature=1.0, seed=1235)], [i])[0] for i in range(400)]
-    assert sum(a == b for a, b in zip(seq, other)) < 30
+    assert sum(a == b for a, b in zip(seq, other, strict=True)) < 30
 
 
 def test_seeded_batch_rows_with_same_seed_and_index_agree():
@@ -271,11 +282,11 @@ def test_logprobs_through_generate(llm):
               SamplingParams(temperature=1.0, seed=1, logprobs=3, max_tokens=8, ignore_eos=True),
               SamplingParams(temperature=1.0, seed=2, max_tokens=8, ignore_eos=True)]
     outs = llm.generate([prompt(9), prompt(9), prompt(9)], params)
-    for o, p in zip(outs[:2], params[:2]):
+    for o, p in zip(outs[:2], params[:2], strict=True):
         c = o.outputs[0]
         assert len(c.logprobs) == len(c.token_ids) == 8
         chosen = []
-        for tok, entry in zip(c.token_ids, c.logprobs):
+        for tok, entry in zip(c.token_ids, c.logprobs, strict=True):
             assert len(entry) in (3, 4)
             assert tok in entry
             ranks = sorted(lp.rank for lp in entry.values())
@@ -291,3 +302,16 @@ def test_logprobs_through_generate(llm):
             chosen.append(entry[tok].logprob)
         assert c.cumulative_logprob == pytest.approx(sum(chosen), abs=1e-6)
     assert outs[2].outputs[0].logprobs is None and outs[2].outputs[0].cumulative_logprob is None
+
+
+def test_seeded_and_greedy_outputs_survive_preemption(tiny_model, llm):
+    params = [SamplingParams(temperature=1.0, seed=100 + i, max_tokens=24, ignore_eos=True) for i in range(3)]
+    params += [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)]
+    prompts = [prompt(20, start=s) for s in range(4)]
+    roomy = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    # 4 requests of 44 tokens each in a 96-token cache: the scheduler must preempt and recompute.
+    with LLM(tiny_model, dtype="float32", max_model_len=64, block_size=4, num_kv_blocks=24,
+             threads_per_worker=1) as tight:
+        cramped = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
+        assert sum(s.num_preemptions for s in tight.engine.schedulers) > 0
+    assert cramped == roomy

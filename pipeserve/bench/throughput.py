@@ -23,6 +23,9 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> lis
 def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: int, output_len: int,
                    num_prompts: int, output_json: str | None = None) -> dict[str, Any]:
     """Run the workload once after a short warm-up; print a summary and return (and optionally save) it."""
+    for name, value in (("num_prompts", num_prompts), ("input_len", input_len), ("output_len", output_len)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     with LLM(model, **engine_kwargs) as llm:
         prompts = random_prompts(num_prompts, input_len, llm.config.model.vocab_size)
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)

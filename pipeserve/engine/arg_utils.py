@@ -54,7 +54,7 @@ class EngineArgs:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         cache = CacheConfig(self.block_size, self.num_kv_blocks, int(self.kv_cache_memory_gb * (1 << 30)))
         parallel = self._parallel_config(model)
-        num_ve = self.num_virtual_engines or parallel.pipeline_parallel_size
+        num_ve = parallel.pipeline_parallel_size if self.num_virtual_engines is None else self.num_virtual_engines
         if num_ve < 1:
             raise ValueError(f"num_virtual_engines must be >= 1, got {num_ve}")
         # Every stage holds the same number of blocks; the stage with the most layers sets how many fit.
@@ -70,7 +70,13 @@ class EngineArgs:
             raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp}")
         sizes = parse_partition(self.pp_layer_partition, model, pp)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // pp)
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ValueError(f"device {device!r} is not 'cpu' or 'cuda'")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but this torch build sees no CUDA device")
+        threads = self.threads_per_worker
+        if threads is None:
+            threads = max(1, (os.cpu_count() or 1) // pp)
         if threads < 1:
             raise ValueError(f"threads_per_worker must be >= 1, got {threads}")
         return ParallelConfig(pipeline_parallel_size=pp, stage_layers=tuple(sizes), threads_per_worker=threads,

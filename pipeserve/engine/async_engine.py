@@ -18,7 +18,7 @@ from typing import Any
 from pipeserve.config import EngineConfig
 from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string
-from pipeserve.engine.request import Request
+from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.executor.base import Executor
 from pipeserve.outputs import CompletionOutput, Logprob, RequestOutput
@@ -157,17 +157,25 @@ class AsyncEngine:
         tracked = self._tracked.get(req.request_id)
         if tracked is None:
             return
-        delta = tracked.detok.append(req.output_token_ids[-1])
-        stops = req.sampling_params.stop_strings
-        if delta and stops and not req.status.finished:
-            hit = find_stop_string(tracked.detok.text, len(delta), stops)
-            if hit is not None:
-                tracked.detok.text = tracked.detok.text[: hit[1]]
-                scheduler.finish_stopped(req, hit[0])
+        stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
+        if not stopped_by_token:  # as in vLLM, the token that stopped a request adds no text
+            self._apply_stop_strings(scheduler, req, tracked.detok, tracked.detok.append(req.output_token_ids[-1]))
         output = self._request_output(tracked)
         if output.finished:
             self._tracked.pop(req.request_id, None)
         tracked.queue.put_nowait(output)
+
+    @staticmethod
+    def _apply_stop_strings(scheduler: Scheduler, req: Request, detok: IncrementalDetokenizer, delta: str) -> None:
+        stops = req.sampling_params.stop_strings
+        hit = find_stop_string(detok.text, len(delta), stops) if delta and stops else None
+        if hit is None:
+            return
+        detok.text = detok.text[: hit[1]]
+        if req.status == RequestStatus.FINISHED_LENGTH:  # the last allowed token completed a stop string
+            req.finish(RequestStatus.FINISHED_STOPPED, hit[0])
+        else:
+            scheduler.finish_stopped(req, hit[0])
 
     def _fail_all(self, exc: BaseException) -> None:
         self._error = exc
@@ -178,8 +186,12 @@ class AsyncEngine:
     def _request_output(self, tracked: _Tracked) -> RequestOutput:
         req = tracked.request
         params = req.sampling_params
+        text = tracked.detok.text
+        if not req.status.finished and params.stop_strings:
+            # Hold back what could be the start of a stop string, so streamed text never shrinks.
+            text = text[: max(0, len(text) - max(len(s) for s in params.stop_strings) + 1)]
         completion = CompletionOutput(
-            index=0, text=tracked.detok.text, token_ids=list(req.output_token_ids),
+            index=0, text=text, token_ids=list(req.output_token_ids),
             finish_reason=req.status.value if req.status.finished else None, stop_reason=req.stop_reason,
         )
         if params.logprobs is not None:

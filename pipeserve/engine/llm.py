@@ -65,6 +65,8 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  on_output: Callable[[int, RequestOutput], None] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion. `on_output(i, out)` sees each intermediate output (streaming)."""
+        if self.engine is None:
+            raise RuntimeError("this LLM has been shut down")
         prepared = self._prepare(prompts, sampling_params)
         return asyncio.run(self._run(prepared, on_output))
 

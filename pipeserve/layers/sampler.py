@@ -24,8 +24,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  num_outputs: list[int]) -> list[SampledToken]:
-        logits = logits.float().cpu()  # (S, V); sampling state (generators) lives on the CPU
-        self._apply_min_tokens(logits, params, num_outputs)
+        raw = logits.float().cpu()  # (S, V); sampling state (generators) lives on the CPU
+        logits = self._apply_min_tokens(raw, params, num_outputs)
         token_ids = logits.argmax(dim=-1)  # greedy rows keep this
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
@@ -34,13 +34,19 @@ class Sampler:
             for j, i in enumerate(random_rows):
                 noise = torch.empty_like(probs[j]).exponential_(generator=self._generator(params[i], num_outputs[i]))
                 token_ids[i] = (probs[j] / noise).argmax()  # exponential race: a draw from probs
-        return self._with_logprobs(logits, token_ids, params)
+        return self._with_logprobs(raw, token_ids, params)  # logprobs of the model itself, before any ban
 
-    def _apply_min_tokens(self, logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int]) -> None:
-        for i, p in enumerate(params):
-            if num_outputs[i] < p.min_tokens:
-                banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else self.eos_token_ids)
-                logits[i, banned] = float("-inf")
+    def _apply_min_tokens(self, logits: torch.Tensor, params: list[SamplingParams],
+                          num_outputs: list[int]) -> torch.Tensor:
+        rows = [i for i, p in enumerate(params) if num_outputs[i] < p.min_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            p = params[i]
+            banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else self.eos_token_ids)
+            logits[i, banned] = float("-inf")
+        return logits
 
     def _generator(self, p: SamplingParams, num_outputs: int) -> torch.Generator:
         if p.seed is None:
