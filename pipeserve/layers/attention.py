@@ -1,8 +1,15 @@
-"""Paged attention on top of torch's scaled_dot_product_attention.
+"""Paged attention for CPU (and any torch device) without custom kernels.
 
-The KV cache of a layer is one tensor (2, num_blocks, block_size, num_kv_heads, head_dim). New keys and
-values are written to their slots (`slot_mapping`); attention then reads each request's context through
-its block table. Decodes are batched into one padded SDPA call; each prefill chunk gets its own call.
+The KV cache of a layer is one tensor (2, num_kv_heads, num_blocks, block_size, head_dim): head-major, so
+that a gathered context is already laid out per KV head. New keys and values are written to their slots
+(`slot_mapping`); attention then reads each request's context through its block table.
+
+* Decodes are batched: the step's blocks are gathered once per layer into a reused workspace of shape
+  (nkv, B, L, hd), and attention is two batched matmuls over (kv head, request) pairs with the query
+  group of each KV head as the rows (no GQA expansion). Scores are computed in the model dtype and
+  softmaxed in float32, as HF's eager attention does. This is about 2x faster than torch's CPU SDPA
+  kernel in bfloat16 for one query row per request.
+* Each prefill chunk gets one `scaled_dot_product_attention` call (causal, offset by its start).
 """
 
 from __future__ import annotations
@@ -32,25 +39,33 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) cache slot of each new token
     num_decodes: int = 0  # the first num_decodes tokens are single-token decodes
     decode_blocks: torch.Tensor | None = None  # (B, max_blocks) block table, padded with block 0
-    decode_mask: torch.Tensor | None = None  # (B, 1, 1, max_blocks*block_size) bool
+    decode_bias: torch.Tensor | None = None  # (B, L) float32: 0 where a key exists, -inf on padding
     prefills: list[PrefillChunk] = field(default_factory=list)
-    _workspace: torch.Tensor | None = None  # (2, B*max_blocks, block elems): reused by every layer
+    _workspace: torch.Tensor | None = None  # (2, nkv, B*max_blocks, block_size*hd): reused by every layer
+    _bias: torch.Tensor | None = None  # decode_bias repeated per KV head, in the model dtype
 
     def gather_blocks(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decodes' K and V as padded contiguous contexts, (B, L, nkv, hd) each.
+        """The decodes' K and V as padded contiguous contexts, (nkv * B, L, hd) each.
 
         One buffer serves all layers of the step: a fresh multi-MB tensor per layer would cost page
         faults on every call, which dominated decode time at long contexts.
         """
-        nb, bs, nkv, hd = kv_cache.shape[1:]
+        _, nkv, nb, bs, hd = kv_cache.shape
         b, max_blocks = self.decode_blocks.shape
         ids = self.decode_blocks.view(-1)
         if self._workspace is None or self._workspace.dtype != kv_cache.dtype:
-            self._workspace = torch.empty(2, ids.numel(), bs * nkv * hd, dtype=kv_cache.dtype, device=kv_cache.device)
-        torch.index_select(kv_cache[0].view(nb, -1), 0, ids, out=self._workspace[0])
-        torch.index_select(kv_cache[1].view(nb, -1), 0, ids, out=self._workspace[1])
-        shape = (b, max_blocks * bs, nkv, hd)
+            self._workspace = torch.empty(2, nkv, ids.numel(), bs * hd, dtype=kv_cache.dtype, device=kv_cache.device)
+        for i in range(2):
+            torch.index_select(kv_cache[i].view(nkv, nb, bs * hd), 1, ids, out=self._workspace[i])
+        shape = (nkv * b, max_blocks * bs, hd)
         return self._workspace[0].view(shape), self._workspace[1].view(shape)
+
+    def decode_bias_for(self, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """(nkv * B, 1, L) additive mask matching the gathered layout (kv head major, then request)."""
+        if self._bias is None or self._bias.dtype != dtype:
+            b, length = self.decode_bias.shape
+            self._bias = self.decode_bias.to(dtype).repeat(num_kv_heads, 1).view(num_kv_heads * b, 1, length)
+        return self._bias
 
 
 class PagedAttention(nn.Module):
@@ -63,41 +78,39 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        # q: (T, nh, hd); k, v: (T, nkv, hd); kv_cache: (2, NB, bs, nkv, hd)
-        k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (NB*bs, nkv, hd)
-        v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
+        # q: (T, nh, hd); k, v: (T, nkv, hd); kv_cache: (2, nkv, NB, bs, hd)
+        k_slots = kv_cache[0].view(self.num_kv_heads, -1, self.head_dim)  # (nkv, NB*bs, hd)
+        v_slots = kv_cache[1].view(self.num_kv_heads, -1, self.head_dim)
+        k_slots.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_slots.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], kv_cache, meta)
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.num_tokens)
-            out[rows] = self._prefill(q[rows], k[rows], v[rows], k_flat, v_flat, chunk)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], k_slots, v_slots, chunk)
         return out
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         b, nkv, hd = q.shape[0], self.num_kv_heads, self.head_dim
-        keys, values = meta.gather_blocks(kv_cache)  # (B, L, nkv, hd) each, L = max_blocks * block_size
-        # Fold each KV head's query group into the query length: (B, nkv, g, hd). torch's CPU kernels are
-        # several times faster this way than with one query row and GQA expansion, and the math is the same.
-        o = F.scaled_dot_product_attention(
-            q.view(b, nkv, -1, hd),
-            keys.transpose(1, 2),  # (B, nkv, L, hd)
-            values.transpose(1, 2),
-            attn_mask=meta.decode_mask,  # (B, 1, 1, L)
-            scale=self.scale,
-        )
-        return o.reshape(b, self.num_heads, hd)
+        keys, values = meta.gather_blocks(kv_cache)  # (nkv*B, L, hd)
+        queries = q.view(b, nkv, -1, hd).transpose(0, 1).reshape(nkv * b, -1, hd)  # (nkv*B, g, hd)
+        bias = meta.decode_bias_for(nkv, q.dtype)  # (nkv*B, 1, L)
+        scores = torch.baddbmm(bias, queries, keys.transpose(1, 2), alpha=self.scale)  # (nkv*B, g, L)
+        probs = scores.float().softmax(dim=-1).to(q.dtype)
+        o = torch.bmm(probs, values)  # (nkv*B, g, hd)
+        return o.view(nkv, b, -1, hd).transpose(0, 1).reshape(b, self.num_heads, hd)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor,
-                 v_flat: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_slots: torch.Tensor,
+                 v_slots: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
         if chunk.context_slots is not None:  # a later chunk: earlier positions live in the cache
-            k, v = k_flat.index_select(0, chunk.context_slots), v_flat.index_select(0, chunk.context_slots)
+            keys, values = k_slots.index_select(1, chunk.context_slots), v_slots.index_select(1, chunk.context_slots)
+        else:
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)  # (nkv, n, hd)
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),  # (1, nh, n, hd)
-            k.transpose(0, 1).unsqueeze(0),  # (1, nkv, ctx, hd)
-            v.transpose(0, 1).unsqueeze(0),
+            keys.unsqueeze(0),  # (1, nkv, ctx, hd)
+            values.unsqueeze(0),
             attn_mask=chunk.mask,
             is_causal=chunk.mask is None,
             scale=self.scale,

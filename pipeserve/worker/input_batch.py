@@ -47,7 +47,7 @@ def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cp
     attn = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
                              num_decodes=len(decodes))
     if decodes:
-        attn.decode_blocks, attn.decode_mask = _decode_tables(decodes, block_size, device)
+        attn.decode_blocks, attn.decode_bias = _decode_tables(decodes, block_size, device)
     row = len(decodes)
     for r in prefills:
         attn.prefills.append(_prefill_chunk(r, row, block_size, device))
@@ -68,8 +68,9 @@ def _decode_tables(decodes: list[ScheduledRequest], block_size: int, device: str
         used = r.block_table[: -(-r.context_len // block_size)]
         tables[i, : len(used)] = torch.tensor(used)
     lengths = torch.tensor([r.context_len for r in decodes])
-    mask = torch.arange(max_blocks * block_size)[None, :] < lengths[:, None]  # (B, L)
-    return tables.to(device), mask[:, None, None, :].to(device)  # (B, nb), (B, 1, 1, L)
+    pad = torch.arange(max_blocks * block_size)[None, :] >= lengths[:, None]  # (B, L)
+    bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf"))
+    return tables.to(device), bias.to(device)  # (B, nb), (B, L)
 
 
 def _prefill_chunk(r: ScheduledRequest, query_start: int, block_size: int, device: str) -> PrefillChunk:
