@@ -27,12 +27,15 @@ CONFIGS = {  # name -> extra `pipeserve bench throughput` flags
     "pp2": ["-pp", "2", "--threads-per-worker", "1"],
     "pp2_1ve": ["-pp", "2", "--threads-per-worker", "1", "--num-virtual-engines", "1"],
     "pp2_even": ["-pp", "2", "--threads-per-worker", "1", "--pp-layer-partition", "even"],
+    "pp2_decode_balanced": ["-pp", "2", "--threads-per-worker", "1", "--pp-layer-partition", "balanced:1"],
     "pp1_2threads": ["-pp", "1", "--threads-per-worker", "2"],
 }
 COMPARISONS = [  # (label, numerator, denominator)
     ("PP=2 vs PP=1 (1 thread per stage)", "pp2", "pp1"),
     ("PP=2: 2 virtual engines vs 1", "pp2", "pp2_1ve"),
     ("PP=2: cost-balanced vs even partition", "pp2", "pp2_even"),
+    ("PP=2: balanced for this mix vs balanced for pure decode", "pp2", "pp2_decode_balanced"),
+    ("PP=2: balanced for pure decode vs even", "pp2_decode_balanced", "pp2_even"),
     ("PP=2 (1 thread x 2 stages) vs PP=1 (2 threads)", "pp2", "pp1_2threads"),
 ]
 
@@ -58,7 +61,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--repeats", type=int, default=2)

@@ -12,6 +12,11 @@ from pipeserve.config import ModelConfig
 from pipeserve.distributed.stage import StageInfo
 
 
+# The reference serving mix: 1024-token prompts, 128 generated tokens. Every computed token passes through
+# the layers, but only the 128 sampled ones through the LM head: 128 / (1024 + 128) = 1/9.
+REFERENCE_SAMPLED_FRACTION = 1 / 9
+
+
 @dataclass(frozen=True)
 class StageCosts:
     """Relative cost per token of the pieces a stage can hold (FLOPs of the matmuls)."""
@@ -21,12 +26,13 @@ class StageCosts:
     embedding: float
 
     @staticmethod
-    def of(cfg: ModelConfig) -> StageCosts:
+    def of(cfg: ModelConfig, sampled_fraction: float = REFERENCE_SAMPLED_FRACTION) -> StageCosts:
+        """Costs per computed token. The head runs only for sampled tokens: `sampled_fraction` of them."""
         h, hd = cfg.hidden_size, cfg.head_dim
         attn = h * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)  # q, o, k, v
         mlp = 3 * h * cfg.intermediate_size
-        # Decode-heavy serving samples about one token per computed token, so the head is paid in full.
-        return StageCosts(layer=2.0 * (attn + mlp), head=2.0 * h * cfg.vocab_size, embedding=0.0)
+        head = 2.0 * h * cfg.vocab_size * sampled_fraction
+        return StageCosts(layer=2.0 * (attn + mlp), head=head, embedding=0.0)
 
     def stage_cost(self, num_layers: int, first: bool, last: bool) -> float:
         return num_layers * self.layer + (self.embedding if first else 0.0) + (self.head if last else 0.0)
@@ -66,12 +72,17 @@ def balanced_partition(num_layers: int, num_stages: int, costs: StageCosts) -> l
 
 
 def parse_partition(spec: str | None, cfg: ModelConfig, num_stages: int) -> list[int]:
-    """`None`/"balanced" (default), "even", or explicit counts like "19,11" that sum to the layer count."""
+    """Layers per stage from a spec:
+
+    * `balanced` (default): minimize the slowest stage for the reference mix (1/9 of tokens sampled);
+    * `balanced:F`: the same for a mix where a fraction F of computed tokens is sampled (1 = all decode);
+    * `even`: vLLM's equal split; or explicit counts like `19,11` that sum to the layer count.
+    """
     n = cfg.num_hidden_layers
     if num_stages > n:
         raise ValueError(f"pipeline_parallel_size={num_stages} exceeds the model's {n} layers")
-    if spec in (None, "", "balanced"):
-        return balanced_partition(n, num_stages, StageCosts.of(cfg))
+    if spec in (None, "") or spec.startswith("balanced"):
+        return balanced_partition(n, num_stages, StageCosts.of(cfg, _sampled_fraction(spec)))
     if spec == "even":
         return even_partition(n, num_stages)
     try:
@@ -81,6 +92,18 @@ def parse_partition(spec: str | None, cfg: ModelConfig, num_stages: int) -> list
     if len(sizes) != num_stages or sum(sizes) != n or min(sizes) < 1:
         raise ValueError(f"pp_layer_partition {spec!r} must give {num_stages} positive layer counts summing to {n}")
     return sizes
+
+
+def _sampled_fraction(spec: str | None) -> float:
+    if not spec or spec == "balanced":
+        return REFERENCE_SAMPLED_FRACTION
+    try:
+        fraction = float(spec.removeprefix("balanced:"))
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"pp_layer_partition {spec!r}: expected balanced:F with F in [0, 1]")
+    return fraction
 
 
 def stages_from_sizes(sizes: list[int]) -> list[StageInfo]:

@@ -35,7 +35,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("parallelism")
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size)
     p.add_argument("--pp-layer-partition", default=d.pp_layer_partition,
-                   help="'balanced' (default: by estimated cost), 'even', or layers per stage like 19,11")
+                   help="'balanced' (default: by estimated cost at 1k-in/128-out), 'balanced:F' (F = share of "
+                        "computed tokens that are sampled; 1 = pure decode), 'even', or layers per stage like 19,11")
     p.add_argument("--num-virtual-engines", type=int, default=d.num_virtual_engines,
                    help="independent schedulers kept in flight (default: the pipeline size)")
     p.add_argument("--master-port", type=int, default=d.master_port, help="rendezvous port (default: a free one)")

@@ -20,5 +20,5 @@ def create_executor(config: EngineConfig, offload: bool = False) -> Executor:
     from pipeserve.executor.multiproc import MultiprocExecutor
 
     sizes = list(config.parallel.stage_layers)
-    logger.info("pipeline partition: %s", describe(sizes, StageCosts.of(config.model)))
+    logger.info("pipeline partition: %s", describe(sizes, StageCosts.of(config.model)))  # costs at the reference mix
     return MultiprocExecutor(config, stages_from_sizes(sizes))
