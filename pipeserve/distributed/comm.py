@@ -3,6 +3,10 @@
 Both ends know the shape from the SchedulerOutput (tokens x hidden), so only the data travels: hidden
 states and residual go as one (2, T, hidden) tensor, one message per step. Gloo moves bytes, so 16-bit
 floats travel viewed as int16 (gloo has no bfloat16); NCCL takes them as they are.
+
+With tensor parallelism every TP rank of a stage holds the same full tensors. Each sends only its 1/T
+slice of the hidden dimension to its peer (same TP rank) in the next stage, which all-gathers the slices
+over its fast TP group: the slow link between stages carries each activation once, not T times.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.types import IntermediateTensors
 
 
@@ -22,24 +27,27 @@ def _wire(t: torch.Tensor) -> torch.Tensor:
 class StageLink:
     """Sends to the next stage's rank and receives from the previous one, in step order."""
 
-    def __init__(self, prev_rank: int | None, next_rank: int | None, group: dist.ProcessGroup | None = None):
-        self.prev_rank, self.next_rank, self.group = prev_rank, next_rank, group
+    def __init__(self, prev_rank: int | None, next_rank: int | None, tp: TPGroup | None = None):
+        self.prev_rank, self.next_rank = prev_rank, next_rank
+        self.tp = tp or TPGroup()
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         self.bytes_sent = 0
 
     def send(self, tensors: IntermediateTensors) -> None:
         """Start sending; the previous send is completed first so at most one is outstanding."""
         self.wait_sends()
-        packed = torch.stack((tensors.hidden_states, tensors.residual)).contiguous()  # (2, T, hidden)
-        wire = _wire(packed)
-        self._pending.append((dist.isend(wire, dst=self.next_rank, group=self.group), wire))
+        packed = torch.stack((tensors.hidden_states, tensors.residual))  # (2, T, hidden)
+        start, width = self.tp.shard(packed.shape[-1])
+        wire = _wire(packed[..., start : start + width].contiguous())  # (2, T, hidden / tp)
+        self._pending.append((dist.isend(wire, dst=self.next_rank), wire))
         self.bytes_sent += wire.numel() * wire.element_size()
 
     def recv(self, num_tokens: int, hidden: int, dtype: torch.dtype, device: str) -> IntermediateTensors:
         """Receive the previous stage's tensors for a step of `num_tokens` tokens."""
-        buf = torch.empty(2, num_tokens, hidden, dtype=dtype, device=device)
-        dist.recv(_wire(buf), src=self.prev_rank, group=self.group)
-        return IntermediateTensors(buf[0], buf[1])
+        buf = torch.empty(2, num_tokens, hidden // self.tp.size, dtype=dtype, device=device)
+        dist.recv(_wire(buf), src=self.prev_rank)
+        full = self.tp.all_gather(buf, dim=-1)  # (2, T, hidden)
+        return IntermediateTensors(full[0], full[1])
 
     def wait_sends(self) -> None:
         for work, _ in self._pending:

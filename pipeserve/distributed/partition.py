@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pipeserve.config import ModelConfig
 from pipeserve.distributed.stage import StageInfo
 
-
 # The reference serving mix: 1024-token prompts, 128 generated tokens. Every computed token passes through
 # the layers, but only the 128 sampled ones through the LM head: 128 / (1024 + 128) = 1/9.
 REFERENCE_SAMPLED_FRACTION = 1 / 9

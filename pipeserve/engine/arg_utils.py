@@ -28,6 +28,7 @@ class EngineArgs:
     kv_cache_memory_gb: float = 2.0
     seed: int = 0
     pipeline_parallel_size: int = 1
+    tensor_parallel_size: int = 1
     pp_layer_partition: str | None = None
     num_virtual_engines: int | None = None
     threads_per_worker: int | None = None
@@ -65,9 +66,10 @@ class EngineArgs:
         return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks, self.trace_file)
 
     def _parallel_config(self, model: ModelConfig) -> ParallelConfig:
-        pp = self.pipeline_parallel_size
+        pp, tp = self.pipeline_parallel_size, self.tensor_parallel_size
         if pp < 1:
             raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp}")
+        _check_tp(model, tp)
         sizes = parse_partition(self.pp_layer_partition, model, pp)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device != "cpu" and not device.startswith("cuda"):
@@ -76,11 +78,11 @@ class EngineArgs:
             raise ValueError(f"device {device!r} was asked for, but this torch build sees no CUDA device")
         threads = self.threads_per_worker
         if threads is None:
-            threads = max(1, (os.cpu_count() or 1) // pp)
+            threads = max(1, (os.cpu_count() or 1) // (pp * tp))
         if threads < 1:
             raise ValueError(f"threads_per_worker must be >= 1, got {threads}")
-        return ParallelConfig(pipeline_parallel_size=pp, stage_layers=tuple(sizes), threads_per_worker=threads,
-                              device=device, master_port=self.master_port)
+        return ParallelConfig(pipeline_parallel_size=pp, tensor_parallel_size=tp, stage_layers=tuple(sizes),
+                              threads_per_worker=threads, device=device, master_port=self.master_port)
 
     def _scheduler_config(self, max_len: int) -> SchedulerConfig:
         if self.max_num_seqs < 1:
@@ -102,3 +104,16 @@ class EngineArgs:
             return cache.num_kv_blocks
         per_block = kv_bytes_per_block(model, layers_on_busiest_stage, cache.block_size)
         return max(1, cache.kv_cache_memory_bytes // per_block)
+
+
+def _check_tp(model: ModelConfig, tp: int) -> None:
+    """Heads, hidden size and intermediate size must split evenly; KV heads split or replicate."""
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
+    nkv = model.num_key_value_heads
+    for name, n in (("num_attention_heads", model.num_attention_heads), ("hidden_size", model.hidden_size),
+                    ("intermediate_size", model.intermediate_size)):
+        if n % tp:
+            raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {name}={n}")
+    if nkv % tp and tp % nkv:
+        raise ValueError(f"tensor_parallel_size={tp} must divide or be a multiple of num_key_value_heads={nkv}")

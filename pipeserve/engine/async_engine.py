@@ -20,6 +20,7 @@ from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.engine.scheduler import Scheduler
+from pipeserve.engine.stats import BusyClock, VirtualEngineStats
 from pipeserve.executor.base import Executor
 from pipeserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pipeserve.sampling_params import SamplingParams
@@ -74,6 +75,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._wakeups: list[asyncio.Event] = []
         self._error: BaseException | None = None
+        self.busy_clock = BusyClock()
+        self._shut_down = False
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -85,6 +88,8 @@ class AsyncEngine:
         vocab = self.config.model.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids or ()):  # the sampler indexes logits by them
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
         if n + max_tokens > limit:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "
@@ -145,11 +150,14 @@ class AsyncEngine:
             if sched.is_empty:
                 await asyncio.sleep(0)
                 continue
+            self.busy_clock.step_started()
             try:
                 step = await self.executor.execute(sched)
             except Exception as exc:  # a dead stage: fail every listener rather than hang them
                 self._fail_all(exc)
                 raise
+            finally:
+                self.busy_clock.step_ended()
             for req in scheduler.update(step):
                 self._publish(scheduler, req)
 
@@ -212,12 +220,27 @@ class AsyncEngine:
     def has_unfinished(self) -> bool:
         return any(s.has_work() for s in self.schedulers)
 
+    def stats(self) -> list[VirtualEngineStats]:
+        """Requests running and waiting, and KV blocks in use, per virtual engine (cheap: no stage is asked)."""
+        return [VirtualEngineStats(len(s.running), len(s.waiting), s.block_manager.num_used_blocks,
+                                   s.block_manager.num_blocks) for s in self.schedulers]
+
+    def check_health(self) -> None:
+        """Raise if the engine can no longer run steps: a step failed, or a stage process is gone."""
+        if self._error is not None:
+            raise self._error
+        self.executor.check_health()
+
     def step_records(self) -> list[StepRecord]:
         """Every stage's step records so far (call while no step is in flight)."""
-        return [r for stage in self.executor.collect_stats() for r in stage["records"]]
+        stats = self.executor.collect_stats()
+        return [r for rank in stats if rank.get("tp_rank", 0) == 0 for r in rank["records"]]  # one per stage
 
     def shutdown(self) -> None:
-        """Write the trace if one was asked for, then stop the stages."""
+        """Write the trace if one was asked for, then stop the stages; safe to call twice."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         try:
             if self.config.trace_file and self.executor.failure is None:
                 png = write_trace(self.step_records(), self.config.trace_file)

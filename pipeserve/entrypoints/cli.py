@@ -1,4 +1,4 @@
-"""The `pipeserve` command: generate, bench throughput."""
+"""The `pipeserve` command: generate, serve, bench throughput, bench serve."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, help="cpu or cuda (default: cuda when available)")
     p = parser.add_argument_group("parallelism")
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size)
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     p.add_argument("--pp-layer-partition", default=d.pp_layer_partition,
                    help="'balanced' (default: by estimated cost at 1k-in/128-out), 'balanced:F' (F = share of "
                         "computed tokens that are sampled; 1 = pure decode), 'even', or layers per stage like 19,11")
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
     gen.set_defaults(func=_generate)
 
+    from pipeserve.entrypoints.openai.cli_args import add_serve_parser
+
+    add_serve_parser(sub)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     tp = bench_sub.add_parser("throughput", help="offline throughput on random-token prompts")
@@ -107,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--num-prompts", type=int, default=64)
     tp.add_argument("--output-json", default=None)
     tp.set_defaults(func=_bench_throughput)
+
+    from pipeserve.bench.serve import add_bench_serve_parser
+
+    add_bench_serve_parser(bench_sub)
     return parser
 
 

@@ -24,6 +24,10 @@ class Executor(abc.ABC):
     def check_health(self) -> None:  # noqa: B027 - a process-less executor has nothing to check
         """Raise if any stage is dead."""
 
+    def busy_seconds(self) -> list[float] | None:
+        """Cumulative compute seconds per stage, if this executor can tell without asking the stages."""
+        return None
+
     @abc.abstractmethod
     def collect_stats(self) -> list[dict[str, Any]]:
         """Per stage: rank, step records, bytes sent to the next stage, parameter count."""

@@ -11,8 +11,8 @@ logger = logging.getLogger(__name__)
 
 
 def create_executor(config: EngineConfig, offload: bool = False) -> Executor:
-    """One process for PP=1; one process per stage otherwise."""
-    if config.parallel.pipeline_parallel_size == 1:
+    """One process for PP=1 x TP=1; one process per (stage, TP rank) otherwise."""
+    if config.parallel.world_size == 1:
         from pipeserve.executor.uniproc import UniProcExecutor
 
         return UniProcExecutor(config, offload=offload)

@@ -46,7 +46,10 @@ class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, stages: list[StageInfo], startup_timeout_s: float = 600.0):
         par = config.parallel
         init_method = f"tcp://{par.master_addr}:{par.master_port or free_port(par.master_addr)}"
-        self.specs = [WorkerSpec(config, st, st.rank, len(stages), init_method) for st in stages]
+        tp = par.tensor_parallel_size
+        world = len(stages) * tp
+        self.specs = [WorkerSpec(config, stages[r // tp], r, world, init_method) for r in range(world)]
+        self.tp_size = tp
         self.procs: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
         self._pending: dict[tuple[int, int], tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
@@ -62,6 +65,13 @@ class MultiprocExecutor(Executor):
             raise
         self._reader = threading.Thread(target=self._read_loop, name="pipeserve-results", daemon=True)
         self._reader.start()
+
+    def who(self, rank: int) -> str:
+        """A rank as a person reads it: its pipeline stage, and its TP rank where there is TP."""
+        stage = self.specs[rank].stage.rank
+        if self.tp_size == 1:
+            return f"pipeline stage {stage}"
+        return f"pipeline stage {stage} (TP rank {rank % self.tp_size}, global rank {rank})"
 
     # ---- start-up ------------------------------------------------------------------------------------
 
@@ -99,10 +109,10 @@ class MultiprocExecutor(Executor):
             thread.join(timeout=0.2)
             for rank, proc in enumerate(self.procs):
                 if proc.poll() is not None and rank not in by_rank:
-                    raise StageFailure(f"pipeline stage {rank} exited with code {proc.returncode} before connecting")
+                    raise StageFailure(f"{self.who(rank)} exited with code {proc.returncode} before connecting")
         if thread.is_alive():
             missing = sorted(set(range(len(self.specs))) - set(by_rank))
-            raise StageFailure(f"stages {missing} did not connect within {timeout_s:.0f} s")
+            raise StageFailure(f"ranks {missing} did not connect within {timeout_s:.0f} s")
         return by_rank
 
     def _wait_ready(self, timeout_s: float) -> list[int]:
@@ -112,11 +122,11 @@ class MultiprocExecutor(Executor):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(len(self.conns))) - set(params))
-                raise StageFailure(f"stages {missing} did not start within {timeout_s:.0f} s")
+                raise StageFailure(f"ranks {missing} did not start within {timeout_s:.0f} s")
             for conn in wait(self.conns, timeout=remaining):
                 msg = self._recv(conn)
                 if msg[0] == "error":
-                    raise StageFailure(f"pipeline stage {msg[1]} failed to start: {msg[2]}")
+                    raise StageFailure(f"{self.who(msg[1])} failed to start: {msg[2]}")
                 params[msg[1]] = msg[2]
         return [params[r] for r in range(len(self.conns))]
 
@@ -132,7 +142,7 @@ class MultiprocExecutor(Executor):
             except subprocess.TimeoutExpired:
                 pass
             code = proc.returncode
-            raise StageFailure(f"pipeline stage {rank} (pid {proc.pid}) died"
+            raise StageFailure(f"{self.who(rank)} (pid {proc.pid}) died"
                                + (f" with exit code {code}" if code is not None else "")) from None
 
     # ---- steps ---------------------------------------------------------------------------------------
@@ -171,7 +181,7 @@ class MultiprocExecutor(Executor):
         elif kind == "stats":
             self._stats.put(msg[1])
         elif kind == "error":
-            raise StageFailure(f"pipeline stage {msg[1]} failed: {msg[2]}")
+            raise StageFailure(f"{self.who(msg[1])} failed: {msg[2]}")
 
     def _fail(self, exc: StageFailure) -> None:
         logger.error("%s", exc)
@@ -187,7 +197,7 @@ class MultiprocExecutor(Executor):
             raise self.failure
         for rank, proc in enumerate(self.procs):
             if proc.poll() is not None:
-                raise StageFailure(f"pipeline stage {rank} is not running (exit code {proc.returncode})")
+                raise StageFailure(f"{self.who(rank)} is not running (exit code {proc.returncode})")
 
     def collect_stats(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Per-stage step records, bytes sent and parameter counts; call while no step is in flight."""

@@ -26,6 +26,7 @@ class UniProcExecutor(Executor):
             torch.set_num_threads(config.parallel.threads_per_worker)
         self.offload = offload
         self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS)
+        self._busy_s = 0.0  # a running sum: the records deque is bounded, the counter must not forget
         self.runner = ModelRunner(
             config.model, StageInfo.whole_model(config.model.num_hidden_layers),
             num_blocks_per_ve=config.num_blocks_per_ve, block_size=config.cache.block_size,
@@ -38,8 +39,13 @@ class UniProcExecutor(Executor):
             out = await asyncio.to_thread(self.runner.execute, sched)
         else:
             out = self.runner.execute(sched)
-        self.records.append(self.runner.last_record)
+        record = self.runner.last_record
+        self.records.append(record)
+        self._busy_s += record.end - record.start
         return out
+
+    def busy_seconds(self) -> list[float]:
+        return [self._busy_s]
 
     def collect_stats(self) -> list[dict[str, Any]]:
         return [{"rank": 0, "records": list(self.records), "bytes_sent": 0,

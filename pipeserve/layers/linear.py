@@ -1,18 +1,19 @@
-"""Linear layers whose parameters know how to load their own slice of a checkpoint tensor.
+"""Linear layers, tensor-parallel where asked, whose parameters load their own slice of a checkpoint tensor.
 
 Each parameter carries a `weight_loader(param, loaded, shard_id)`; the model's loader only maps checkpoint
-names to (parameter, shard) and calls it. Fused projections (QKV, gate/up) are one matmul here.
+names to (parameter, shard) and calls it, and the layer cuts out the rows or columns its TP rank owns.
+Fused projections (QKV, gate/up) are one matmul.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], None]
+from pipeserve.distributed.parallel_state import TPGroup
+
+NO_TP = TPGroup()
 
 
 def _empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -27,7 +28,7 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: i
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b)."""
+    """y = x W^T (+ b), replicated on every TP rank."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
@@ -41,20 +42,53 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class MergedLinear(Linear):
-    """Several projections of the same input stacked into one weight; shard i fills rows of output i."""
+class ColumnParallelLinear(Linear):
+    """Several projections of one input, stacked; each TP rank holds a slice of every projection's rows.
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, dtype: torch.dtype):
-        super().__init__(in_features, sum(out_sizes), bias, dtype)
-        self.out_sizes = list(out_sizes)
+    `row_ranges[i]` is the (start, size) of the rows of checkpoint shard i (q, k, v or gate, up) that this
+    rank keeps; output i of `split` is `size` features wide. Replicated KV heads simply repeat a range.
+    """
+
+    def __init__(self, in_features: int, row_ranges: list[tuple[int, int]], bias: bool, dtype: torch.dtype):
+        self.row_ranges = list(row_ranges)
+        self.out_sizes = [size for _, size in row_ranges]
+        super().__init__(in_features, sum(self.out_sizes), bias, dtype)
         self.weight.weight_loader = self._load_shard
         if self.bias is not None:
             self.bias.weight_loader = self._load_shard
 
+    @staticmethod
+    def even(in_features: int, out_sizes: list[int], bias: bool, dtype: torch.dtype,
+             tp: TPGroup = NO_TP) -> ColumnParallelLinear:
+        """Every projection split into equal row slices across the TP group."""
+        return ColumnParallelLinear(in_features, [tp.shard(n) for n in out_sizes], bias, dtype)
+
     def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None) -> None:
-        assert shard_id is not None, "a merged projection is loaded one shard at a time"
-        start = sum(self.out_sizes[:shard_id])
-        default_weight_loader(param.data[start : start + self.out_sizes[shard_id]], loaded)
+        shard_id = shard_id or 0
+        start, size = self.row_ranges[shard_id]
+        offset = sum(self.out_sizes[:shard_id])
+        default_weight_loader(param.data[offset : offset + size], loaded[start : start + size])
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return y.split(self.out_sizes, dim=-1)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split across TP ranks; partial products are summed with an all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPGroup = NO_TP):
+        super().__init__()
+        self.tp = tp
+        self.in_start, in_local = tp.shard(in_features)
+        self.weight = _empty_param(out_features, in_local, dtype=dtype)
+        self.weight.weight_loader = self._load_weight
+        self.bias = _empty_param(out_features, dtype=dtype) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = default_weight_loader
+
+    def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        default_weight_loader(param, loaded[:, self.in_start : self.in_start + param.shape[1]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))  # (T, out): every rank's partial sum
+        return y if self.bias is None else y + self.bias  # the bias once, after the sum

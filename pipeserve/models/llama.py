@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeserve.config import ModelConfig
+from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.attention import AttentionMetadata, PagedAttention
-from pipeserve.layers.linear import Linear, MergedLinear, default_weight_loader
+from pipeserve.layers.linear import NO_TP, ColumnParallelLinear, RowParallelLinear, default_weight_loader
 from pipeserve.layers.norm import RMSNorm
 from pipeserve.layers.rotary import RotaryEmbedding
+from pipeserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from pipeserve.types import IntermediateTensors
 
 
@@ -29,15 +31,30 @@ class PlaceholderLayer(nn.Module):
         raise RuntimeError("a placeholder layer belongs to another pipeline stage and cannot run here")
 
 
-class LlamaAttention(nn.Module):
-    """Fused QKV projection, rotary embedding, paged attention, output projection."""
+def kv_head_range(cfg: ModelConfig, tp: TPGroup) -> tuple[int, int]:
+    """(first KV head, count) this TP rank holds: a share of them, or one replica when T > their number."""
+    nkv = cfg.num_key_value_heads
+    if tp.size <= nkv:
+        start, count = tp.shard(nkv)
+        return start, count
+    if tp.size % nkv:
+        raise ValueError(f"tensor_parallel_size={tp.size} must divide or be a multiple of the {nkv} KV heads")
+    return tp.rank // (tp.size // nkv), 1
 
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+
+class LlamaAttention(nn.Module):
+    """Fused QKV projection, rotary embedding, paged attention, output projection; heads split over TP."""
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, tp: TPGroup):
         super().__init__()
-        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        hd = cfg.head_dim
+        q_start, nh = tp.shard(cfg.num_attention_heads)
+        kv_start, nkv = kv_head_range(cfg, tp)
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [nh * hd, nkv * hd, nkv * hd], cfg.attention_bias, cfg.dtype)
-        self.o_proj = Linear(nh * hd, cfg.hidden_size, cfg.attention_bias, cfg.dtype)
+        qkv_rows = [(q_start * hd, nh * hd), (kv_start * hd, nkv * hd), (kv_start * hd, nkv * hd)]
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, qkv_rows, cfg.attention_bias, cfg.dtype)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, cfg.attention_bias,
+                                        cfg.dtype, tp)
         self.rope = rope
         self.attn = PagedAttention(nh, nkv, hd)
 
@@ -51,13 +68,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused; the intermediate features split over TP."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [inter, inter], cfg.mlp_bias, cfg.dtype)
-        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, cfg.dtype)
+        self.gate_up_proj = ColumnParallelLinear.even(cfg.hidden_size, [inter, inter], cfg.mlp_bias, cfg.dtype, tp)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, cfg.dtype, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
@@ -67,12 +84,12 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; carries (hidden, residual) so stages can hand both over."""
 
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = LlamaAttention(cfg, rope)
+        self.self_attn = LlamaAttention(cfg, rope, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, tp)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,29 +103,20 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The stage's part of the model; `forward` returns IntermediateTensors, or final hidden states on the last stage."""
 
-    def __init__(self, cfg: ModelConfig, stage: StageInfo, max_positions: int):
+    def __init__(self, cfg: ModelConfig, stage: StageInfo, max_positions: int, tp: TPGroup = NO_TP):
         super().__init__()
         self.cfg, self.stage = cfg, stage
         rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = self._embedding() if stage.is_first else PlaceholderLayer()
+        v, h = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = VocabParallelEmbedding(v, h, cfg.dtype, tp) if stage.is_first else PlaceholderLayer()
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rope) if stage.owns_layer(i) else PlaceholderLayer()
+            LlamaDecoderLayer(cfg, rope, tp) if stage.owns_layer(i) else PlaceholderLayer()
             for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype) if stage.is_last else PlaceholderLayer()
-        self.lm_head = self._lm_head() if stage.is_last else PlaceholderLayer()
-
-    def _embedding(self) -> nn.Embedding:
-        emb = nn.Embedding(self.cfg.vocab_size, self.cfg.hidden_size, dtype=self.cfg.dtype)
-        emb.weight.requires_grad_(False)
-        emb.weight.weight_loader = default_weight_loader
-        return emb
-
-    def _lm_head(self) -> Linear:
-        head = Linear(self.cfg.hidden_size, self.cfg.vocab_size, False, self.cfg.dtype)
-        if self.cfg.tie_word_embeddings and self.stage.is_first:
-            head.weight = self.embed_tokens.weight  # one matrix serves both ends
-        return head
+        self.norm = RMSNorm(h, cfg.rms_norm_eps, cfg.dtype) if stage.is_last else PlaceholderLayer()
+        self.lm_head = ParallelLMHead(v, h, cfg.dtype, tp) if stage.is_last else PlaceholderLayer()
+        if stage.is_first and stage.is_last and cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one matrix (shard) serves both ends
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, intermediate: IntermediateTensors | None) -> IntermediateTensors | torch.Tensor:
@@ -123,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(hidden + residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # (S, vocab)
+        return self.lm_head(hidden)  # (S, vocab), gathered over TP ranks
 
     # ---- loading -------------------------------------------------------------------------------------
 

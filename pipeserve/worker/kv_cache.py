@@ -14,7 +14,8 @@ def kv_bytes_per_block(cfg: ModelConfig, num_layers: int, block_size: int) -> in
 
 
 def allocate_kv_caches(cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
-                       device: str = "cpu") -> list[torch.Tensor]:
-    """One (2, n_kv_heads, num_blocks, block_size, head_dim) tensor per layer of the stage (head-major)."""
-    shape = (2, cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
+                       device: str = "cpu", num_kv_heads: int | None = None) -> list[torch.Tensor]:
+    """One (2, n_kv_heads, num_blocks, block_size, head_dim) tensor per layer of the stage (head-major);
+    `num_kv_heads` is this TP rank's share."""
+    shape = (2, num_kv_heads or cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
     return [torch.zeros(shape, dtype=cfg.dtype, device=device) for _ in range(num_layers)]

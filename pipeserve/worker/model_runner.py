@@ -7,9 +7,12 @@ import time
 import torch
 
 from pipeserve.config import ModelConfig
+from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.stage import StageInfo
+from pipeserve.layers.linear import NO_TP
 from pipeserve.layers.sampler import Sampler
 from pipeserve.loader.model_loader import load_model
+from pipeserve.models.llama import kv_head_range
 from pipeserve.timeline import StepRecord
 from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
 from pipeserve.worker.input_batch import build_model_input
@@ -21,13 +24,16 @@ class ModelRunner:
 
     def __init__(self, model_cfg: ModelConfig, stage: StageInfo, *, num_blocks_per_ve: int, block_size: int,
                  num_virtual_engines: int, max_model_len: int, seed: int, device: str = "cpu",
-                 disable_progress: bool = False):
+                 disable_progress: bool = False, tp: TPGroup = NO_TP):
         self.stage, self.block_size, self.device = stage, block_size, device
-        self.model = load_model(model_cfg, stage, max_model_len, device, disable_progress)
+        self.model = load_model(model_cfg, stage, max_model_len, device, disable_progress, tp)
         num_layers = stage.end_layer - stage.start_layer
-        self.kv_caches = [allocate_kv_caches(model_cfg, num_layers, num_blocks_per_ve, block_size, device)
+        kv_heads = kv_head_range(model_cfg, tp)[1]
+        self.kv_caches = [allocate_kv_caches(model_cfg, num_layers, num_blocks_per_ve, block_size, device, kv_heads)
                           for _ in range(num_virtual_engines)]
-        self.sampler = Sampler(seed, model_cfg.eos_token_ids) if stage.is_last else None
+        # Every TP rank of the last stage has the full logits; rank 0 alone samples and answers the engine.
+        self.samples = stage.is_last and tp.rank == 0
+        self.sampler = Sampler(seed, model_cfg.eos_token_ids) if self.samples else None
         self.last_record: StepRecord | None = None  # timing of the latest step, for traces
 
     @torch.inference_mode()
@@ -49,6 +55,8 @@ class ModelRunner:
         if not inp.sampled_requests:
             return step
         logits = self.model.compute_logits(out[inp.sample_rows])  # (S, vocab)
+        if not self.samples:
+            return step
         reqs = inp.sampled_requests
         tokens = self.sampler(logits, [r.sampling_params for r in reqs], [r.num_output_tokens for r in reqs])
         step.sampled = {r.req_id: t for r, t in zip(reqs, tokens, strict=True)}

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from pipeserve.config import EngineConfig
 from pipeserve.distributed.comm import StageLink
+from pipeserve.distributed.parallel_state import RankLayout, TPGroup, init_tp_groups
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.timeline import StepRecord
 from pipeserve.types import SchedulerOutput
@@ -39,17 +40,19 @@ class WorkerSpec:
 
 
 class StageWorker:
-    """Runs one stage's steps; `handle` answers one message from the engine."""
+    """Runs one stage's steps (as one TP rank of it)."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, tp: TPGroup):
         cfg, stage = spec.config, spec.stage
-        self.spec, self.stage = spec, stage
+        self.spec, self.stage, self.tp = spec, stage, tp
         self.runner = ModelRunner(
             cfg.model, stage, num_blocks_per_ve=cfg.num_blocks_per_ve, block_size=cfg.cache.block_size,
             num_virtual_engines=cfg.num_virtual_engines, max_model_len=cfg.scheduler.max_model_len,
-            seed=cfg.seed, device=cfg.parallel.device, disable_progress=not stage.is_first,
+            seed=cfg.seed, device=cfg.parallel.device, disable_progress=spec.rank != 0, tp=tp,
         )
-        self.link = StageLink(None if stage.is_first else spec.rank - 1, None if stage.is_last else spec.rank + 1)
+        step = tp.size  # pipeline peers are one TP group apart
+        self.link = StageLink(None if stage.is_first else spec.rank - step,
+                              None if stage.is_last else spec.rank + step, tp)
         self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS)
 
     def num_params(self) -> int:
@@ -65,10 +68,10 @@ class StageWorker:
         if not self.stage.is_last:
             self.link.send(out)
             return None
-        return out
+        return out if self.runner.samples else None
 
     def stats(self) -> dict[str, Any]:
-        return {"rank": self.stage.rank, "records": list(self.records), "bytes_sent": self.link.bytes_sent,
+        return {"rank": self.spec.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank, "records": list(self.records), "bytes_sent": self.link.bytes_sent,
                 "num_params": self.num_params()}
 
 
@@ -81,7 +84,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
             torch.cuda.set_device(spec.rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
                                 timeout=_timeout(spec.config.parallel.distributed_timeout_s))
-        worker = StageWorker(spec)
+        layout = RankLayout(spec.stage.size, spec.world_size // spec.stage.size)
+        worker = StageWorker(spec, init_tp_groups(layout, spec.rank))
         conn.send(("ready", spec.rank, worker.num_params()))
         _serve(worker, conn)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):

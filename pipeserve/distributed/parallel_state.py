@@ -1,0 +1,91 @@
+"""Who this process is in the P x T grid, and its tensor-parallel collectives.
+
+Ranks are laid out TP-major: TP groups are consecutive ranks (they share a machine: fast links), PP
+peers are T apart (they may sit on different machines: slow links). With T=2, P=2: TP groups [0,1]
+and [2,3], pipeline chains [0,2] and [1,3].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This rank's tensor-parallel group; with size 1 every collective is a no-op."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the group, in place. Gloo cannot add 16-bit floats, so on CPU they are summed in float32."""
+        if self.size == 1:
+            return x
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            wide = x.float()
+            dist.all_reduce(wide, group=self.group)
+            return x.copy_(wide)
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate every rank's `x` along `dim`, in rank order."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather([_bits(p) for p in parts], _bits(x.contiguous()), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def shard(self, total: int) -> tuple[int, int]:
+        """(start, size) of this rank's equal share of `total` (which must divide evenly)."""
+        if total % self.size:
+            raise ValueError(f"{total} does not split evenly over tensor_parallel_size={self.size}")
+        size = total // self.size
+        return self.rank * size, size
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Gloo has no bfloat16: 16-bit floats travel as int16 where only bytes move (gather, send)."""
+    if t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16)
+    return t
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Rank arithmetic of the grid."""
+
+    pp_size: int
+    tp_size: int
+
+    @property
+    def world_size(self) -> int:
+        return self.pp_size * self.tp_size
+
+    def pp_rank(self, rank: int) -> int:
+        return rank // self.tp_size
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp_size
+
+    def tp_group_ranks(self, pp_rank: int) -> list[int]:
+        return [pp_rank * self.tp_size + t for t in range(self.tp_size)]
+
+    def result_rank(self) -> int:
+        """The rank that returns sampled tokens: TP rank 0 of the last stage."""
+        return (self.pp_size - 1) * self.tp_size
+
+
+def init_tp_groups(layout: RankLayout, rank: int) -> TPGroup:
+    """Create every TP group (all ranks must create all groups, in the same order); return ours."""
+    mine = TPGroup()
+    for pp in range(layout.pp_size):
+        ranks = layout.tp_group_ranks(pp)
+        group = dist.new_group(ranks) if layout.tp_size > 1 else None
+        if rank in ranks:
+            mine = TPGroup(layout.tp_rank(rank), layout.tp_size, group)
+    return mine

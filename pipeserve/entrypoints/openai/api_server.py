@@ -1,0 +1,94 @@
+"""The FastAPI app: routes, middleware, error handlers, and the engine's loops in the app's lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pipeserve import __version__
+from pipeserve.engine.async_engine import AsyncEngine
+from pipeserve.entrypoints.openai.errors import error_response, install_error_handlers
+from pipeserve.entrypoints.openai.metrics import ServerMetrics
+from pipeserve.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from pipeserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from pipeserve.entrypoints.openai.serving_chat import ChatServing
+from pipeserve.entrypoints.openai.serving_completion import CompletionServing
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+
+
+@dataclass
+class ServeSettings:
+    """The server's own settings (the engine's are in EngineConfig)."""
+
+    served_model_names: list[str]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+def build_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
+    """An app serving `engine`; its lifespan runs the engine loops and shuts the engine down at the end."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with engine.running():
+                yield
+        finally:
+            engine.shutdown()  # stops every stage process
+
+    app = FastAPI(title="pipeserve", version=__version__, lifespan=lifespan)
+    metrics = ServerMetrics(engine)
+    completions = CompletionServing(engine, metrics, settings.served_model_names)
+    chats = ChatServing(engine, metrics, settings.served_model_names)
+    install_error_handlers(app)
+    _add_routes(app, engine, settings, metrics, completions, chats)
+    # Added last = outermost: the key is checked before the body is buffered.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    return app
+
+
+def _add_routes(app: FastAPI, engine: AsyncEngine, settings: ServeSettings, metrics: ServerMetrics,
+                completions: CompletionServing, chats: ChatServing) -> None:
+    max_len = engine.config.scheduler.max_model_len
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, root=engine.config.model.path, max_model_len=max_len)
+                               for name in settings.served_model_names])
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, raw: Request) -> Response:
+        return await completions.create(body, raw)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await chats.create(body, raw)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            engine.check_health()
+        except Exception as exc:
+            return error_response(f"unhealthy: {exc}", 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}

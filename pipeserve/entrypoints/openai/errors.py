@@ -1,0 +1,95 @@
+"""OpenAI-style errors: one exception type for the routes, one JSON shape for every failure.
+
+Every error the server returns has the body `{"error": {"message", "type", "param", "code"}}`, as the
+OpenAI API does, so that the official client raises its usual exception classes with a readable message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+# The `type` field by status: what the OpenAI API and its client use.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    """A request that cannot be served; turned into an OpenAI-style JSON error with `status`."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.status, self.param, self.code)
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(message: str, status: int, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param, code), status_code=status)
+
+
+def param_of(message: str, fields: set[str]) -> str | None:
+    """The field a validation message is about, when it starts with the field's name ("top_p must be ...")."""
+    first = message.split(" ", 1)[0]
+    return first if first in fields else None
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One readable message (and the first offending field) from pydantic's error list."""
+    parts, param = [], None
+    for err in errors[:3]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            parts.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})")
+            continue
+        if err.get("type") == "missing":
+            msg = "field required"
+        parts.append(f"{where}: {msg}" if where else msg)
+        param = param or (loc[0] if loc else None)
+    if len(errors) > 3:
+        parts.append(f"and {len(errors) - 3} more problems")
+    return "; ".join(parts), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every failure to an OpenAI-style body: validation → 400, HTTP errors keep their status, bugs → 500."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(list(exc.errors()))
+        return error_response(message, 400, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error while serving a request")
+        return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)

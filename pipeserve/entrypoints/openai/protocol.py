@@ -1,0 +1,289 @@
+"""The wire schema: OpenAI request and response bodies as pydantic models.
+
+Requests are validated strictly (a string is not a number, 1.0 is not a token id, NaN is not a
+temperature), so a wrong type is a 400 naming the field rather than a surprise later. Unknown fields
+are kept and ignored (with a log line), as vLLM does, so clients that send extra OpenAI fields still work.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeserve.entrypoints.openai.errors import APIError
+from pipeserve.sampling_params import SamplingParams
+
+_REQUEST_CONFIG = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+INT64 = dict(ge=-(2**63), lt=2**64)
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: `include_usage` adds a final chunk with the request's token counts."""
+
+    model_config = _REQUEST_CONFIG
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, plus vLLM's extras)."""
+
+    model_config = _REQUEST_CONFIG
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, **INT64)
+    min_p: float | None = None
+    seed: int | None = Field(None, **INT64)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, **INT64)
+    skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def check_supported(self) -> None:
+        """Reject what this server cannot do, rather than silently doing something else."""
+        if self.n != 1:
+            raise APIError(f"n must be 1 (one completion per prompt), got {self.n}", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(f"{name} is not supported (must be 0)", param=name)
+        if self.logit_bias:
+            raise APIError("logit_bias is not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise APIError("stream_options is only allowed with stream=true", param="stream_options")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The engine's SamplingParams; raises ValueError naming a field that is out of range."""
+        top_k = self.top_k if self.top_k is not None else 0
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if top_k == -1 else top_k,  # vLLM spells "disabled" as -1
+            min_p=self.min_p or 0.0, max_tokens=max_tokens, seed=self.seed, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Any
+    max_tokens: int | None = Field(16, **INT64)
+    logprobs: int | None = Field(None, **INT64)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> PromptInput:
+        return normalize_prompt(v)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise APIError("echo=true is not supported", param="echo")
+        if self.suffix:
+            raise APIError("suffix is not supported", param="suffix")
+        if self.best_of not in (None, 1):
+            raise APIError(f"best_of must be 1, got {self.best_of}", param="best_of")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one text or token-id list per prompt."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+def normalize_prompt(v: Any) -> PromptInput:
+    """Accept a text, a list of texts, a token-id list, or a list of token-id lists; nothing else."""
+    shape = "a string, a list of strings, a list of token ids, or a list of token-id lists"
+    if isinstance(v, str):
+        return v
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"prompt must be {shape} (and not empty)")
+    if all(_is_token_id(t) for t in v) or all(isinstance(t, str) for t in v):
+        return v
+    if all(isinstance(x, list) and all(_is_token_id(t) for t in x) for x in v):
+        return v
+    raise ValueError(f"prompt must be {shape}")
+
+
+def _is_token_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content; only text parts are supported."""
+
+    model_config = _REQUEST_CONFIG
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
+    model_config = _REQUEST_CONFIG
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise APIError(f"only text content parts are supported, got type {part.type!r}", param="messages")
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, **INT64)
+    max_completion_tokens: int | None = Field(None, **INT64)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, **INT64)
+    tools: list[dict[str, Any]] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if not self.messages:
+            raise APIError("messages must not be empty", param="messages")
+        if self.tools:
+            raise APIError("tools are not supported", param="tools")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# ---- responses ---------------------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions logprobs shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pipeserve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
