@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
+# Serves the embedded model over HTTP with two pipeline stages; the curl line works once it logs "ready".
 run: install
-	$(BIN)/pipeserve generate
+	@echo "When the server logs 'ready', try from another terminal:"
+	@echo "  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{\"model\": \"smollm2-135m-instruct\", \"prompt\": \"The capital of France is\", \"max_tokens\": 32, \"temperature\": 0}'"
+	$(BIN)/pipeserve serve -pp 2
 
 test: install
 	$(BIN)/python -m pytest -q tests

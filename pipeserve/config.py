@@ -146,7 +146,10 @@ class ParallelConfig:
     threads_per_worker: int | None = None
     device: str = "cpu"
     master_addr: str = "127.0.0.1"
-    master_port: int | None = None  # None: pick a free port
+    master_port: int | None = None  # None: pick a free port (single machine only)
+    nnodes: int = 1  # machines; this process is node 0, the others run `pipeserve worker`
+    cluster_key: str | None = None  # shared secret authenticating ranks of a multi-machine cluster
+    join_timeout_s: float = 120.0  # how long the engine waits for every rank to connect
     distributed_timeout_s: float = 300.0  # how long a stage waits on a peer before declaring it dead
 
     @property

@@ -80,7 +80,7 @@ def test_stage_error_names_the_stage_and_does_not_hang(tiny_model):
     with pytest.raises(StageFailure):
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY)
     llm.shutdown()
-    assert all(p.poll() is not None for p in executor.procs)
+    assert all(p.poll() is not None for p in executor.procs.values())
 
 
 def test_killed_stage_is_reported_and_shutdown_leaves_no_process(tiny_model):
@@ -90,7 +90,7 @@ def test_killed_stage_is_reported_and_shutdown_leaves_no_process(tiny_model):
     with pytest.raises(StageFailure, match="pipeline stage 1"):
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY)
     llm.shutdown()
-    assert all(p.poll() is not None for p in executor.procs)
+    assert all(p.poll() is not None for p in executor.procs.values())
 
 
 def test_bad_partition_is_a_clear_error(tiny_model):

@@ -33,7 +33,12 @@ class EngineArgs:
     num_virtual_engines: int | None = None
     threads_per_worker: int | None = None
     device: str | None = None
+    master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    cluster_key: str | None = None
+    join_timeout_s: float = 120.0
     trace_file: str | None = None
 
     @classmethod
@@ -81,8 +86,28 @@ class EngineArgs:
             threads = max(1, (os.cpu_count() or 1) // (pp * tp))
         if threads < 1:
             raise ValueError(f"threads_per_worker must be >= 1, got {threads}")
+        self._check_nodes(pp * tp, tp)
         return ParallelConfig(pipeline_parallel_size=pp, tensor_parallel_size=tp, stage_layers=tuple(sizes),
-                              threads_per_worker=threads, device=device, master_port=self.master_port)
+                              threads_per_worker=threads, device=device, master_addr=self.master_addr,
+                              master_port=self.master_port, nnodes=self.nnodes, cluster_key=self.cluster_key,
+                              join_timeout_s=self.join_timeout_s)
+
+    def _check_nodes(self, world: int, tp: int) -> None:
+        """Multi-machine layouts: the engine is node 0, ranks split evenly, and TP stays inside a node."""
+        if self.nnodes < 1:
+            raise ValueError(f"nnodes must be >= 1, got {self.nnodes}")
+        if self.nnodes == 1:
+            return
+        if self.node_rank != 0:
+            raise ValueError(f"node_rank {self.node_rank}: only node 0 runs the engine; start `pipeserve worker "
+                             f"--node-rank {self.node_rank}` on the other machines")
+        if world % self.nnodes:
+            raise ValueError(f"{world} ranks (PP x TP) do not split evenly over {self.nnodes} nodes")
+        if (world // self.nnodes) % tp:
+            raise ValueError(f"tensor_parallel_size={tp} does not fit in {world // self.nnodes} ranks per node: "
+                             f"TP runs inside a node, PP across nodes")
+        if self.master_port is None or not self.cluster_key:
+            raise ValueError("a multi-node run needs --master-port and --cluster-key (the same on every node)")
 
     def _scheduler_config(self, max_len: int) -> SchedulerConfig:
         if self.max_num_seqs < 1:

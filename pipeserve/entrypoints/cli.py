@@ -40,9 +40,24 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         "computed tokens that are sampled; 1 = pure decode), 'even', or layers per stage like 19,11")
     p.add_argument("--num-virtual-engines", type=int, default=d.num_virtual_engines,
                    help="independent schedulers kept in flight (default: the pipeline size)")
-    p.add_argument("--master-port", type=int, default=d.master_port, help="rendezvous port (default: a free one)")
+    add_cluster_flags(p)
     p.add_argument("--trace-file", default=d.trace_file,
                    help="write every stage's step timeline as Chrome-trace JSON, plus a PNG Gantt chart beside it")
+
+
+def add_cluster_flags(p: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """Rendezvous flags, the same on the head (`--node-rank 0`) and on `pipeserve worker` machines."""
+    d = EngineArgs()
+    p.add_argument("--nnodes", type=int, default=d.nnodes, help="machines in the cluster (default 1)")
+    p.add_argument("--node-rank", type=int, default=d.node_rank, help="this machine's index; the engine is node 0")
+    p.add_argument("--master-addr", default=d.master_addr, help="address of node 0, reachable from every node")
+    p.add_argument("--master-port", type=int, default=d.master_port,
+                   help="rendezvous port on node 0 (the engine also listens on port+1); default: a free one")
+    p.add_argument("--join-timeout-s", type=float, default=d.join_timeout_s,
+                   help="seconds the engine waits for every rank (and worker machine) to connect")
+    p.add_argument("--cluster-key", default=d.cluster_key,
+                   help="shared secret authenticating ranks across machines (they exchange pickled messages: "
+                        "run only inside one trusted cluster)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    worker = sub.add_parser("worker", help="host this machine's ranks of a multi-node engine (headless)")
+    add_cluster_flags(worker)
+    worker.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the head")
+    worker.set_defaults(func=_worker)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     tp = bench_sub.add_parser("throughput", help="offline throughput on random-token prompts")
@@ -117,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_serve_parser(bench_sub)
     return parser
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from pipeserve.distributed.launcher import run_node_agent
+
+    if args.node_rank < 1 or args.nnodes < 2 or args.master_port is None or not args.cluster_key:
+        raise ValueError("pipeserve worker needs --nnodes >= 2, --node-rank >= 1, --master-addr, --master-port "
+                         "and --cluster-key")
+    try:
+        code = run_node_agent(args.master_addr, args.master_port, args.node_rank, args.cluster_key,
+                              args.connect_timeout)
+    except ConnectionError as exc:
+        raise ValueError(str(exc)) from None
+    sys.exit(code)
 
 
 def _bench_throughput(args: argparse.Namespace) -> None:

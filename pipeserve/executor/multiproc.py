@@ -15,13 +15,13 @@ import queue
 import secrets
 import socket
 import subprocess
-import sys
 import threading
 import time
 from multiprocessing.connection import Connection, Listener, wait
 from typing import Any
 
 from pipeserve.config import EngineConfig
+from pipeserve.distributed.launcher import control_address, ranks_of_node, spawn_rank
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor
 from pipeserve.types import SchedulerOutput, StepOutput
@@ -50,7 +50,7 @@ class MultiprocExecutor(Executor):
         world = len(stages) * tp
         self.specs = [WorkerSpec(config, stages[r // tp], r, world, init_method) for r in range(world)]
         self.tp_size = tp
-        self.procs: list[subprocess.Popen] = []
+        self.procs: dict[int, subprocess.Popen] = {}  # the ranks this machine started
         self.conns: list[Connection] = []
         self._pending: dict[tuple[int, int], tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._lock = threading.Lock()
@@ -76,17 +76,13 @@ class MultiprocExecutor(Executor):
     # ---- start-up ------------------------------------------------------------------------------------
 
     def _launch(self, timeout_s: float) -> None:
-        authkey = secrets.token_bytes(32)
-        listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        host, port = listener.address
-        for spec in self.specs:
-            proc = subprocess.Popen([sys.executable, "-m", "pipeserve.worker.main", "--engine", f"{host}:{port}",
-                                     "--rank", str(spec.rank)], stdin=subprocess.PIPE)
-            proc.stdin.write(authkey.hex().encode() + b"\n")
-            proc.stdin.close()
-            self.procs.append(proc)
+        par = self.specs[0].config.parallel
+        authkey = par.cluster_key.encode() if par.cluster_key else secrets.token_bytes(32)
+        listener = Listener(control_address(par.master_addr, par.master_port, par.nnodes), authkey=authkey)
+        for rank in ranks_of_node(0, len(self.specs), par.nnodes):
+            self.procs[rank] = spawn_rank(listener.address, rank, authkey, par.master_addr)
         try:
-            by_rank = self._accept_all(listener, timeout_s)
+            by_rank = self._accept_all(listener, par.join_timeout_s)
         finally:
             listener.close()
         self.conns = [by_rank[r] for r in range(len(self.specs))]
@@ -94,25 +90,36 @@ class MultiprocExecutor(Executor):
             conn.send(("spec", spec))
 
     def _accept_all(self, listener: Listener, timeout_s: float) -> dict[int, Connection]:
+        """Accept every rank's connection; node agents of other machines are told which ranks they host."""
         by_rank: dict[int, Connection] = {}
+        nnodes = self.specs[0].config.parallel.nnodes
 
         def accept() -> None:
             while len(by_rank) < len(self.specs):
-                conn = listener.accept()
-                kind, rank = conn.recv()
-                by_rank[rank] = conn
+                try:
+                    conn = listener.accept()
+                except (OSError, EOFError):
+                    continue  # a stranger without the key, or a dropped attempt: keep listening
+                kind, value = conn.recv()
+                if kind == "node":
+                    conn.send(("ranks", ranks_of_node(value, len(self.specs), nnodes)))
+                    conn.close()
+                else:
+                    by_rank[value] = conn
 
         thread = threading.Thread(target=accept, daemon=True)
         thread.start()
         deadline = time.monotonic() + timeout_s
         while thread.is_alive() and time.monotonic() < deadline:
             thread.join(timeout=0.2)
-            for rank, proc in enumerate(self.procs):
+            for rank, proc in self.procs.items():
                 if proc.poll() is not None and rank not in by_rank:
                     raise StageFailure(f"{self.who(rank)} exited with code {proc.returncode} before connecting")
         if thread.is_alive():
             missing = sorted(set(range(len(self.specs))) - set(by_rank))
-            raise StageFailure(f"ranks {missing} did not connect within {timeout_s:.0f} s")
+            nodes = sorted({r // (len(self.specs) // nnodes) for r in missing})
+            raise StageFailure(f"ranks {missing} (node {', '.join(map(str, nodes))}) did not join within "
+                               f"{timeout_s:.0f} s" + (": start `pipeserve worker` there" if nodes != [0] else ""))
         return by_rank
 
     def _wait_ready(self, timeout_s: float) -> list[int]:
@@ -136,7 +143,9 @@ class MultiprocExecutor(Executor):
             return conn.recv()
         except (EOFError, OSError):
             rank = self.conns.index(conn)
-            proc = self.procs[rank]
+            proc = self.procs.get(rank)
+            if proc is None:
+                raise StageFailure(f"{self.who(rank)} on another machine closed its connection") from None
             try:
                 proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
@@ -195,7 +204,7 @@ class MultiprocExecutor(Executor):
     def check_health(self) -> None:
         if self.failure is not None:
             raise self.failure
-        for rank, proc in enumerate(self.procs):
+        for rank, proc in self.procs.items():
             if proc.poll() is not None:
                 raise StageFailure(f"{self.who(rank)} is not running (exit code {proc.returncode})")
 
@@ -218,7 +227,7 @@ class MultiprocExecutor(Executor):
             except (OSError, ValueError):
                 pass
         deadline = time.monotonic() + 10
-        for proc in self.procs:
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -228,10 +237,10 @@ class MultiprocExecutor(Executor):
             conn.close()
 
     def _terminate(self) -> None:
-        for proc in self.procs:
+        for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self.procs:
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

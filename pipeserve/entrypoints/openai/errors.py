@@ -65,7 +65,7 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
             parts.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})")
             continue
         if err.get("type") == "missing":
-            msg = "field required"
+            msg = "field required" if where else "the request body is missing: send a JSON object"
         parts.append(f"{where}: {msg}" if where else msg)
         param = param or (loc[0] if loc else None)
     if len(errors) > 3:

@@ -1,0 +1,131 @@
+"""The server's pieces without subprocesses: the app in-process on PP=1 (forward passes in a thread), the
+middleware on a toy app, request-shape validation, and the serving benchmark's statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from server_utils import metric_sum
+
+from pipeserve.bench.serve import BenchConfig, RequestResult, _stats_ms, summarize
+from pipeserve.engine.arg_utils import EngineArgs
+from pipeserve.entrypoints.openai.api_server import ServeSettings, build_app
+from pipeserve.entrypoints.openai.errors import describe_validation_errors
+from pipeserve.entrypoints.openai.launcher import build_engine
+from pipeserve.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from pipeserve.entrypoints.openai.protocol import normalize_prompt
+from pipeserve.entrypoints.openai.startup import base_url, curl_example
+
+PROMPT = [(5 + 11 * i) % 300 + 3 for i in range(9)]
+
+
+@pytest.fixture(scope="module")
+def app_client(tiny_model):
+    engine = build_engine(EngineArgs(tiny_model, dtype="float32", max_model_len=128, num_kv_blocks=32,
+                                     threads_per_worker=1))
+    app = build_app(engine, ServeSettings(served_model_names=["tiny"]))
+    with TestClient(app) as client:  # runs the lifespan: engine loops up, shutdown at exit
+        yield client
+    assert engine._shut_down
+
+
+def _metrics(client) -> dict:
+    text = client.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_pp1_completion_stream_and_metrics(app_client):
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    whole = app_client.post("/v1/completions", json=body).json()
+    assert whole["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+    events = []
+    with app_client.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                             "stream_options": {"include_usage": True}}) as r:
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole["choices"][0]["text"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    m = _metrics(app_client)
+    assert metric_sum(m, "pipeserve_stage_busy_seconds_total", stage="0") > 0  # PP=1 knows its busy time
+    assert metric_sum(m, "pipeserve_kv_blocks_used") == 0
+
+
+def test_pp1_without_tokenizer_text_and_chat_are_400(app_client):
+    text = app_client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
+    assert text.status_code == 400 and "token ids" in text.json()["error"]["message"]
+    chat = app_client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 400 and "chat template" in chat.json()["error"]["message"]
+    assert app_client.get("/health").status_code == 200
+
+
+def _toy_app(**middleware) -> TestClient:
+    app = FastAPI()
+
+    @app.post("/v1/echo")
+    async def echo(payload: dict) -> dict:
+        return {"n": len(json.dumps(payload))}
+
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=100)
+    if middleware.get("api_key"):
+        app.add_middleware(APIKeyMiddleware, api_key=middleware["api_key"])
+    return TestClient(app)
+
+
+def test_body_limit_counts_chunked_uploads():
+    client = _toy_app()
+    assert client.post("/v1/echo", json={"a": "x" * 10}).status_code == 200
+    chunked = client.post("/v1/echo", content=(b'{"a": "' + b"x" * 60 + b'"}' for _ in range(3)))
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+    assert client.post("/v1/echo", content=b"{" + b" " * 200 + b"}").status_code == 413
+
+
+def test_api_key_only_guards_v1():
+    client = _toy_app(api_key="k")
+    assert client.post("/v1/echo", json={}).status_code == 401
+    assert client.post("/v1/echo", json={}, headers={"Authorization": "Bearer k"}).status_code == 200
+    assert client.get("/health").status_code == 404  # not guarded (and not defined on the toy app)
+
+
+@pytest.mark.parametrize("prompt, ok", [
+    ("text", True), (["a", "b"], True), ([1, 2, 3], True), ([[1, 2], [3]], True),
+    ([], False), ([1, "a"], False), ([True, 2], False), ([[1.0]], False), (3, False), ({"a": 1}, False),
+])
+def test_prompt_shapes(prompt, ok):
+    if ok:
+        assert normalize_prompt(prompt) == prompt
+    else:
+        with pytest.raises(ValueError, match="prompt must be"):
+            normalize_prompt(prompt)
+
+
+def test_validation_messages_name_the_field():
+    msg, param = describe_validation_errors([{"loc": ("body", "max_tokens"), "msg": "Input should be a valid "
+                                              "integer", "type": "int_type"}])
+    assert msg == "max_tokens: Input should be a valid integer" and param == "max_tokens"
+    msg, _ = describe_validation_errors([{"loc": ("body", "prompt"), "msg": "x", "type": "missing"}])
+    assert msg == "prompt: field required"
+
+
+def test_bench_statistics_follow_vllm_definitions():
+    assert _stats_ms([0.001 * i for i in range(1, 101)])["p99"] == pytest.approx(99.01)
+    cfg = BenchConfig(base_url="u", model="m", input_len=4, output_len=3, num_prompts=2)
+    results = [RequestResult(ok=True, ttft=0.1, e2e=0.5, itl=[0.2, 0.2], prompt_tokens=4, output_tokens=3),
+               RequestResult(error="HTTP 400: bad")]
+    s = summarize(cfg, "m", results, duration=2.0)
+    assert s["completed"] == 1 and s["failed"] == 1 and s["errors"] == ["HTTP 400: bad"]
+    assert s["tpot_ms"]["mean"] == pytest.approx(200.0)  # (e2e - ttft) / (tokens - 1)
+    assert s["itl_ms"]["median"] == pytest.approx(200.0)
+    assert s["output_throughput"] == pytest.approx(1.5)
+
+
+def test_curl_line():
+    url = base_url("0.0.0.0", 8000)
+    assert url == "http://127.0.0.1:8000"
+    line = curl_example(url, "tiny", with_api_key=True)
+    assert line.startswith("curl http://127.0.0.1:8000/v1/completions") and "$PIPESERVE_API_KEY" in line
