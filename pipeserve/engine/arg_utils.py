@@ -132,13 +132,12 @@ class EngineArgs:
 
 
 def _check_tp(model: ModelConfig, tp: int) -> None:
-    """Heads, hidden size and intermediate size must split evenly; KV heads split or replicate."""
+    """Hidden and intermediate sizes must split evenly; heads are dealt out by KV group (see head_ranges)."""
     if tp < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
-    nkv = model.num_key_value_heads
-    for name, n in (("num_attention_heads", model.num_attention_heads), ("hidden_size", model.hidden_size),
-                    ("intermediate_size", model.intermediate_size)):
+    for name, n in (("hidden_size", model.hidden_size), ("intermediate_size", model.intermediate_size)):
         if n % tp:
             raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {name}={n}")
-    if nkv % tp and tp % nkv:
-        raise ValueError(f"tensor_parallel_size={tp} must divide or be a multiple of num_key_value_heads={nkv}")
+    nkv, group = model.num_key_value_heads, model.num_attention_heads // model.num_key_value_heads
+    if tp > nkv and (tp % nkv or group % (tp // nkv)):
+        raise ValueError(f"tensor_parallel_size={tp} cannot share {nkv} KV heads of {group} query heads each")

@@ -76,10 +76,12 @@ class ColumnParallelLinear(Linear):
 class RowParallelLinear(nn.Module):
     """Input features split across TP ranks; partial products are summed with an all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPGroup = NO_TP):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPGroup = NO_TP,
+                 in_range: tuple[int, int] | None = None):
         super().__init__()
         self.tp = tp
-        self.in_start, in_local = tp.shard(in_features)
+        # (start, size) of the input features this rank owns: an equal share unless given (uneven head splits).
+        self.in_start, in_local = in_range or tp.shard(in_features)
         self.weight = _empty_param(out_features, in_local, dtype=dtype)
         self.weight.weight_loader = self._load_weight
         self.bias = _empty_param(out_features, dtype=dtype) if bias else None

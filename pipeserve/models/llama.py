@@ -31,15 +31,29 @@ class PlaceholderLayer(nn.Module):
         raise RuntimeError("a placeholder layer belongs to another pipeline stage and cannot run here")
 
 
-def kv_head_range(cfg: ModelConfig, tp: TPGroup) -> tuple[int, int]:
-    """(first KV head, count) this TP rank holds: a share of them, or one replica when T > their number."""
-    nkv = cfg.num_key_value_heads
+def head_ranges(cfg: ModelConfig, tp: TPGroup) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((first query head, count), (first KV head, count)) held by this TP rank.
+
+    Heads are dealt out by KV group (a KV head and the query heads that read it), as evenly as the group
+    count allows: SmolLM2's 3 groups over 2 ranks give 2 and 1. With more ranks than KV heads, each KV head
+    is replicated on T / n_kv ranks, which split its query heads.
+    """
+    nkv, nh = cfg.num_key_value_heads, cfg.num_attention_heads
+    group = nh // nkv
     if tp.size <= nkv:
-        start, count = tp.shard(nkv)
-        return start, count
-    if tp.size % nkv:
-        raise ValueError(f"tensor_parallel_size={tp.size} must divide or be a multiple of the {nkv} KV heads")
-    return tp.rank // (tp.size // nkv), 1
+        base, extra = divmod(nkv, tp.size)
+        kv_start, kv_count = tp.rank * base + min(tp.rank, extra), base + (tp.rank < extra)
+        return (kv_start * group, kv_count * group), (kv_start, kv_count)
+    share = tp.size // nkv
+    if tp.size % nkv or group % share:
+        raise ValueError(f"tensor_parallel_size={tp.size} cannot share {nkv} KV heads of {group} query heads each")
+    kv, per_rank = tp.rank // share, group // share
+    return (kv * group + (tp.rank % share) * per_rank, per_rank), (kv, 1)
+
+
+def kv_head_range(cfg: ModelConfig, tp: TPGroup) -> tuple[int, int]:
+    """(first KV head, count) this TP rank holds."""
+    return head_ranges(cfg, tp)[1]
 
 
 class LlamaAttention(nn.Module):
@@ -48,13 +62,12 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, tp: TPGroup):
         super().__init__()
         hd = cfg.head_dim
-        q_start, nh = tp.shard(cfg.num_attention_heads)
-        kv_start, nkv = kv_head_range(cfg, tp)
+        (q_start, nh), (kv_start, nkv) = head_ranges(cfg, tp)
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
         qkv_rows = [(q_start * hd, nh * hd), (kv_start * hd, nkv * hd), (kv_start * hd, nkv * hd)]
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, qkv_rows, cfg.attention_bias, cfg.dtype)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, cfg.attention_bias,
-                                        cfg.dtype, tp)
+                                        cfg.dtype, tp, in_range=(q_start * hd, nh * hd))
         self.rope = rope
         self.attn = PagedAttention(nh, nkv, hd)
 
