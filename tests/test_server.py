@@ -38,10 +38,10 @@ def model_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    srv = start_server(model_path, log, ["-pp", "2", "--threads-per-worker", "1", "--dtype", "float32",
-                                         "--max-model-len", str(MAX_LEN), "--num-kv-blocks", "128",
-                                         "--served-model-name", MODEL, "--max-request-bytes", str(MAX_BODY),
-                                         "--disable-access-log"], api_key=API_KEY)
+    args = ["-pp", "2", "--pp-layer-partition", "2,2", "--threads-per-worker", "1", "--dtype", "float32",
+            "--max-model-len", str(MAX_LEN), "--num-kv-blocks", "128", "--served-model-name", MODEL,
+            "--max-request-bytes", str(MAX_BODY), "--disable-access-log"]
+    srv = start_server(model_path, log, args, api_key=API_KEY)
     yield srv
     srv.stop()
 

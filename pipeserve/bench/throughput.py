@@ -30,11 +30,14 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         prompts = random_prompts(num_prompts, input_len, llm.config.model.vocab_size)
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+        sent_before = [s["bytes_sent"] for s in llm.engine.executor.collect_stats()]
         wall_start, start = time.time(), time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         elapsed = time.perf_counter() - start
         config = llm.config
-        records = llm.engine.step_records()
+        stats = llm.engine.executor.collect_stats()
+        records = [r for s in stats if s.get("tp_rank", 0) == 0 for r in s["records"]]
+    sent = [s["bytes_sent"] - b for s, b in zip(stats, sent_before, strict=True)]  # per rank, timed run only
     busy = busy_fractions(records, config.parallel.pipeline_parallel_size, wall_start, wall_start + elapsed)
     total_out = sum(len(o.outputs[0].token_ids) for o in outs)
     total_in = num_prompts * input_len
@@ -49,6 +52,9 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         "stage_busy_fraction": busy,
         "pipeline_bubble_fraction": bubble_fraction(busy),
         "num_steps": len({(r.virtual_engine, r.step_id) for r in records if r.start >= wall_start}),
+        "rank_bytes_sent": sent,  # activations each rank sent to the next stage
+        "stage_handoff_bytes_per_step": sum(sent) / max(1, len({(r.virtual_engine, r.step_id) for r in records
+                                                                if r.start >= wall_start})),
         "engine_config": _config_dict(config),
     }
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['output_tokens_per_s']:.1f} output "

@@ -49,9 +49,10 @@ class TPGroup:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Gloo has no bfloat16: 16-bit floats travel as int16 where only bytes move (gather, send)."""
-    if t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16):
-        return t.view(torch.int16)
+    """Gloo has no bfloat16 (nor int16 in collectives): bfloat16 travels as float16 bits where only bytes
+    move (all-gather), never added."""
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
+        return t.view(torch.float16)
     return t
 
 

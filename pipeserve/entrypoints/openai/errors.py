@@ -64,6 +64,8 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
         if err.get("type") == "json_invalid":
             parts.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})")
             continue
+        if not where and err.get("type") in ("model_attributes_type", "dict_type"):
+            msg = "the request body must be a JSON object (Content-Type: application/json)"
         if err.get("type") == "missing":
             msg = "field required" if where else "the request body is missing: send a JSON object"
         parts.append(f"{where}: {msg}" if where else msg)

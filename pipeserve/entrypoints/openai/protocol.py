@@ -164,7 +164,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, **INT64)
     max_completion_tokens: int | None = Field(None, **INT64)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, **INT64)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
 
     def check_supported(self) -> None:
