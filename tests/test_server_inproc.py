@@ -4,6 +4,10 @@ middleware on a toy app, request-shape validation, and the serving benchmark's s
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 from fastapi import FastAPI
@@ -129,3 +133,23 @@ def test_curl_line():
     assert url == "http://127.0.0.1:8000"
     line = curl_example(url, "tiny", with_api_key=True)
     assert line.startswith("curl http://127.0.0.1:8000/v1/completions") and "$PIPESERVE_API_KEY" in line
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeserve.entrypoints.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_serve_bad_flags_exit_cleanly(tiny_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [(["--port", port], "cannot listen"), (["--max-model-len", "1", "--port", "0"], "max_model_len"),
+                 (["--model", "/elsewhere", "--port", "0"], "two models")]
+        for flags, match in cases:
+            r = _cli("serve", tiny_model, "--dtype", "float32", "--threads-per-worker", "1", *flags)
+            assert r.returncode != 0 and match in r.stderr, r.stderr[-2000:]
+            assert "Traceback" not in r.stderr
+    r = _cli("bench", "serve", "--num-prompts", "0")
+    assert r.returncode != 0 and "num_prompts" in r.stderr and "Traceback" not in r.stderr

@@ -184,9 +184,13 @@ class ChatCompletionRequest(SamplingFields):
 
 
 # ---- responses ---------------------------------------------------------------------------------------
+# Streamed chunks are plain dicts built in serving_completion.py / serving_chat.py with these same fields:
+# OpenAI's chunks carry an explicit `"usage": null` when usage is asked for, which a model would drop or force.
 
 
 class UsageInfo(BaseModel):
+    """Exact token counts of a request: prompt, generated, and their sum."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -202,6 +206,8 @@ class CompletionLogprobs(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    """One prompt's completion."""
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -210,6 +216,8 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionResponse(BaseModel):
+    """The body of a non-streamed /v1/completions answer."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -219,25 +227,35 @@ class CompletionResponse(BaseModel):
 
 
 class TopLogprob(BaseModel):
+    """A candidate token and its log-probability."""
+
     token: str
     logprob: float
     bytes: list[int] | None = None
 
 
 class ChatTokenLogprob(TopLogprob):
+    """A generated token, its log-probability, and the most likely alternatives."""
+
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChatLogprobs(BaseModel):
+    """Per-token logprobs of a chat reply."""
+
     content: list[ChatTokenLogprob] | None = None
 
 
 class ChatResponseMessage(BaseModel):
+    """The assistant's reply."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
 
 
 class ChatChoice(BaseModel):
+    """The one reply of a chat completion."""
+
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
@@ -246,6 +264,8 @@ class ChatChoice(BaseModel):
 
 
 class ChatCompletionResponse(BaseModel):
+    """The body of a non-streamed /v1/chat/completions answer."""
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -254,28 +274,9 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: UsageInfo | None = None
-
-
 class ModelCard(BaseModel):
+    """A served model, as /v1/models lists it."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -285,5 +286,7 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """The body of /v1/models."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
