@@ -27,6 +27,7 @@ run: install
 	$(BIN)/pipeserve serve -pp 2
 
 test: install
+	$(BIN)/ruff check pipeserve tests benchmarks
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install

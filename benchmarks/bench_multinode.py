@@ -11,11 +11,10 @@ exists for: TP all-reduces twice per layer over the slow link, PP sends one acti
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
-import tempfile
+
+from common import CLI, add_workload_flags, run_to_json, write_report
 
 from pipeserve.testing_netns import NetnsCluster, netns_available
 
@@ -24,40 +23,28 @@ PORT = 29711
 
 
 def run(cluster: NetnsCluster, layout: str, args: argparse.Namespace) -> dict:
-    fd, out = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
     cluster_flags = ["--nnodes", "2", "--master-addr", cluster.addr(0), "--master-port", str(PORT),
                      "--cluster-key", "bench"]
-    head = cluster.command(0, [sys.executable, "-m", "pipeserve.entrypoints.cli", "bench", "throughput",
-                               *LAYOUTS[layout], *cluster_flags, "--threads-per-worker", "1",
-                               "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                               "--num-prompts", str(args.num_prompts), "--max-num-seqs", str(args.num_prompts),
-                               "--max-model-len", str(args.input_len + args.output_len), "--dtype", args.dtype,
-                               "--output-json", out], cpus="0")
-    worker = cluster.command(1, [sys.executable, "-m", "pipeserve.entrypoints.cli", "worker", "--node-rank", "1",
-                                 *cluster_flags], cpus="1")
+    head = ["bench", "throughput", *LAYOUTS[layout], *cluster_flags, "--threads-per-worker", "1",
+            "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+            "--num-prompts", str(args.num_prompts), "--max-num-seqs", str(args.num_prompts),
+            "--max-model-len", str(args.input_len + args.output_len), "--dtype", args.dtype]
+    worker = cluster.command(1, [*CLI, "worker", "--node-rank", "1", *cluster_flags], cpus="1")
     print("running", layout, "rate", cluster.rate or "unlimited", file=sys.stderr, flush=True)
     w = subprocess.Popen(worker, stdout=sys.stderr)
     try:
-        subprocess.run(head, check=True, stdout=sys.stderr)
+        result = run_to_json(head, wrap=lambda cmd: cluster.command(0, cmd, cpus="0"))
         w.wait(timeout=120)
     finally:
         w.kill()
-    with open(out) as f:
-        result = json.load(f)
-    os.unlink(out)
     return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, default=16)
+    add_workload_flags(p, num_prompts=16)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--rates", default="unlimited,1gbit")
-    p.add_argument("--markdown", default=None)
-    p.add_argument("--output-json", default=None)
     args = p.parse_args()
     problem = netns_available()
     if problem:
@@ -75,14 +62,7 @@ def main() -> None:
         lines.append(f"| {rate} | {tp:.1f} | {pp:.1f} | {pp / tp:.2f}x | "
                      f"{r['pp2']['stage_handoff_bytes_per_step'] / 1e3:.0f} kB |")
     lines += ["", f"command: `python benchmarks/bench_multinode.py {' '.join(sys.argv[1:])}`"]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_report("\n".join(lines), args.markdown, args.output_json, results)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ configurations alternate for --repeats rounds and the table reports medians and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
+
+from common import add_workload_flags, run_to_json, write_report
 
 CONFIGS = {  # name -> extra `pipeserve bench throughput` flags
     "pp1": ["-pp", "1", "--threads-per-worker", "1"],
@@ -41,34 +40,21 @@ COMPARISONS = [  # (label, numerator, denominator)
 
 
 def run_config(name: str, args: argparse.Namespace, trace: str | None) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    cmd = [sys.executable, "-m", "pipeserve.entrypoints.cli", "bench", "throughput", *CONFIGS[name],
-           "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-           "--num-prompts", str(args.num_prompts), "--max-model-len", str(args.max_model_len),
-           "--max-num-seqs", str(args.num_prompts), "--dtype", args.dtype, "--output-json", out]
-    if trace:
-        cmd += ["--trace-file", trace]
+    argv = ["bench", "throughput", *CONFIGS[name], "--input-len", str(args.input_len),
+            "--output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.num_prompts), "--dtype", args.dtype]
     print("running", name, flush=True, file=sys.stderr)
-    subprocess.run(cmd, check=True, stdout=sys.stderr)
-    with open(out) as f:
-        result = json.load(f)
-    os.unlink(out)
-    return result
+    return run_to_json(argv + (["--trace-file", trace] if trace else []))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-prompts", type=int, default=32)
+    add_workload_flags(p, num_prompts=32)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--configs", default=",".join(CONFIGS), help="subset of: " + ", ".join(CONFIGS))
     p.add_argument("--trace", default=None, help="also write the last PP=2 run's trace (JSON + PNG) here")
-    p.add_argument("--markdown", default=None)
-    p.add_argument("--output-json", default=None)
     args = p.parse_args()
     names = args.configs.split(",")
     runs: dict[str, list[dict]] = {n: [] for n in names}
@@ -95,15 +81,7 @@ def main() -> None:
             lines.append(f"| {label} | {median[a] / median[b]:.2f}x |")
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
               f"command: `python benchmarks/bench_pipeline.py {' '.join(sys.argv[1:])}`"]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        os.makedirs(os.path.dirname(args.markdown) or ".", exist_ok=True)
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(runs, f, indent=2)
+    write_report("\n".join(lines), args.markdown, args.output_json, runs)
 
 
 if __name__ == "__main__":

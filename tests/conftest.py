@@ -23,12 +23,14 @@ TINY_FAMILIES = {
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")
-    return {name: make_tiny_llama(str(root / name), seed=i, **cfg) for i, (name, cfg) in enumerate(TINY_FAMILIES.items())}
+    return {name: make_tiny_llama(str(root / name), seed=i, **cfg)
+            for i, (name, cfg) in enumerate(TINY_FAMILIES.items())}
 
 
 @pytest.fixture(scope="session")
 def hf_models(tiny_models) -> dict[str, LlamaForCausalLM]:
-    return {name: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in tiny_models.items()}
+    return {name: LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            for name, path in tiny_models.items()}
 
 
 @pytest.fixture(scope="session")

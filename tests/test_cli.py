@@ -8,21 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import make_tiny_llama
-
-
-def tiny_with_tokenizer(tmp_path_factory) -> str:
-    """A tiny random Llama with SmolLM2's tokenizer (vocab 49152, chat template), built once per session."""
-    folder = tmp_path_factory.getbasetemp() / "tiny_with_tokenizer"
-    if not (folder / "READY").exists():  # another test file of this session may have built it already
-        from pipeserve.loader.default_model import default_model_path
-        from pipeserve.loader.gguf_loader import load_gguf_tokenizer
-
-        tok = load_gguf_tokenizer(default_model_path())
-        make_tiny_llama(str(folder), vocab_size=49152, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        tok.save_pretrained(str(folder))
-        (folder / "READY").write_text("ok")
-    return str(folder)
+from helpers import tiny_with_tokenizer
 
 
 def pipeserve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

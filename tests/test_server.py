@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from helpers import tiny_with_tokenizer
 from server_utils import alive, child_pids, metric_sum, read_metrics, start_server
-from test_llm_api import tiny_with_tokenizer
 
 from pipeserve import LLM, SamplingParams
 
@@ -277,6 +277,8 @@ def test_metrics_series(server, client):
     for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
         assert metric_sum(m, f"pipeserve_{name}_count") > 0, name
     assert metric_sum(m, "pipeserve_pipeline_busy_seconds_total") > 0
+    for stage in ("0", "1"):  # each stage process reports its compute time (at its first step, then each second)
+        assert metric_sum(m, "pipeserve_stage_busy_seconds_total", stage=stage) > 0, stage
     assert metric_sum(m, "pipeserve_request_success_total", finished_reason="length") > 0
 
 

@@ -70,7 +70,8 @@ class EngineArgs:
         blocks = self._num_blocks(model, cache, max(parallel.stage_layers)) // num_ve
         if blocks * self.block_size < max_len:
             raise ValueError(f"the KV cache holds {blocks * self.block_size} tokens per virtual engine, fewer than "
-                             f"max_model_len={max_len}: raise num_kv_blocks / kv_cache_memory_gb or lower max_model_len")
+                             f"max_model_len={max_len}: raise num_kv_blocks / kv_cache_memory_gb or lower "
+                             f"max_model_len")
         return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks, self.trace_file)
 
     def _parallel_config(self, model: ModelConfig) -> ParallelConfig:

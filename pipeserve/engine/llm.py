@@ -14,6 +14,7 @@ from pipeserve.outputs import RequestOutput
 from pipeserve.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
+_Prepared = tuple[list[int], str | None, SamplingParams]  # token ids, prompt text, sampling
 
 
 class LLM:
@@ -42,7 +43,7 @@ class LLM:
         return self.tokenizer.encode(prompt), prompt
 
     def _prepare(self, prompts: PromptType | Sequence[PromptType],
-                 params: SamplingParams | Sequence[SamplingParams] | None) -> list[tuple[list[int], str | None, SamplingParams]]:
+                 params: SamplingParams | Sequence[SamplingParams] | None) -> list[_Prepared]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = params if params is not None else SamplingParams()

@@ -1,10 +1,11 @@
-"""One process per pipeline stage, on this machine.
+"""One process per (pipeline stage, TP rank), on this machine and, with `pipeserve worker`, on others.
 
-Stage processes are started as `python -m pipeserve.worker.main` and connect back to the engine over an
-authenticated multiprocessing connection (pickle: trusted processes only). The engine sends every step plan to every stage over a pipe, in issue order; activations flow stage to
-stage through torch.distributed; the last stage's StepOutput comes back over its pipe. A reader thread
-resolves the engine's futures and watches every process: an error message or a dead process fails all
-waiting steps with an error that names the stage, and the remaining stages are torn down.
+Rank processes are started as `python -m pipeserve.worker.main` and connect back to the engine over an
+authenticated multiprocessing connection (pickle: trusted processes only). The engine sends every step
+plan to every rank, in issue order; activations flow stage to stage through torch.distributed; the last
+stage's StepOutput comes back over its connection. A reader thread resolves the engine's futures and
+watches every connection: an error message or a dead process fails all waiting steps with an error that
+names the stage, and the remaining processes are torn down.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class MultiprocExecutor(Executor):
         self._pending: dict[tuple[int, int], tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._lock = threading.Lock()
         self._stats: queue.Queue = queue.Queue()
+        self._busy: dict[int, float] = {}  # rank -> compute seconds, as last reported (about once a second)
         self.failure: StageFailure | None = None
         self._closed = False
         try:
@@ -189,6 +191,8 @@ class MultiprocExecutor(Executor):
             loop.call_soon_threadsafe(_set_result, future, step)
         elif kind == "stats":
             self._stats.put(msg[1])
+        elif kind == "busy":
+            self._busy[msg[1]] = msg[2]
         elif kind == "error":
             raise StageFailure(f"{self.who(msg[1])} failed: {msg[2]}")
 
@@ -207,6 +211,10 @@ class MultiprocExecutor(Executor):
         for rank, proc in self.procs.items():
             if proc.poll() is not None:
                 raise StageFailure(f"{self.who(rank)} is not running (exit code {proc.returncode})")
+
+    def busy_seconds(self) -> list[float]:
+        """Compute seconds per pipeline stage (its TP rank 0), as last reported by the stage processes."""
+        return [self._busy.get(stage * self.tp_size, 0.0) for stage in range(len(self.specs) // self.tp_size)]
 
     def collect_stats(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Per-stage step records, bytes sent and parameter counts; call while no step is in flight."""

@@ -114,7 +114,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """The stage's part of the model; `forward` returns IntermediateTensors, or final hidden states on the last stage."""
+    """The stage's part of the model; `forward` returns IntermediateTensors, or the last stage's final hidden
+    states."""
 
     def __init__(self, cfg: ModelConfig, stage: StageInfo, max_positions: int, tp: TPGroup = NO_TP):
         super().__init__()
@@ -132,7 +133,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # one matrix (shard) serves both ends
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, intermediate: IntermediateTensors | None) -> IntermediateTensors | torch.Tensor:
+                meta: AttentionMetadata,
+                intermediate: IntermediateTensors | None) -> IntermediateTensors | torch.Tensor:
         if self.stage.is_first:
             hidden, residual = self.embed_tokens(input_ids), None  # (T, hidden)
         else:

@@ -54,6 +54,7 @@ class StageWorker:
         self.link = StageLink(None if stage.is_first else spec.rank - step,
                               None if stage.is_last else spec.rank + step, tp)
         self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS)
+        self.busy_s = 0.0  # cumulative compute seconds (records are bounded; this is not)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.runner.model.parameters())  # shared (tied) tensors count once
@@ -64,14 +65,17 @@ class StageWorker:
         if not self.stage.is_first:
             inter = self.link.recv(sched.num_tokens, cfg.hidden_size, cfg.dtype, self.spec.config.parallel.device)
         out = self.runner.execute(sched, inter)
-        self.records.append(self.runner.last_record)
+        record = self.runner.last_record
+        self.records.append(record)
+        self.busy_s += record.end - record.start
         if not self.stage.is_last:
             self.link.send(out)
             return None
         return out if self.runner.samples else None
 
     def stats(self) -> dict[str, Any]:
-        return {"rank": self.spec.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank, "records": list(self.records), "bytes_sent": self.link.bytes_sent,
+        return {"rank": self.spec.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank,
+                "records": list(self.records), "bytes_sent": self.link.bytes_sent,
                 "num_params": self.num_params()}
 
 
@@ -97,13 +101,20 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
             dist.destroy_process_group()
 
 
+BUSY_REPORT_EVERY_S = 1.0  # how often a stage tells the engine its cumulative compute time (for /metrics)
+
+
 def _serve(worker: StageWorker, conn: Connection) -> None:
+    last_report = 0.0
     while True:
         kind, payload = conn.recv()
         if kind == "step":
             out = worker.run_step(payload)
             if out is not None:
                 conn.send(("result", out))
+            if worker.records[-1].end - last_report >= BUSY_REPORT_EVERY_S:
+                last_report = worker.records[-1].end
+                conn.send(("busy", worker.spec.rank, worker.busy_s))
         elif kind == "stats":
             worker.link.wait_sends()
             conn.send(("stats", worker.stats()))

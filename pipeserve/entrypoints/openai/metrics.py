@@ -3,10 +3,10 @@
 Each app gets its own CollectorRegistry, so several servers (or tests) in one process never share series.
 
 Per-stage busy time: for PP=1 the in-process executor sums its steps' compute time (exact, free). For PP>1
-the stage processes keep step records, but fetching them means shipping every record over the pipes and
-blocking the event loop, which is not cheap enough for a scrape; there the gauge is absent and
+each stage process reports its cumulative compute time about once a second over its pipe, so a scrape
+reads the latest figures without asking the stages (at most a second stale).
 `pipeserve_pipeline_busy_seconds_total` (time with at least one step in flight, as the engine sees it) is
-the engine-observable measure. Per-stage timelines for PP>1 come from `--trace-file` at shutdown.
+exported for every layout. Per-stage timelines come from `--trace-file` at shutdown.
 """
 
 from __future__ import annotations
