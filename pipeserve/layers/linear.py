@@ -21,10 +21,12 @@ def _empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
-    """Copy a whole tensor, with a shape check that names both shapes."""
+    """Copy a whole tensor (cast to the parameter's dtype), with a shape check that names both shapes.
+
+    `loaded` may be a lazy checkpoint tensor (see loader.safetensors_loader.LazyTensor): read it now."""
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, parameter expects {tuple(param.shape)}")
-    param.data.copy_(loaded)
+    param.data.copy_(loaded.materialize() if hasattr(loaded, "materialize") else loaded)
 
 
 class Linear(nn.Module):

@@ -32,9 +32,27 @@ def _tensor_files(folder: str) -> dict[str, list[str]]:
     return by_file
 
 
+class LazyTensor:
+    """A checkpoint tensor not read yet: indexing reads only the rows/columns asked for.
+
+    Tensor-parallel weight loaders slice what they were given, so each rank reads only its shard from disk.
+    """
+
+    def __init__(self, lazy_slice) -> None:
+        self._slice = lazy_slice
+        self.shape = torch.Size(lazy_slice.get_shape())
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._slice[index]
+
+    def materialize(self) -> torch.Tensor:
+        return self._slice[:]
+
+
 def iter_safetensors(folder: str, wanted: Callable[[str], bool],
-                     disable_progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for each checkpoint tensor whose name passes `wanted`; others are never read."""
+                     disable_progress: bool = False) -> Iterator[tuple[str, LazyTensor]]:
+    """Yield (name, lazy tensor) for each checkpoint tensor whose name passes `wanted`; others are never read,
+    and of those only what the weight loaders index is."""
     by_file = {file: [n for n in names if wanted(n)] for file, names in _tensor_files(folder).items()}
     total = sum(len(names) for names in by_file.values())
     with tqdm(total=total, desc=f"loading {os.path.basename(folder.rstrip('/'))}", disable=disable_progress,
@@ -44,5 +62,5 @@ def iter_safetensors(folder: str, wanted: Callable[[str], bool],
                 continue
             with safe_open(file, framework="pt") as f:
                 for name in names:
-                    yield name, f.get_tensor(name)
+                    yield name, LazyTensor(f.get_slice(name))
                     bar.update(1)

@@ -187,7 +187,7 @@ class LlamaForCausalLM(nn.Module):
             name, shard = target
             param = params[name]
             loader = getattr(param, "weight_loader", default_weight_loader)
-            loader(param, tensor.to(param.dtype), shard)
+            loader(param, tensor, shard)  # a (lazy) checkpoint tensor; the loader slices it, copy_ casts it
             loaded.add(name if shard is None else f"{name}#{shard}")
         return loaded
 
