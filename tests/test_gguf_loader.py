@@ -163,8 +163,11 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_GGUF_STEMS[module]}.{kind}"
 
 
+QUANTIZED = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.BF16)  # written as raw blocks by gguf's own quantizer
+
+
 def _encode(w: np.ndarray, qtype: QT) -> np.ndarray:
-    if qtype == QT.Q8_0:
+    if qtype in QUANTIZED:
         return quantize(w, qtype)
     return w.astype(np.float16 if qtype == QT.F16 else np.float32)
 
@@ -183,14 +186,14 @@ def _write_toy(path: Path, weights: dict[str, np.ndarray], arch: str = "llama") 
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(2.0)
     types: dict[str, QT] = {}
-    cycle = iter([QT.F16, QT.Q8_0, QT.F32] * len(weights))  # mixes types across q and k too
+    cycle = iter([QT.F16, QT.Q8_0, QT.F32, QT.Q4_0, QT.Q4_1, QT.BF16] * len(weights))  # mixes types across q, k
     for hf_name, w in weights.items():
         if ".q_proj." in hf_name:
             w = _converter_permute(w, TOY["heads"])
         elif ".k_proj." in hf_name:
             w = _converter_permute(w, TOY["kv_heads"])
         qtype = QT.F32 if w.ndim == 1 else next(cycle)
-        raw_dtype = qtype if qtype == QT.Q8_0 else None  # F16/F32 are inferred from the numpy dtype
+        raw_dtype = qtype if qtype in QUANTIZED else None  # F16/F32 are inferred from the numpy dtype
         writer.add_tensor(_gguf_name(hf_name), _encode(w, qtype), raw_dtype=raw_dtype)
         types[hf_name] = qtype
     writer.add_tensor("rope_freqs.weight", np.ones(8, dtype=np.float32))  # llama3 rope factors: skipped
@@ -205,9 +208,8 @@ def test_toy_gguf_unpermutes_and_dequantizes(tmp_path: Path, caplog: pytest.LogC
     weights = _toy_weights(np.random.default_rng(0))
     path = tmp_path / "toy.gguf"
     types = _write_toy(path, weights)
-    assert set(types.values()) == {QT.F32, QT.F16, QT.Q8_0}
-    assert {types[f"model.layers.{i}.self_attn.{p}_proj.weight"] for i in (0, 1) for p in "qk"} == {
-        QT.F16, QT.Q8_0, QT.F32}  # fmt: skip
+    assert set(types.values()) == {QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.BF16}
+    assert len({types[f"model.layers.{i}.self_attn.{p}_proj.weight"] for i in (0, 1) for p in "qk"}) >= 3
     assert not np.array_equal(_converter_permute(weights["model.layers.0.self_attn.k_proj.weight"], 2),
                               weights["model.layers.0.self_attn.k_proj.weight"])  # fmt: skip
 
@@ -220,9 +222,11 @@ def test_toy_gguf_unpermutes_and_dequantizes(tmp_path: Path, caplog: pytest.LogC
         # Quant blocks lie within rows and the permutation only moves whole rows, so the
         # result must be bit-identical to quantizing the *unpermuted* weight.
         np.testing.assert_array_equal(got[name].numpy(), _roundtrip(original, qtype), err_msg=name)
-        # Q8_0 rounds to 1/127 of each 32-block's max, F16 keeps ~11 significant bits.
+        # Q8_0 rounds to 1/127 of each 32-block's max, Q4_0/Q4_1 to 1/8 and 1/15 of its range (half a step
+        # of error at most), F16 keeps ~11 significant bits, BF16 8.
         scale = np.abs(original).max()
-        tol = {QT.F32: 0.0, QT.F16: 1e-3 * scale, QT.Q8_0: scale / 127}[qtype]
+        tol = {QT.F32: 0.0, QT.F16: 1e-3 * scale, QT.Q8_0: scale / 127, QT.Q4_0: scale / 8,
+               QT.Q4_1: scale / 15, QT.BF16: 4e-3 * scale}[qtype]
         np.testing.assert_allclose(got[name].numpy(), original, rtol=0, atol=tol, err_msg=name)
 
     cfg = gguf_hf_config(str(path))
