@@ -51,16 +51,18 @@ def test_tp_layout_errors_are_clear(tiny_model):
         LLM(tiny_model, tensor_parallel_size=3)
 
 
-def test_smollm2_tp2_and_pp2_tp2_match_single_process():
-    # SmolLM2 has 9 query heads in 3 KV groups: TP=2 deals the groups out 2 + 1.
+def test_smollm2_every_layout_matches_single_process():
+    # SmolLM2 has 9 query heads in 3 KV groups: TP=2 deals the groups out 2 + 1. PP=3 uses an uneven split.
     prompts = [[1, 504, 3458, 282, 4649, 314], list(range(1000, 1040))]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     results = []
-    for layout in (dict(), dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, pipeline_parallel_size=2)):
+    layouts = (dict(), dict(pipeline_parallel_size=2), dict(pipeline_parallel_size=3, pp_layer_partition="12,13,5"),
+               dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, pipeline_parallel_size=2))
+    for layout in layouts:
         with LLM(dtype="float32", max_model_len=256, threads_per_worker=1, **layout) as llm:
             results.append([o.outputs[0].token_ids for o in llm.generate(
                 [{"prompt_token_ids": p} for p in prompts], params)])
-    assert results[1] == results[0] and results[2] == results[0]
+    assert all(r == results[0] for r in results[1:])
 
 
 def test_tp_runs_in_bfloat16(tiny_model):

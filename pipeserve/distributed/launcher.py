@@ -20,6 +20,13 @@ import time
 from multiprocessing.connection import Client, Connection
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def control_address(master_addr: str, master_port: int | None, nnodes: int) -> tuple[str, int]:
     """Where the engine listens for ranks: any free loopback port alone, master_port + 1 across machines."""
     if nnodes == 1:

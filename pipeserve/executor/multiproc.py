@@ -14,7 +14,6 @@ import asyncio
 import logging
 import queue
 import secrets
-import socket
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ from multiprocessing.connection import Connection, Listener, wait
 from typing import Any
 
 from pipeserve.config import EngineConfig
-from pipeserve.distributed.launcher import control_address, ranks_of_node, spawn_rank
+from pipeserve.distributed.launcher import control_address, free_port, ranks_of_node, spawn_rank
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor
 from pipeserve.types import SchedulerOutput, StepOutput
@@ -33,12 +32,6 @@ logger = logging.getLogger(__name__)
 
 class StageFailure(RuntimeError):
     """A pipeline stage raised or died; the message names the stage and the cause."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class MultiprocExecutor(Executor):
