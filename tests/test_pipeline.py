@@ -98,3 +98,13 @@ def test_bad_partition_is_a_clear_error(tiny_model):
         LLM(tiny_model, pipeline_parallel_size=2, pp_layer_partition="3,3")
     with pytest.raises(ValueError, match="exceeds the model's 4 layers"):
         LLM(tiny_model, pipeline_parallel_size=5)
+
+
+def test_rendezvous_port_in_use_is_a_clear_error(tiny_model):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(StageFailure, match="pipeline stage 0 failed to start: .*address already in use"):
+            LLM(tiny_model, pipeline_parallel_size=2, threads_per_worker=1, master_port=taken.getsockname()[1])
