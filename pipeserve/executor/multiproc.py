@@ -11,6 +11,7 @@ names the stage, and the remaining processes are torn down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import secrets
@@ -141,10 +142,8 @@ class MultiprocExecutor(Executor):
             proc = self.procs.get(rank)
             if proc is None:
                 raise StageFailure(f"{self.who(rank)} on another machine closed its connection") from None
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # give the exit code a moment to appear
                 proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
             code = proc.returncode
             raise StageFailure(f"{self.who(rank)} (pid {proc.pid}) died"
                                + (f" with exit code {code}" if code is not None else "")) from None
@@ -223,16 +222,12 @@ class MultiprocExecutor(Executor):
             return
         self._closed = True
         for conn in self.conns:
-            try:
+            with contextlib.suppress(OSError, ValueError):  # a rank that is already gone needs no stop
                 conn.send(("stop", None))
-            except (OSError, ValueError):
-                pass
         deadline = time.monotonic() + 10
         for proc in self.procs.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # stragglers are terminated just below
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         self._terminate()
         for conn in self.conns:
             conn.close()

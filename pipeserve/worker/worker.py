@@ -8,6 +8,7 @@ engine with the stage's rank before the process exits: the engine must never wai
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections import deque
 from dataclasses import dataclass
@@ -127,10 +128,8 @@ def _serve(worker: StageWorker, conn: Connection) -> None:
 
 def _report(conn: Connection, rank: int, exc: BaseException) -> None:
     cause = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    try:
+    with contextlib.suppress(OSError, EOFError):  # the engine may already be gone
         conn.send(("error", rank, f"{cause}\n{traceback.format_exc()}"))
-    except (OSError, EOFError):
-        pass
 
 
 def _timeout(seconds: float):
