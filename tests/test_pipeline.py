@@ -108,3 +108,18 @@ def test_rendezvous_port_in_use_is_a_clear_error(tiny_model):
         taken.listen()
         with pytest.raises(StageFailure, match="pipeline stage 0 failed to start: .*address already in use"):
             LLM(tiny_model, pipeline_parallel_size=2, threads_per_worker=1, master_port=taken.getsockname()[1])
+
+
+def test_trace_file_has_every_stage_and_virtual_engine(tiny_model, tmp_path):
+    import json
+
+    trace = tmp_path / "trace.json"
+    with LLM(tiny_model, dtype="float32", pipeline_parallel_size=2, threads_per_worker=1,
+             trace_file=str(trace)) as llm:
+        llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"] for e in events} == {0, 1}  # one row per stage
+    assert {e["args"]["virtual_engine"] for e in events} == {0, 1}
+    assert {e["args"]["kind"] for e in events} >= {"prefill", "decode"}
+    assert all(e["dur"] >= 0 for e in events)
+    assert (tmp_path / "trace.png").stat().st_size > 0
