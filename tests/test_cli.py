@@ -48,6 +48,21 @@ def test_bench_throughput_writes_json(tiny_model, tmp_path):
     assert cfg["model"]["dtype"] == "float32"
     assert cfg["model"]["path"] == os.path.abspath(tiny_model)
     assert cfg["parallel"]["threads_per_worker"] == 1
+    busy = result["stage_busy_fraction"]
+    assert len(busy) == 1 and 0 < busy[0] <= 1
+    assert result["pipeline_bubble_fraction"] == pytest.approx(1 - busy[0])
+
+
+def test_bench_throughput_reports_each_stage_of_a_pipeline(tiny_model, tmp_path):
+    out = tmp_path / "bench.json"
+    r = pipeserve("bench", "throughput", "--model", tiny_model, "-pp", "2", "--input-len", "16", "--output-len", "8",
+                  "--num-prompts", "4", "--output-json", str(out), "--dtype", "float32", "--threads-per-worker", "1")
+    assert r.returncode == 0, r.stderr
+    assert "Stage busy: stage 0" in r.stdout and "stage 1" in r.stdout
+    result = json.loads(out.read_text())
+    assert len(result["stage_busy_fraction"]) == 2 and all(0 < b <= 1 for b in result["stage_busy_fraction"])
+    sent = result["rank_bytes_sent"]  # stage 0 hands (hidden, residual) on; the last stage sends nothing
+    assert sent[0] > 0 and sent[1] == 0
 
 
 def test_bad_flag_value_exits_cleanly(tiny_model):
