@@ -9,8 +9,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from pipeserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.partition import parse_partition
 from pipeserve.loader.default_model import resolve_model_path
+from pipeserve.models.llama import kv_head_range
 from pipeserve.worker.kv_cache import kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class EngineArgs:
         if num_ve < 1:
             raise ValueError(f"num_virtual_engines must be >= 1, got {num_ve}")
         # Every stage holds the same number of blocks; the stage with the most layers sets how many fit.
-        blocks = self._num_blocks(model, cache, max(parallel.stage_layers)) // num_ve
+        blocks = self._num_blocks(model, cache, max(parallel.stage_layers), parallel.tensor_parallel_size) // num_ve
         if blocks * self.block_size < max_len:
             raise ValueError(f"the KV cache holds {blocks * self.block_size} tokens per virtual engine, fewer than "
                              f"max_model_len={max_len}: raise num_kv_blocks / kv_cache_memory_gb or lower "
@@ -127,12 +129,14 @@ class EngineArgs:
                              f"({max_len}) so that any prompt fits one step")
         return SchedulerConfig(self.max_num_seqs, budget, max_len, self.enable_chunked_prefill)
 
-    def _num_blocks(self, model: ModelConfig, cache: CacheConfig, layers_on_busiest_stage: int) -> int:
+    def _num_blocks(self, model: ModelConfig, cache: CacheConfig, layers_on_busiest_stage: int, tp: int) -> int:
         if cache.num_kv_blocks is not None:
             if cache.num_kv_blocks < 1:
                 raise ValueError(f"num_kv_blocks must be >= 1, got {cache.num_kv_blocks}")
             return cache.num_kv_blocks
-        per_block = kv_bytes_per_block(model, layers_on_busiest_stage, cache.block_size)
+        # The memory budget is per rank: under TP a rank holds only its KV heads (the most any rank holds).
+        kv_heads = max(kv_head_range(model, TPGroup(rank, tp))[1] for rank in range(tp))
+        per_block = kv_bytes_per_block(model, layers_on_busiest_stage, cache.block_size, kv_heads)
         return max(1, cache.kv_cache_memory_bytes // per_block)
 
 

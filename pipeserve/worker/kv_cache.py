@@ -7,10 +7,10 @@ import torch
 from pipeserve.config import ModelConfig
 
 
-def kv_bytes_per_block(cfg: ModelConfig, num_layers: int, block_size: int) -> int:
-    """Bytes one block costs on a stage that holds `num_layers` layers (K and V)."""
+def kv_bytes_per_block(cfg: ModelConfig, num_layers: int, block_size: int, num_kv_heads: int | None = None) -> int:
+    """Bytes one block costs on a rank that holds `num_layers` layers and `num_kv_heads` KV heads (K and V)."""
     elem = torch.empty((), dtype=cfg.dtype).element_size()
-    return 2 * num_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    return 2 * num_layers * block_size * (num_kv_heads or cfg.num_key_value_heads) * cfg.head_dim * elem
 
 
 def allocate_kv_caches(cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
