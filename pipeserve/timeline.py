@@ -20,6 +20,11 @@ class StepRecord:
     num_tokens: int
 
 
+def stage_records(stats: list[dict]) -> list[StepRecord]:
+    """The step records in executor stats, one rank per stage (TP ranks of a stage run the same steps)."""
+    return [r for rank in stats if rank.get("tp_rank", 0) == 0 for r in rank["records"]]
+
+
 def busy_fractions(records: list[StepRecord], num_stages: int, t0: float, t1: float) -> list[float]:
     """Fraction of [t0, t1] each stage spent computing."""
     busy = [0.0] * num_stages

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from pipeserve import LLM, SamplingParams
-from pipeserve.timeline import bubble_fraction, busy_fractions
+from pipeserve.timeline import bubble_fraction, busy_fractions, stage_records
 
 
 def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -36,9 +36,10 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         elapsed = time.perf_counter() - start
         config = llm.config
         stats = llm.engine.executor.collect_stats()
-        records = [r for s in stats if s.get("tp_rank", 0) == 0 for r in s["records"]]
+        records = stage_records(stats)
     sent = [s["bytes_sent"] - b for s, b in zip(stats, sent_before, strict=True)]  # per rank, timed run only
     busy = busy_fractions(records, config.parallel.pipeline_parallel_size, wall_start, wall_start + elapsed)
+    num_steps = len({(r.virtual_engine, r.step_id) for r in records if r.start >= wall_start})
     total_out = sum(len(o.outputs[0].token_ids) for o in outs)
     total_in = num_prompts * input_len
     result = {
@@ -51,10 +52,9 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         "total_tokens_per_s": (total_in + total_out) / elapsed,
         "stage_busy_fraction": busy,
         "pipeline_bubble_fraction": bubble_fraction(busy),
-        "num_steps": len({(r.virtual_engine, r.step_id) for r in records if r.start >= wall_start}),
+        "num_steps": num_steps,
         "rank_bytes_sent": sent,  # activations each rank sent to the next stage
-        "stage_handoff_bytes_per_step": sum(sent) / max(1, len({(r.virtual_engine, r.step_id) for r in records
-                                                                if r.start >= wall_start})),
+        "stage_handoff_bytes_per_step": sum(sent) / max(1, num_steps),
         "engine_config": _config_dict(config),
     }
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['output_tokens_per_s']:.1f} output "

@@ -24,7 +24,7 @@ from pipeserve.engine.stats import BusyClock, VirtualEngineStats
 from pipeserve.executor.base import Executor
 from pipeserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.timeline import StepRecord, write_trace
+from pipeserve.timeline import StepRecord, stage_records, write_trace
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +233,7 @@ class AsyncEngine:
 
     def step_records(self) -> list[StepRecord]:
         """Every stage's step records so far (call while no step is in flight)."""
-        stats = self.executor.collect_stats()
-        return [r for rank in stats if rank.get("tp_rank", 0) == 0 for r in rank["records"]]  # one per stage
+        return stage_records(self.executor.collect_stats())
 
     def shutdown(self) -> None:
         """Write the trace if one was asked for, then stop the stages; safe to call twice."""
