@@ -151,6 +151,10 @@ class ParallelConfig:
     cluster_key: str | None = None  # shared secret authenticating ranks of a multi-machine cluster
     join_timeout_s: float = 120.0  # how long the engine waits for every rank to connect
     distributed_timeout_s: float = 300.0  # how long a stage waits on a peer before declaring it dead
+    step_timeout_s: float = 60.0  # a step without a result this long means a stuck stage (x5 for the first steps)
+    max_stage_restarts: int = 3  # recoveries allowed within restart_window_s; past that a failure is final
+    restart_window_s: float = 600.0
+    node_rejoin_timeout_s: float = 60.0  # how long a recovery waits for a lost machine's `pipeserve worker`
 
     @property
     def world_size(self) -> int:

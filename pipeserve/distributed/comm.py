@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pipeserve.distributed.parallel_state import TPGroup
+from pipeserve.distributed.parallel_state import TPGroup, peer_errors
 from pipeserve.types import IntermediateTensors
 
 
@@ -39,17 +39,24 @@ class StageLink:
         packed = torch.stack((tensors.hidden_states, tensors.residual))  # (2, T, hidden)
         start, width = self.tp.shard(packed.shape[-1])
         wire = _wire(packed[..., start : start + width].contiguous())  # (2, T, hidden / tp)
-        self._pending.append((dist.isend(wire, dst=self.next_rank), wire))
+        with peer_errors():
+            self._pending.append((dist.isend(wire, dst=self.next_rank), wire))
         self.bytes_sent += wire.numel() * wire.element_size()
 
     def recv(self, num_tokens: int, hidden: int, dtype: torch.dtype, device: str) -> IntermediateTensors:
         """Receive the previous stage's tensors for a step of `num_tokens` tokens."""
         buf = torch.empty(2, num_tokens, hidden // self.tp.size, dtype=dtype, device=device)
-        dist.recv(_wire(buf), src=self.prev_rank)
+        with peer_errors():
+            dist.recv(_wire(buf), src=self.prev_rank)
         full = self.tp.all_gather(buf, dim=-1)  # (2, T, hidden)
         return IntermediateTensors(full[0], full[1])
 
     def wait_sends(self) -> None:
-        for work, _ in self._pending:
-            work.wait()
+        pending, self._pending = self._pending, []
+        with peer_errors():
+            for work, _ in pending:
+                work.wait()
+
+    def drop_sends(self) -> None:
+        """Forget sends of a broken group (their peer is gone; waiting on them would only raise again)."""
         self._pending.clear()

@@ -2,8 +2,9 @@
 
 Every rank is a `python -m pipeserve.worker.main` process that connects to the engine's control
 listener (an authenticated multiprocessing connection; the key travels on stdin). On the head the engine
-starts its node's ranks itself. On another machine a node agent (`pipeserve worker --node-rank K`)
-connects first, asks the engine which ranks it hosts, starts them, and waits for them.
+starts its node's ranks itself. On another machine a node agent (`pipeserve worker --node-rank K`, see
+node_agent.py) stays connected for the engine's whole life and starts (or kills) ranks whenever asked.
+Every child is started from one long-lived thread and dies with its parent (`die_with_parent`).
 
 Ranks are placed by "TP inside a node, PP across nodes": node k hosts ranks [k*W/N, (k+1)*W/N), and
 since TP groups are consecutive ranks, a TP group never spans machines when T divides W/N.
@@ -13,11 +14,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from multiprocessing.connection import Client, Connection
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -39,17 +44,65 @@ def ranks_of_node(node_rank: int, world_size: int, nnodes: int) -> list[int]:
     return list(range(node_rank * per_node, (node_rank + 1) * per_node))
 
 
+class _Spawner:
+    """Starts child processes from one thread that lives as long as this process.
+
+    A child asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG, see worker/main.py). The
+    kernel fires that signal when the *thread* that forked the child exits, not the process: a rank started
+    from a short-lived recovery thread would be killed as soon as that thread ended. So every spawn runs here.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pipeserve-spawner", daemon=True)
+                self._thread.start()
+        result: Future = Future()
+        self._jobs.put((argv, kwargs, result))
+        return result.result()
+
+    def _run(self) -> None:
+        while True:
+            argv, kwargs, result = self._jobs.get()
+            try:
+                result.set_result(subprocess.Popen(argv, **kwargs))
+            except BaseException as exc:  # handed to the caller, who raises it
+                result.set_exception(exc)
+
+
+_SPAWNER = _Spawner()
+
+
 def spawn_rank(engine: tuple[str, int], rank: int, authkey: bytes, master_addr: str) -> subprocess.Popen:
     """Start one stage process that will connect to the engine at `engine`."""
     env = dict(os.environ)
     iface = interface_towards(master_addr)
     if iface:  # gloo binds to the hostname's address unless told which interface reaches the other hosts
         env["GLOO_SOCKET_IFNAME"] = iface
-    proc = subprocess.Popen([sys.executable, "-m", "pipeserve.worker.main", "--engine", f"{engine[0]}:{engine[1]}",
-                             "--rank", str(rank)], stdin=subprocess.PIPE, env=env)
+    proc = _SPAWNER.popen([sys.executable, "-m", "pipeserve.worker.main", "--engine", f"{engine[0]}:{engine[1]}",
+                           "--rank", str(rank)], stdin=subprocess.PIPE, env=env)
     proc.stdin.write(authkey.hex().encode() + b"\n")
     proc.stdin.close()
     return proc
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the thread that started it exits (Linux), and exit now if
+    that already happened: a child must never outlive the engine or node agent that owns it."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the request above took effect
+        os._exit(1)
 
 
 def interface_towards(addr: str) -> str | None:
@@ -88,20 +141,3 @@ def connect_to_head(address: tuple[str, int], authkey: bytes, timeout_s: float) 
     raise ConnectionError(f"could not reach the head at {address[0]}:{address[1]} within {timeout_s:.0f} s "
                           f"({last_error}); is `pipeserve ... --nnodes N --node-rank 0` running there, and is the "
                           f"address reachable from this machine?")
-
-
-def run_node_agent(master_addr: str, master_port: int, node_rank: int, cluster_key: str,
-                   timeout_s: float = 60.0) -> int:
-    """`pipeserve worker`: start this machine's ranks of the head's engine and wait for them."""
-    address = control_address(master_addr, master_port, nnodes=2)
-    authkey = cluster_key.encode()
-    conn = connect_to_head(address, authkey, timeout_s)
-    conn.send(("node", node_rank))
-    kind, ranks = conn.recv()
-    conn.close()
-    if kind != "ranks":
-        raise RuntimeError(f"the head answered {kind!r}: {ranks}")
-    print(f"pipeserve worker: node {node_rank} runs ranks {ranks}", flush=True)
-    procs = [spawn_rank(address, r, authkey, master_addr) for r in ranks]
-    codes = [p.wait() for p in procs]
-    return max(codes, default=0)

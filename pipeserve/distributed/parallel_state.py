@@ -7,15 +7,35 @@ and [2,3], pipeline chains [0,2] and [1,3].
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
+class PeerLost(RuntimeError):
+    """A torch.distributed operation failed: a peer rank died, hung up, or dropped the group."""
+
+
+@contextlib.contextmanager
+def peer_errors() -> Iterator[None]:
+    """Turn a failed collective or point-to-point operation into PeerLost, so a rank can tell "a peer is
+    gone" (it survives and waits to regroup) from "my own computation raised" (it reports and exits)."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo and NCCL raise RuntimeError subclasses (DistBackendError, ...)
+        raise PeerLost(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+
+
+@dataclass(eq=False)
 class TPGroup:
-    """This rank's tensor-parallel group; with size 1 every collective is a no-op."""
+    """This rank's tensor-parallel group; with size 1 every collective is a no-op.
+
+    Every layer of a stage holds this same object, so after a recovery forms a new process group a surviving
+    rank points `group` at the new one (`init_tp_groups(..., into=tp)`) without rebuilding its model.
+    """
 
     rank: int = 0
     size: int = 1
@@ -27,9 +47,11 @@ class TPGroup:
             return x
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
             wide = x.float()
-            dist.all_reduce(wide, group=self.group)
+            with peer_errors():
+                dist.all_reduce(wide, group=self.group)
             return x.copy_(wide)
-        dist.all_reduce(x, group=self.group)
+        with peer_errors():
+            dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -37,7 +59,8 @@ class TPGroup:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather([_bits(p) for p in parts], _bits(x.contiguous()), group=self.group)
+        with peer_errors():
+            dist.all_gather([_bits(p) for p in parts], _bits(x.contiguous()), group=self.group)
         return torch.cat(parts, dim=dim)
 
     def shard(self, total: int) -> tuple[int, int]:
@@ -81,12 +104,18 @@ class RankLayout:
         return (self.pp_size - 1) * self.tp_size
 
 
-def init_tp_groups(layout: RankLayout, rank: int) -> TPGroup:
-    """Create every TP group (all ranks must create all groups, in the same order); return ours."""
-    mine = TPGroup()
+def tp_group_of(layout: RankLayout, rank: int) -> TPGroup:
+    """This rank's TP group, not yet bound to a process group (enough to load its shard of the weights)."""
+    return TPGroup(layout.tp_rank(rank), layout.tp_size) if layout.tp_size > 1 else TPGroup()
+
+
+def init_tp_groups(layout: RankLayout, rank: int, into: TPGroup | None = None) -> TPGroup:
+    """Create every TP group of the current process group (all ranks must create all groups, in the same
+    order) and bind ours to `into` (a new TPGroup when None)."""
+    mine = into or tp_group_of(layout, rank)
     for pp in range(layout.pp_size):
         ranks = layout.tp_group_ranks(pp)
         group = dist.new_group(ranks) if layout.tp_size > 1 else None
         if rank in ranks:
-            mine = TPGroup(layout.tp_rank(rank), layout.tp_size, group)
+            mine.group = group
     return mine

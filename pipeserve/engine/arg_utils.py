@@ -44,6 +44,10 @@ class EngineArgs:
     node_rank: int = 0
     cluster_key: str | None = None
     join_timeout_s: float = 120.0
+    step_timeout_s: float = 60.0
+    max_stage_restarts: int = 3
+    restart_window_s: float = 600.0
+    node_rejoin_timeout_s: float = 60.0
     trace_file: str | None = None
 
     @classmethod
@@ -93,10 +97,20 @@ class EngineArgs:
         if threads < 1:
             raise ValueError(f"threads_per_worker must be >= 1, got {threads}")
         self._check_nodes(pp * tp, tp)
+        self._check_recovery()
         return ParallelConfig(pipeline_parallel_size=pp, tensor_parallel_size=tp, stage_layers=tuple(sizes),
                               threads_per_worker=threads, device=device, master_addr=self.master_addr,
                               master_port=self.master_port, nnodes=self.nnodes, cluster_key=self.cluster_key,
-                              join_timeout_s=self.join_timeout_s)
+                              join_timeout_s=self.join_timeout_s, step_timeout_s=self.step_timeout_s,
+                              max_stage_restarts=self.max_stage_restarts, restart_window_s=self.restart_window_s,
+                              node_rejoin_timeout_s=self.node_rejoin_timeout_s)
+
+    def _check_recovery(self) -> None:
+        for name in ("step_timeout_s", "restart_window_s", "node_rejoin_timeout_s", "join_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_stage_restarts < 0:
+            raise ValueError(f"max_stage_restarts must be >= 0, got {self.max_stage_restarts}")
 
     def _check_nodes(self, world: int, tp: int) -> None:
         """Multi-machine layouts: the engine is node 0, ranks split evenly, and TP stays inside a node."""

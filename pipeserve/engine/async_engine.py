@@ -3,6 +3,11 @@
 Each virtual engine (VE) is a Scheduler over its own KV pool. A VE loop plans a step, awaits the
 executor, applies the sampled tokens, and publishes outputs. With P VEs, up to P steps are in flight
 at once, one per VE, which is what keeps every pipeline stage busy.
+
+When a stage fails and the executor recovers, each VE's step in flight is interrupted; the VE waits for
+the new generation of the group and recomputes every running request from its prompt and outputs (no KV
+of the old generation is trusted). Streams only see a pause. A failure that cannot be recovered fails
+every request with an error naming the stage.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pipeserve.engine.detokenizer import IncrementalDetokenizer, find_stop_strin
 from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.engine.stats import BusyClock, VirtualEngineStats
-from pipeserve.executor.base import Executor
+from pipeserve.executor.base import Executor, StepInterrupted
 from pipeserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.timeline import StepRecord, stage_records, write_trace
@@ -141,23 +146,34 @@ class AsyncEngine:
 
     async def _ve_loop(self, ve: int) -> None:
         scheduler, wakeup = self.schedulers[ve], self._wakeups[ve]
+        generation = self.executor.generation
         while True:
             if not scheduler.has_work():
                 wakeup.clear()
                 await wakeup.wait()
                 continue
-            sched = scheduler.schedule()
-            if sched.is_empty:
-                await asyncio.sleep(0)
-                continue
-            self.busy_clock.step_started()
             try:
-                step = await self.executor.execute(sched)
-            except Exception as exc:  # a dead stage: fail every listener rather than hang them
+                if generation != self.executor.generation or self.executor.recovering:
+                    generation = await self.executor.wait_ready()
+                    scheduler.recompute_all()  # the KV of every running request may be gone with the stage
+                sched = scheduler.schedule()
+                if sched.is_empty:
+                    await asyncio.sleep(0)
+                    continue
+                self.busy_clock.step_started()
+                try:
+                    step = await self.executor.execute(sched, generation)
+                finally:
+                    self.busy_clock.step_ended()
+            except StepInterrupted as exc:  # a stage failed; the executor is recovering
+                for req in scheduler.abandon_step(lost=exc.lost):
+                    self._fail_request(req, RuntimeError(f"request {req.request_id} was in {req.num_failed_steps} "
+                                                         f"steps in a row that a stage failure lost ({exc}); it "
+                                                         f"is failed on its own so the others can go on"))
+                continue
+            except Exception as exc:  # a failure that cannot be recovered: fail every listener, never hang them
                 self._fail_all(exc)
                 raise
-            finally:
-                self.busy_clock.step_ended()
             for req in scheduler.update(step):
                 self._publish(scheduler, req)
 
@@ -184,6 +200,12 @@ class AsyncEngine:
             req.finish(RequestStatus.FINISHED_STOPPED, hit[0])
         else:
             scheduler.finish_stopped(req, hit[0])
+
+    def _fail_request(self, req: Request, exc: BaseException) -> None:
+        logger.error("%s", exc)
+        tracked = self._tracked.pop(req.request_id, None)
+        if tracked is not None:
+            tracked.queue.put_nowait(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         self._error = exc
@@ -226,10 +248,19 @@ class AsyncEngine:
                                    s.block_manager.num_blocks) for s in self.schedulers]
 
     def check_health(self) -> None:
-        """Raise if the engine can no longer run steps: a step failed, or a stage process is gone."""
+        """Raise if the engine can no longer run steps: a stage failed and could not be recovered."""
         if self._error is not None:
             raise self._error
         self.executor.check_health()
+
+    @property
+    def recovering(self) -> bool:
+        """True while a failed stage is being replaced (requests wait; nothing is lost)."""
+        return self.executor.recovering
+
+    def num_recomputed(self) -> int:
+        """Requests sent back to recompute by stage failures, over the engine's life."""
+        return sum(s.num_recomputed for s in self.schedulers)
 
     def step_records(self) -> list[StepRecord]:
         """Every stage's step records so far (call while no step is in flight)."""

@@ -37,6 +37,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.num_failed_steps = 0  # consecutive steps of this request lost to a stage failure
         self.arrival_time = time.monotonic()
 
     @property

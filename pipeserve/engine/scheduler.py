@@ -4,6 +4,10 @@ Every step: running requests first (their decode token, or the next chunk of the
 requests in arrival order, all under one token budget (`max_num_batched_tokens`) and `max_num_seqs`.
 When the KV pool runs dry, the most recently admitted running request is preempted: its blocks are freed
 and it goes back to the front of the queue, to recompute prompt + outputs later. It loses no tokens.
+
+A stage failure is handled the same way: every running request is recomputed (`recompute_all`). The
+requests of a step lost to a failure become suspects: a step carries at most one suspect, so a request that
+crashes a stage is caught alone, and one lost in MAX_FAILED_STEPS steps in a row is failed on its own.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pipeserve.config import SchedulerConfig
 from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.types import ScheduledRequest, SchedulerOutput, StepOutput
+
+MAX_FAILED_STEPS = 2  # a request in this many failed steps in a row is taken to be what crashes the stage
 
 
 class Scheduler:
@@ -31,6 +37,7 @@ class Scheduler:
         self._scheduled: dict[str, int] = {}  # req_id -> tokens in the step in flight
         self._next_step = 0
         self.num_preemptions = 0
+        self.num_recomputed = 0  # requests sent back to recompute by stage failures
 
     # ---- queue ---------------------------------------------------------------------------------------
 
@@ -72,6 +79,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_failed_steps and _has_suspect(planned):
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
                 victim = self.running[-1]
@@ -88,6 +98,8 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, planned: list[Request]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_failed_steps and _has_suspect(planned):
+                break  # one suspect per step: it gets the next one
             n = req.num_tokens - req.num_computed_tokens
             if n > budget and not self.config.enable_chunked_prefill:
                 break  # without chunking a prompt runs whole, in a later step with more room
@@ -103,14 +115,46 @@ class Scheduler:
             budget -= n
 
     def _preempt(self, req: Request) -> None:
+        self._send_back(req)
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def _send_back(self, req: Request) -> None:
+        """Free the request's KV and put it at the front of the queue, to recompute prompt + outputs."""
         self.running.remove(req)
         self.block_manager.free(req.request_id)
         self._scheduled.pop(req.request_id, None)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
-        req.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    # ---- stage failures ------------------------------------------------------------------------------
+
+    def abandon_step(self, lost: bool = True) -> list[Request]:
+        """The step in flight will never return. If it ran (`lost`), its requests become suspects; returns
+        those lost MAX_FAILED_STEPS times in a row, which the caller fails on their own."""
+        crashed = []
+        for req_id in self._scheduled:
+            req = self.requests.get(req_id)
+            if req is None or not lost:
+                continue
+            req.num_failed_steps += 1
+            if req.num_failed_steps >= MAX_FAILED_STEPS:
+                crashed.append(req)
+        self._scheduled.clear()
+        for req in crashed:
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return crashed
+
+    def recompute_all(self) -> int:
+        """Every running request recomputes from its prompt and outputs: no KV of a failed group is trusted.
+        Returns how many were sent back."""
+        assert not self._scheduled, "abandon the step in flight first"
+        running = list(self.running)
+        for req in reversed(running):  # appendleft in reverse keeps their order at the front of the queue
+            self._send_back(req)
+        self.num_recomputed += len(running)
+        return len(running)
 
     def _scheduled_request(self, req: Request) -> ScheduledRequest:
         n = self._scheduled[req.request_id]
@@ -134,6 +178,7 @@ class Scheduler:
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while its step was in flight
             req.num_computed_tokens += n
+            req.num_failed_steps = 0
             sampled = step.sampled.get(req_id)
             if sampled is None:
                 continue
@@ -168,3 +213,7 @@ class Scheduler:
             self.waiting.remove(req)
         self.block_manager.free(req.request_id)
         self.requests.pop(req.request_id, None)
+
+
+def _has_suspect(planned: list[Request]) -> bool:
+    return any(r.num_failed_steps for r in planned)

@@ -41,6 +41,16 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--num-virtual-engines", type=int, default=d.num_virtual_engines,
                    help="independent schedulers kept in flight (default: the pipeline size)")
     add_cluster_flags(p)
+    r = parser.add_argument_group("failures")
+    r.add_argument("--step-timeout-s", type=float, default=d.step_timeout_s,
+                   help="a step without a result this long means a stuck stage, which is replaced (the first steps "
+                        "after start-up or a recovery get 5x)")
+    r.add_argument("--max-stage-restarts", type=int, default=d.max_stage_restarts,
+                   help="recoveries from a failed stage allowed within --restart-window-s; past that the engine "
+                        "fails every request and `serve` exits non-zero (0: never recover)")
+    r.add_argument("--restart-window-s", type=float, default=d.restart_window_s)
+    r.add_argument("--node-rejoin-timeout-s", type=float, default=d.node_rejoin_timeout_s,
+                   help="how long a recovery waits for a lost machine's `pipeserve worker` to come back")
     p.add_argument("--trace-file", default=d.trace_file,
                    help="write every stage's step timeline as Chrome-trace JSON, plus a PNG Gantt chart beside it")
 
@@ -140,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from pipeserve.distributed.launcher import run_node_agent
+    from pipeserve.distributed.node_agent import run_node_agent
 
     if args.node_rank < 1 or args.nnodes < 2 or args.master_port is None or not args.cluster_key:
         raise ValueError("pipeserve worker needs --nnodes >= 2, --node-rank >= 1, --master-addr, --master-port "

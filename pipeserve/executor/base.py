@@ -5,17 +5,42 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+from pipeserve.executor.recovery_log import RecoveryLog
 from pipeserve.types import SchedulerOutput, StepOutput
+
+
+class StepInterrupted(RuntimeError):
+    """A step was lost to a stage failure that is being recovered: its requests are recomputed.
+
+    `lost` is False when the step never ran (it was planned for a generation that had already failed)."""
+
+    def __init__(self, cause: str, lost: bool = True):
+        super().__init__(cause)
+        self.lost = lost
 
 
 class Executor(abc.ABC):
     """Takes a virtual engine's step plan to the stages and returns the last stage's StepOutput."""
 
-    failure: BaseException | None = None  # set once a stage has failed
+    failure: BaseException | None = None  # set once a stage has failed for good
+    generation: int = 0  # bumps with every recovery: KV written in an older generation is not trusted
+    recoveries: RecoveryLog | None = None  # restarts and recovery spans, where the executor can recover
 
     @abc.abstractmethod
-    async def execute(self, sched: SchedulerOutput) -> StepOutput:
-        """Run one step; steps are executed in the order this is called."""
+    async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
+        """Run one step; steps are executed in the order this is called. A step planned for an older
+        `generation` than the current one raises StepInterrupted(lost=False) without running."""
+
+    async def wait_ready(self) -> int:
+        """Wait until steps can run again (after a recovery); the generation then current."""
+        if self.failure is not None:
+            raise self.failure
+        return self.generation
+
+    @property
+    def recovering(self) -> bool:
+        """True while a failed stage is being replaced."""
+        return False
 
     @abc.abstractmethod
     def shutdown(self) -> None:

@@ -1,66 +1,107 @@
 """One process per (pipeline stage, TP rank), on this machine and, with `pipeserve worker`, on others.
 
-Rank processes are started as `python -m pipeserve.worker.main` and connect back to the engine over an
-authenticated multiprocessing connection (pickle: trusted processes only). The engine sends every step
-plan to every rank, in issue order; activations flow stage to stage through torch.distributed; the last
-stage's StepOutput comes back over its connection. A reader thread resolves the engine's futures and
-watches every connection: an error message or a dead process fails all waiting steps with an error that
-names the stage, and the remaining processes are torn down.
+Rank processes connect to the engine's control listener (authenticated multiprocessing connections:
+pickle, trusted processes only), which stays open for the engine's whole life so that replacements and
+returning node agents can connect. The engine hosts the rendezvous store; each generation of the process
+group rendezvouses under its own prefix. Every step plan goes to every rank in issue order; activations
+flow stage to stage through torch.distributed; the last stage's StepOutput comes back over its connection.
+
+A monitor thread reads every connection and watches the step deadline. A failure (a closed connection,
+a StageError, a GroupLost, or no result within --step-timeout-s) interrupts every step in flight (the
+virtual engines recompute their requests) and a recovery thread forms the next generation
+(formation.py). Past --max-stage-restarts, or when a replacement cannot start, the failure is final.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import itertools
 import logging
 import queue
 import secrets
-import subprocess
+import socket
 import threading
 import time
 from multiprocessing.connection import Connection, Listener, wait
 from typing import Any
 
+import torch.distributed as dist
+
 from pipeserve.config import EngineConfig
-from pipeserve.distributed.launcher import control_address, free_port, ranks_of_node, spawn_rank
+from pipeserve.distributed.launcher import control_address
+from pipeserve.distributed.messages import (
+    BusyReport,
+    GroupLost,
+    Loaded,
+    NodeHello,
+    Pong,
+    RankHello,
+    Ready,
+    Released,
+    RunStep,
+    StageError,
+    StatsReply,
+    StatsRequest,
+    StepResult,
+    Stop,
+)
 from pipeserve.distributed.stage import StageInfo
-from pipeserve.executor.base import Executor
+from pipeserve.executor.base import Executor, StepInterrupted
+from pipeserve.executor.formation import FormationInterrupted, GroupFormation, StageFailure
+from pipeserve.executor.rank_launcher import ClusterLauncher
+from pipeserve.executor.rank_table import RankTable
+from pipeserve.executor.recovery_log import RecoveryLog, RecoverySpan, RestartBudget
 from pipeserve.types import SchedulerOutput, StepOutput
 from pipeserve.worker.worker import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["MultiprocExecutor", "StageFailure"]
 
-class StageFailure(RuntimeError):
-    """A pipeline stage raised or died; the message names the stage and the cause."""
+WARMUP_STEPS = 4  # the first steps of a generation may be slow (lazy allocation, caches): a longer deadline
+WARMUP_FACTOR = 5.0
 
 
 class MultiprocExecutor(Executor):
-    """Starts one process per stage and routes steps and results between them and the engine."""
+    """Starts one process per rank, routes steps and results, and heals the pipeline when a rank fails."""
 
-    def __init__(self, config: EngineConfig, stages: list[StageInfo], startup_timeout_s: float = 600.0):
+    def __init__(self, config: EngineConfig, stages: list[StageInfo]):
         par = config.parallel
-        init_method = f"tcp://{par.master_addr}:{par.master_port or free_port(par.master_addr)}"
-        tp = par.tensor_parallel_size
-        world = len(stages) * tp
-        self.specs = [WorkerSpec(config, stages[r // tp], r, world, init_method) for r in range(world)]
-        self.tp_size = tp
-        self.procs: dict[int, subprocess.Popen] = {}  # the ranks this machine started
-        self.conns: list[Connection] = []
-        self._pending: dict[tuple[int, int], tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._lock = threading.Lock()
-        self._stats: queue.Queue = queue.Queue()
-        self._busy: dict[int, float] = {}  # rank -> compute seconds, as last reported (about once a second)
+        self.config, self.tp_size = config, par.tensor_parallel_size
+        world = len(stages) * self.tp_size
+        self.store = _host_store(par.master_addr, par.master_port, par.distributed_timeout_s)
+        self.specs = [WorkerSpec(config, stages[r // self.tp_size], r, world, par.master_addr, self.store.port)
+                      for r in range(world)]
+        self.table = RankTable(world)
+        self.result_rank = (len(stages) - 1) * self.tp_size
+        self.generation = 0
+        self.state = "starting"  # starting, running, recovering, failed, closed
         self.failure: StageFailure | None = None
+        self.recoveries = RecoveryLog()
+        self._restarts = RestartBudget(par.max_stage_restarts, par.restart_window_s)
+        self._pending: dict[tuple[int, int], tuple[asyncio.AbstractEventLoop, asyncio.Future, float, int]] = {}
+        self._steps_issued = itertools.count()
+        self._stats: queue.Queue = queue.Queue()
+        self._busy: dict[int, float] = {}
         self._closed = False
+        authkey = par.cluster_key.encode() if par.cluster_key else secrets.token_bytes(32)
+        self._listener = Listener(control_address(par.master_addr, par.master_port, par.nnodes), authkey=authkey)
+        self.launcher = ClusterLauncher(self._listener.address, authkey, par.master_addr, world, par.nnodes,
+                                        par.node_rejoin_timeout_s)
+        self.formation = GroupFormation(self.table, self.launcher, self.specs, self.who, par.join_timeout_s)
+        for target, name in ((self._accept_loop, "accept"), (self._monitor_loop, "monitor")):
+            threading.Thread(target=target, name=f"pipeserve-{name}", daemon=True).start()
         try:
-            self._launch(startup_timeout_s)
-            self.stage_params = self._wait_ready(startup_timeout_s)
+            self.stage_params = self.formation.start_all(0)
+        except FormationInterrupted as exc:
+            self.shutdown()
+            raise StageFailure(str(exc)) from None
         except BaseException:
             self.shutdown()
             raise
-        self._reader = threading.Thread(target=self._read_loop, name="pipeserve-results", daemon=True)
-        self._reader.start()
+        self.state = "running"
 
     def who(self, rank: int) -> str:
         """A rank as a person reads it: its pipeline stage, and its TP rank where there is TP."""
@@ -69,140 +110,199 @@ class MultiprocExecutor(Executor):
             return f"pipeline stage {stage}"
         return f"pipeline stage {stage} (TP rank {rank % self.tp_size}, global rank {rank})"
 
-    # ---- start-up ------------------------------------------------------------------------------------
-
-    def _launch(self, timeout_s: float) -> None:
-        par = self.specs[0].config.parallel
-        authkey = par.cluster_key.encode() if par.cluster_key else secrets.token_bytes(32)
-        listener = Listener(control_address(par.master_addr, par.master_port, par.nnodes), authkey=authkey)
-        for rank in ranks_of_node(0, len(self.specs), par.nnodes):
-            self.procs[rank] = spawn_rank(listener.address, rank, authkey, par.master_addr)
-        try:
-            by_rank = self._accept_all(listener, par.join_timeout_s)
-        finally:
-            listener.close()
-        self.conns = [by_rank[r] for r in range(len(self.specs))]
-        for spec, conn in zip(self.specs, self.conns, strict=True):
-            conn.send(("spec", spec))
-
-    def _accept_all(self, listener: Listener, timeout_s: float) -> dict[int, Connection]:
-        """Accept every rank's connection; node agents of other machines are told which ranks they host."""
-        by_rank: dict[int, Connection] = {}
-        nnodes = self.specs[0].config.parallel.nnodes
-
-        def accept() -> None:
-            while len(by_rank) < len(self.specs):
-                try:
-                    conn = listener.accept()
-                except (OSError, EOFError):
-                    continue  # a stranger without the key, or a dropped attempt: keep listening
-                kind, value = conn.recv()
-                if kind == "node":
-                    conn.send(("ranks", ranks_of_node(value, len(self.specs), nnodes)))
-                    conn.close()
-                else:
-                    by_rank[value] = conn
-
-        thread = threading.Thread(target=accept, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + timeout_s
-        while thread.is_alive() and time.monotonic() < deadline:
-            thread.join(timeout=0.2)
-            for rank, proc in self.procs.items():
-                if proc.poll() is not None and rank not in by_rank:
-                    raise StageFailure(f"{self.who(rank)} exited with code {proc.returncode} before connecting")
-        if thread.is_alive():
-            missing = sorted(set(range(len(self.specs))) - set(by_rank))
-            nodes = sorted({r // (len(self.specs) // nnodes) for r in missing})
-            raise StageFailure(f"ranks {missing} (node {', '.join(map(str, nodes))}) did not join within "
-                               f"{timeout_s:.0f} s" + (": start `pipeserve worker` there" if nodes != [0] else ""))
-        return by_rank
-
-    def _wait_ready(self, timeout_s: float) -> list[int]:
-        params: dict[int, int] = {}
-        deadline = time.monotonic() + timeout_s
-        while len(params) < len(self.conns):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = sorted(set(range(len(self.conns))) - set(params))
-                raise StageFailure(f"ranks {missing} did not start within {timeout_s:.0f} s")
-            for conn in wait(self.conns, timeout=remaining):
-                msg = self._recv(conn)
-                if msg[0] == "error":
-                    raise StageFailure(f"{self.who(msg[1])} failed to start: {msg[2]}")
-                params[msg[1]] = msg[2]
-        return [params[r] for r in range(len(self.conns))]
-
-    def _recv(self, conn: Connection) -> tuple:
-        """A message from a stage; a closed connection means the stage process is gone."""
-        try:
-            return conn.recv()
-        except (EOFError, OSError):
-            rank = self.conns.index(conn)
-            proc = self.procs.get(rank)
-            if proc is None:
-                raise StageFailure(f"{self.who(rank)} on another machine closed its connection") from None
-            with contextlib.suppress(subprocess.TimeoutExpired):  # give the exit code a moment to appear
-                proc.wait(timeout=2)
-            code = proc.returncode
-            raise StageFailure(f"{self.who(rank)} (pid {proc.pid}) died"
-                               + (f" with exit code {code}" if code is not None else "")) from None
-
     # ---- steps ---------------------------------------------------------------------------------------
 
-    async def execute(self, sched: SchedulerOutput) -> StepOutput:
-        if self.failure is not None:
-            raise self.failure
+    async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        with self._lock:
-            self._pending[(sched.virtual_engine, sched.step_id)] = (loop, future)
-        msg = ("step", sched)
-        for conn in self.conns:  # same order to every stage: that is what keeps send/recv pairs matched
-            conn.send(msg)
+        with self.table.cv:
+            if self.failure is not None:
+                raise self.failure
+            if self.state != "running" or generation not in (None, self.generation):
+                raise StepInterrupted("planned before a stage failure", lost=False)
+            self._pending[(sched.virtual_engine, sched.step_id)] = (loop, future, time.monotonic(),
+                                                                    next(self._steps_issued))
+            msg = RunStep(sched, self.generation)
+            conns = [self.table.conns.get(r) for r in range(self.table.world_size)]
+        with self.table.send_lock:  # one global order to every rank: that is what keeps send/recv pairs matched
+            for conn in conns:
+                if conn is not None:
+                    with contextlib.suppress(OSError, ValueError):  # a dead rank: the monitor starts recovery
+                        conn.send(msg)
         return await future
 
-    def _read_loop(self) -> None:
+    async def wait_ready(self) -> int:
+        while True:
+            if self.failure is not None:
+                raise self.failure
+            if self.state == "running":
+                return self.generation
+            await asyncio.sleep(0.05)
+
+    @property
+    def recovering(self) -> bool:
+        return self.state == "recovering"
+
+    # ---- the monitor: every message from every rank and agent ----------------------------------------
+
+    def _accept_loop(self) -> None:
         while not self._closed:
             try:
-                for conn in wait(self.conns, timeout=0.5):
-                    self._dispatch(self._recv(conn))
-            except StageFailure as exc:
-                if not self._closed:
-                    self._fail(exc)
-                return
+                conn = self._listener.accept()
+                if not conn.poll(10):
+                    conn.close()
+                    continue
+                hello = conn.recv()
+            except (OSError, EOFError, ValueError):
+                continue  # a stranger without the key, a dropped attempt, or the listener closing
+            if isinstance(hello, RankHello) and 0 <= hello.rank < self.table.world_size:
+                with self.table.cv:
+                    self.table.hellos[hello.rank] = conn
+                    self.table.cv.notify_all()
+            elif isinstance(hello, NodeHello):
+                logger.info("node %d's `pipeserve worker` connected (%s, pid %d)", hello.node_rank, hello.host,
+                            hello.pid)
+                self.launcher.agent_connected(hello.node_rank, conn)
+            else:
+                conn.close()
+
+    def _monitor_loop(self) -> None:
+        while not self._closed:
+            with self.table.cv:
+                ranks = {conn: r for r, conn in self.table.conns.items()}
+            agents = {conn: n for n, conn in self.launcher.agent_connections().items()}
+            try:
+                ready = wait(list(ranks) + list(agents), timeout=0.2) if ranks or agents else time.sleep(0.2)
             except OSError:
-                return  # connections closed by shutdown
+                continue  # a connection closed under us (a retired rank): take a fresh snapshot
+            for conn in ready or ():
+                if conn in agents:
+                    self._agent_message(agents[conn], conn)
+                else:
+                    self._rank_message(ranks[conn], conn)
+            self._check_deadline()
 
-    def _dispatch(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "result":
-            step: StepOutput = msg[1]
-            with self._lock:
-                loop, future = self._pending.pop((step.virtual_engine, step.step_id))
-            loop.call_soon_threadsafe(_set_result, future, step)
-        elif kind == "stats":
-            self._stats.put(msg[1])
-        elif kind == "busy":
-            self._busy[msg[1]] = msg[2]
-        elif kind == "error":
-            raise StageFailure(f"{self.who(msg[1])} failed: {msg[2]}")
+    def _agent_message(self, node: int, conn: Connection) -> None:
+        try:
+            conn.recv()  # agents only speak when introduced; anything else is ignored
+        except (EOFError, OSError):
+            logger.error("node %d's `pipeserve worker` disconnected", node)
+            self.launcher.agent_lost(node, conn)
 
-    def _fail(self, exc: StageFailure) -> None:
-        logger.error("%s", exc)
-        self.failure = exc
-        with self._lock:
+    def _rank_message(self, rank: int, conn: Connection) -> None:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            code = self.launcher.exit_code(rank, wait_s=1.0)  # a closed connection comes just before the exit
+            cause = "died" + (f" with exit code {code}" if code is not None else " (its connection closed)")
+            if self.table.mark_dead(rank, conn, cause):
+                self._failed(f"{self.who(rank)} on {self.launcher.where(rank)} {cause}")
+            return
+        t = self.table
+        if isinstance(msg, StepResult):
+            if msg.generation == self.generation:
+                self._resolve(msg.output)
+        elif isinstance(msg, BusyReport):
+            self._busy[rank] = msg.seconds
+        elif isinstance(msg, StatsReply):
+            self._stats.put(msg.stats)
+        elif isinstance(msg, GroupLost):
+            if msg.generation == self.generation:
+                self._failed(f"{self.who(rank)} lost a peer: {msg.cause}")
+        elif isinstance(msg, StageError):
+            with t.cv:
+                if rank not in t.ready:
+                    t.start_errors[rank] = msg.cause
+            t.mark_dead(rank, conn, f"raised {msg.cause}")
+            logger.error("%s on %s raised:\n%s", self.who(rank), self.launcher.where(rank), msg.details)
+            self._failed(f"{self.who(rank)} on {self.launcher.where(rank)} failed: {msg.cause}")
+        else:
+            with t.cv:
+                if isinstance(msg, Loaded):
+                    t.loaded[rank] = msg.num_params
+                elif isinstance(msg, Released) and msg.generation == self.generation:
+                    t.released.add(rank)
+                elif isinstance(msg, Ready) and msg.generation == self.generation:
+                    t.ready[rank] = msg.num_params
+                elif isinstance(msg, Pong):
+                    t.pongs[rank] = msg.nonce
+                t.cv.notify_all()
+
+    def _resolve(self, step: StepOutput) -> None:
+        with self.table.cv:
+            entry = self._pending.pop((step.virtual_engine, step.step_id), None)
+        if entry is not None:
+            entry[0].call_soon_threadsafe(_set_result, entry[1], step)
+
+    def _check_deadline(self) -> None:
+        limit = self.config.parallel.step_timeout_s
+        with self.table.cv:
+            if self.state != "running" or not self._pending:
+                return
+            key, (_, _, issued, ordinal) = min(self._pending.items(), key=lambda kv: kv[1][2])
+        allowed = limit * (WARMUP_FACTOR if ordinal < WARMUP_STEPS else 1.0)
+        if time.monotonic() - issued > allowed:
+            self._failed(f"step {key[1]} of virtual engine {key[0]} got no result within {allowed:.0f} s "
+                         f"(--step-timeout-s): a stage is stuck")
+
+    # ---- failure and recovery ------------------------------------------------------------------------
+
+    def _failed(self, cause: str) -> None:
+        """The first sign of a failure in a running generation starts a recovery; later ones are its echoes."""
+        with self.table.cv:
+            if self.state != "running" or self._closed:
+                return
+            self.state = "recovering"
+            self.generation += 1
             pending, self._pending = self._pending, {}
-        for loop, future in pending.values():
-            loop.call_soon_threadsafe(_set_exception, future, exc)
-        self._terminate()
+        logger.error("pipeline failure: %s; recovering (generation %d)", cause, self.generation)
+        _interrupt(pending, StepInterrupted(cause))
+        threading.Thread(target=self._recover, args=(cause,), name="pipeserve-recovery", daemon=True).start()
+
+    def _recover(self, cause: str) -> None:
+        start = time.time()
+        while True:
+            if not self._restarts.take():
+                par = self.config.parallel
+                return self._give_up(f"{cause}; giving up after {par.max_stage_restarts} restarts within "
+                                     f"{par.restart_window_s:.0f} s (--max-stage-restarts)")
+            try:
+                replaced = self.formation.reform(self.generation)
+                break
+            except FormationInterrupted as exc:
+                if self._closed:
+                    return
+                cause = str(exc)
+                logger.error("recovery interrupted: %s; trying again", cause)
+                with self.table.cv:
+                    self.generation += 1
+            except Exception as exc:  # noqa: BLE001 - a replacement that cannot start: final
+                return self._give_up(f"{cause}; recovery failed: {exc}")
+        stages = sorted({self.specs[r].stage.rank for r in replaced})
+        self.recoveries.record(RecoverySpan(start, time.time(), cause, stages))
+        with self.table.cv:
+            self.table.dead.clear()
+            self._steps_issued = itertools.count()
+            self.state = "running"
+        logger.warning("recovered in %.1f s: generation %d, replaced ranks %s", time.time() - start,
+                       self.generation, replaced)
+
+    def _give_up(self, reason: str) -> None:
+        if self._closed:
+            return
+        failure = StageFailure(reason)
+        logger.error("%s", failure)
+        with self.table.cv:
+            self.failure, self.state = failure, "failed"
+            pending, self._pending = self._pending, {}
+        _interrupt(pending, failure)
+        self.launcher.kill(list(range(self.table.world_size)), self.generation)
 
     def check_health(self) -> None:
         if self.failure is not None:
             raise self.failure
-        for rank, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise StageFailure(f"{self.who(rank)} is not running (exit code {proc.returncode})")
+
+    # ---- stats ---------------------------------------------------------------------------------------
 
     def busy_seconds(self) -> list[float]:
         """Compute seconds per pipeline stage (its TP rank 0), as last reported by the stage processes."""
@@ -210,9 +310,10 @@ class MultiprocExecutor(Executor):
 
     def collect_stats(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Per-stage step records, bytes sent and parameter counts; call while no step is in flight."""
-        for conn in self.conns:
-            conn.send(("stats", None))
-        stats = [self._stats.get(timeout=timeout_s) for _ in self.conns]
+        ranks = range(self.table.world_size)
+        for r in ranks:
+            self.table.send(r, StatsRequest(self.generation))
+        stats = [self._stats.get(timeout=timeout_s) for _ in ranks]
         return sorted(stats, key=lambda s: s["rank"])
 
     # ---- teardown ------------------------------------------------------------------------------------
@@ -221,27 +322,42 @@ class MultiprocExecutor(Executor):
         if self._closed:
             return
         self._closed = True
-        for conn in self.conns:
-            with contextlib.suppress(OSError, ValueError):  # a rank that is already gone needs no stop
-                conn.send(("stop", None))
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):  # stragglers are terminated just below
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        self._terminate()
-        for conn in self.conns:
+        self.state = "closed"
+        for r in range(self.table.world_size):
+            self.table.send(r, Stop(self.generation))
+        for conn in self.launcher.agent_connections().values():
+            with contextlib.suppress(OSError, ValueError):  # an agent that is gone needs no stop
+                conn.send(Stop(self.generation))
+        self.launcher.terminate_local()
+        with self.table.cv:
+            conns = list(self.table.conns.values()) + list(self.table.hellos.values())
+        for conn in conns + list(self.launcher.agent_connections().values()):
             conn.close()
+        _close_listener(self._listener)
+        self.store = None
 
-    def _terminate(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+
+def _host_store(addr: str, port: int | None, timeout_s: float) -> dist.TCPStore:
+    """The rendezvous store, hosted by the engine so that it outlives any rank."""
+    try:
+        return dist.TCPStore(addr, port or 0, is_master=True, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # noqa: BLE001 - torch raises several types here; the cause is in the text
+        raise ValueError(f"cannot host the rendezvous store on {addr}:{port or 0} (--master-port): "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
+def _close_listener(listener: Listener) -> None:
+    """Close the listener and wake the accept thread blocked on it (closing alone does not wake accept)."""
+    address = listener.address
+    with contextlib.suppress(OSError):
+        socket.create_connection(address, timeout=1).close()
+    listener.close()
+
+
+def _interrupt(pending: dict, exc: BaseException) -> None:
+    for loop, future, _, _ in pending.values():
+        loop.call_soon_threadsafe(_set_exception, future, exc)
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:

@@ -1,0 +1,156 @@
+"""Where rank processes come from: one interface over "this machine" and "another machine's node agent".
+
+The executor asks for ranks by number and never cares how they start: node 0's ranks are child processes
+of the engine; node k's ranks are started by that machine's `pipeserve worker`, which stays connected for
+the engine's whole life. Another backend (a Ray actor per rank) would implement the same three calls.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import subprocess
+import threading
+import time
+from multiprocessing.connection import Connection
+
+from pipeserve.distributed.launcher import ranks_of_node, spawn_rank
+from pipeserve.distributed.messages import KillRanks, StartRanks
+
+
+class RankLauncher(abc.ABC):
+    """Starts and kills rank processes; says where a rank lives."""
+
+    @abc.abstractmethod
+    def start(self, ranks: list[int], generation: int, deadline: float) -> None:
+        """Start these ranks (each connects to the engine); raise RuntimeError if they cannot be started."""
+
+    @abc.abstractmethod
+    def kill(self, ranks: list[int], generation: int) -> None:
+        """Kill these ranks if they still run (a stuck process, or one being replaced)."""
+
+    @abc.abstractmethod
+    def exit_code(self, rank: int, wait_s: float = 0.0) -> int | None:
+        """The exit code of a rank this launcher started here, waiting up to `wait_s` for it to appear;
+        None while it runs, or where it is not observable (another machine)."""
+
+    @abc.abstractmethod
+    def where(self, rank: int) -> str:
+        """The machine of a rank, as a person reads it."""
+
+    def shutdown(self) -> None:  # noqa: B027 - optional
+        """Stop whatever this launcher runs on its own behalf."""
+
+
+class ClusterLauncher(RankLauncher):
+    """Node 0's ranks as local child processes; node k's through node k's agent."""
+
+    def __init__(self, engine_address: tuple[str, int], authkey: bytes, master_addr: str, world_size: int,
+                 nnodes: int, node_rejoin_timeout_s: float):
+        self.engine_address, self.authkey, self.master_addr = engine_address, authkey, master_addr
+        self.world_size, self.nnodes = world_size, nnodes
+        self.node_rejoin_timeout_s = node_rejoin_timeout_s
+        self.procs: dict[int, subprocess.Popen] = {}  # node 0's ranks
+        self.agents: dict[int, Connection] = {}  # node rank -> its agent's connection
+        self._agents_changed = threading.Condition()
+
+    def node_of(self, rank: int) -> int:
+        return rank // (self.world_size // self.nnodes)
+
+    def where(self, rank: int) -> str:
+        node = self.node_of(rank)
+        if node == 0:
+            proc = self.procs.get(rank)
+            return "the head node" + (f", pid {proc.pid}" if proc else "")
+        return f"node {node}"
+
+    # ---- node agents ---------------------------------------------------------------------------------
+
+    def agent_connected(self, node: int, conn: Connection) -> None:
+        with self._agents_changed:
+            old = self.agents.pop(node, None)
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    old.close()
+            self.agents[node] = conn
+            self._agents_changed.notify_all()
+
+    def agent_lost(self, node: int, conn: Connection) -> None:
+        with self._agents_changed:
+            if self.agents.get(node) is conn:
+                del self.agents[node]
+
+    def agent_connections(self) -> dict[int, Connection]:
+        with self._agents_changed:
+            return dict(self.agents)
+
+    def _agent(self, node: int, deadline: float) -> Connection:
+        """Node `node`'s agent, waiting for it to (re)connect until `deadline`."""
+        with self._agents_changed:
+            while node not in self.agents:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RuntimeError(f"node {node}'s `pipeserve worker` is not connected (waited "
+                                       f"{self.node_rejoin_timeout_s:.0f} s for it to come back)")
+                self._agents_changed.wait(min(remaining, 0.5))
+            return self.agents[node]
+
+    # ---- ranks ---------------------------------------------------------------------------------------
+
+    def start(self, ranks: list[int], generation: int, deadline: float) -> None:
+        by_node: dict[int, list[int]] = {}
+        for r in ranks:
+            by_node.setdefault(self.node_of(r), []).append(r)
+        for node, node_ranks in sorted(by_node.items()):
+            if node == 0:
+                for r in node_ranks:
+                    self.procs[r] = spawn_rank(self.engine_address, r, self.authkey, self.master_addr)
+            else:
+                agent_deadline = min(deadline, time.monotonic() + self.node_rejoin_timeout_s)
+                try:
+                    self._agent(node, agent_deadline).send(StartRanks(tuple(node_ranks), generation))
+                except OSError as exc:  # the agent went away just now: its ranks are gone with it
+                    raise RuntimeError(f"could not reach node {node}'s `pipeserve worker`: {exc}") from None
+
+    def kill(self, ranks: list[int], generation: int) -> None:
+        remote: dict[int, list[int]] = {}
+        for r in ranks:
+            proc = self.procs.get(r)
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            elif self.node_of(r) != 0:
+                remote.setdefault(self.node_of(r), []).append(r)
+        for node, node_ranks in remote.items():
+            conn = self.agent_connections().get(node)
+            if conn is not None:
+                with contextlib.suppress(OSError):  # an agent that is gone took its ranks with it
+                    conn.send(KillRanks(tuple(node_ranks), generation))
+
+    def exit_code(self, rank: int, wait_s: float = 0.0) -> int | None:
+        proc = self.procs.get(rank)
+        if proc is None:
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):  # still running, or not yet reaped
+            proc.wait(timeout=wait_s)
+        return proc.returncode
+
+    def terminate_local(self, grace_s: float = 10.0) -> None:
+        """Wait up to `grace_s` for node 0's ranks to exit, then terminate and kill what is left."""
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):  # stragglers are terminated just below
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def ranks_of_node(self, node: int) -> list[int]:
+        return ranks_of_node(node, self.world_size, self.nnodes)
