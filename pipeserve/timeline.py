@@ -38,27 +38,46 @@ def bubble_fraction(busy: list[float]) -> float:
     return 1.0 - sum(busy) / len(busy)
 
 
-def write_chrome_trace(records: list[StepRecord], path: str) -> None:
-    """One row per stage, one slice per step, named by virtual engine (opens in Perfetto / chrome://tracing)."""
-    t0 = min((r.start for r in records), default=0.0)
+RECOVERY_ROW = -1  # the trace row that shows recoveries from stage failures
+
+
+@dataclass
+class Span:
+    """A stretch of wall-clock time worth marking on a timeline (a recovery from a stage failure)."""
+
+    start: float
+    end: float
+    label: str
+
+
+def write_chrome_trace(records: list[StepRecord], path: str, spans: list[Span] = ()) -> None:
+    """One row per stage, one slice per step, named by virtual engine (opens in Perfetto / chrome://tracing);
+    recoveries on a row of their own."""
+    t0 = min([r.start for r in records] + [s.start for s in spans], default=0.0)
     stages = sorted({r.stage for r in records})
     events: list[dict] = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}}
                           for s in stages]
     for r in records:
         events.append({"name": f"VE{r.virtual_engine} {r.kind}", "cat": r.kind, "ph": "X", "pid": 0, "tid": r.stage,
                        "ts": (r.start - t0) * 1e6, "dur": (r.end - r.start) * 1e6, "args": asdict(r)})
+    if spans:
+        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": RECOVERY_ROW, "args": {"name": "recovery"}})
+    for s in spans:
+        events.append({"name": "recovery", "cat": "recovery", "ph": "X", "pid": 0, "tid": RECOVERY_ROW,
+                       "ts": (s.start - t0) * 1e6, "dur": (s.end - s.start) * 1e6, "args": {"cause": s.label}})
     with open(path, "w") as f:
         json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
 
 
-def write_gantt_png(records: list[StepRecord], path: str, title: str = "pipeline timeline") -> None:
-    """A Gantt chart: a row per stage, steps coloured by virtual engine."""
+def write_gantt_png(records: list[StepRecord], path: str, title: str = "pipeline timeline",
+                    spans: list[Span] = ()) -> None:
+    """A Gantt chart: a row per stage, steps coloured by virtual engine, recoveries shaded red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t0 = min((r.start for r in records), default=0.0)
+    t0 = min([r.start for r in records] + [s.start for s in spans], default=0.0)
     stages = sorted({r.stage for r in records})
     ves = sorted({r.virtual_engine for r in records})
     colours = plt.get_cmap("tab10")
@@ -66,6 +85,8 @@ def write_gantt_png(records: list[StepRecord], path: str, title: str = "pipeline
     for r in records:
         ax.barh(r.stage, (r.end - r.start) * 1e3, left=(r.start - t0) * 1e3, height=0.6,
                 color=colours(r.virtual_engine % 10), edgecolor="black", linewidth=0.2)
+    for s in spans:
+        ax.axvspan((s.start - t0) * 1e3, (s.end - t0) * 1e3, color="red", alpha=0.2)
     ax.set_yticks(stages, [f"stage {s}" for s in stages])
     ax.invert_yaxis()
     ax.set_xlabel("time (ms)")
@@ -77,9 +98,9 @@ def write_gantt_png(records: list[StepRecord], path: str, title: str = "pipeline
     plt.close(fig)
 
 
-def write_trace(records: list[StepRecord], path: str) -> str:
+def write_trace(records: list[StepRecord], path: str, spans: list[Span] = ()) -> str:
     """Write `path` (Chrome JSON) and a PNG beside it; returns the PNG's path."""
-    write_chrome_trace(records, path)
+    write_chrome_trace(records, path, spans)
     png = os.path.splitext(path)[0] + ".png"
-    write_gantt_png(records, png)
+    write_gantt_png(records, png, spans=spans)
     return png

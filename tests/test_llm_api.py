@@ -34,9 +34,9 @@ def count_steps(llm: LLM, monkeypatch) -> list[int]:
     calls = []
     real = llm.engine.executor.execute
 
-    async def counting(sched):
+    async def counting(sched, generation=None):
         calls.append(sched.step_id)
-        return await real(sched)
+        return await real(sched, generation)
 
     monkeypatch.setattr(llm.engine.executor, "execute", counting)
     return calls

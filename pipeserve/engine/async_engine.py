@@ -29,7 +29,7 @@ from pipeserve.engine.stats import BusyClock, VirtualEngineStats
 from pipeserve.executor.base import Executor, StepInterrupted
 from pipeserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.timeline import StepRecord, stage_records, write_trace
+from pipeserve.timeline import Span, StepRecord, stage_records, write_trace
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +266,11 @@ class AsyncEngine:
         """Every stage's step records so far (call while no step is in flight)."""
         return stage_records(self.executor.collect_stats())
 
+    def recovery_spans(self) -> list[Span]:
+        """Every recovery from a stage failure so far, for timelines."""
+        log = self.executor.recoveries
+        return [Span(s.start, s.end, s.cause) for s in log.spans] if log is not None else []
+
     def shutdown(self) -> None:
         """Write the trace if one was asked for, then stop the stages; safe to call twice."""
         if self._shut_down:
@@ -273,7 +278,7 @@ class AsyncEngine:
         self._shut_down = True
         try:
             if self.config.trace_file and self.executor.failure is None:
-                png = write_trace(self.step_records(), self.config.trace_file)
+                png = write_trace(self.step_records(), self.config.trace_file, self.recovery_spans())
                 logger.info("wrote %s and %s", self.config.trace_file, png)
         finally:
             self.executor.shutdown()

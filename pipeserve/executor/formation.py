@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from pipeserve.distributed.messages import Join, Ping, Release, StartStage
-from pipeserve.executor.rank_launcher import ClusterLauncher
+from pipeserve.executor.rank_launcher import ClusterLauncher, NodeAgentMissing
 from pipeserve.executor.rank_table import RankTable
 
 logger = logging.getLogger(__name__)
@@ -114,8 +114,10 @@ class GroupFormation:
             t.ready.clear()
         try:
             self.launcher.start(new, generation, deadline)
+        except NodeAgentMissing as exc:
+            raise StageFailure(str(exc)) from None
         except RuntimeError as exc:
-            raise StageFailure(f"cannot start a replacement for {self.who(new[0])}: {exc}") from None
+            raise StageFailure(f"cannot start {self.who(new[0])}: {exc}") from None
         self._hand_out_specs(generation, new, deadline)
         with t.cv:
             t.wait_for(lambda: all(r in t.loaded for r in new), deadline, lambda: self._check_starting(new))

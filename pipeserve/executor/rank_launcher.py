@@ -18,6 +18,15 @@ from pipeserve.distributed.launcher import ranks_of_node, spawn_rank
 from pipeserve.distributed.messages import KillRanks, StartRanks
 
 
+class NodeAgentMissing(RuntimeError):
+    """A machine's `pipeserve worker` is not connected, so its ranks cannot be started."""
+
+    def __init__(self, node: int, ranks: list[int], waited_s: float):
+        super().__init__(f"ranks {ranks} (node {node}) did not join within {waited_s:.0f} s: start "
+                         f"`pipeserve worker --node-rank {node}` there")
+        self.node, self.ranks = node, ranks
+
+
 class RankLauncher(abc.ABC):
     """Starts and kills rank processes; says where a rank lives."""
 
@@ -84,14 +93,14 @@ class ClusterLauncher(RankLauncher):
         with self._agents_changed:
             return dict(self.agents)
 
-    def _agent(self, node: int, deadline: float) -> Connection:
+    def _agent(self, node: int, ranks: list[int], deadline: float) -> Connection:
         """Node `node`'s agent, waiting for it to (re)connect until `deadline`."""
+        start = time.monotonic()
         with self._agents_changed:
             while node not in self.agents:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise RuntimeError(f"node {node}'s `pipeserve worker` is not connected (waited "
-                                       f"{self.node_rejoin_timeout_s:.0f} s for it to come back)")
+                    raise NodeAgentMissing(node, ranks, time.monotonic() - start)
                 self._agents_changed.wait(min(remaining, 0.5))
             return self.agents[node]
 
@@ -108,7 +117,7 @@ class ClusterLauncher(RankLauncher):
             else:
                 agent_deadline = min(deadline, time.monotonic() + self.node_rejoin_timeout_s)
                 try:
-                    self._agent(node, agent_deadline).send(StartRanks(tuple(node_ranks), generation))
+                    self._agent(node, node_ranks, agent_deadline).send(StartRanks(tuple(node_ranks), generation))
                 except OSError as exc:  # the agent went away just now: its ranks are gone with it
                     raise RuntimeError(f"could not reach node {node}'s `pipeserve worker`: {exc}") from None
 

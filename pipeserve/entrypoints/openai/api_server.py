@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,7 @@ from pipeserve.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLi
 from pipeserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from pipeserve.entrypoints.openai.serving_chat import ChatServing
 from pipeserve.entrypoints.openai.serving_completion import CompletionServing
+from pipeserve.entrypoints.openai.streams import DEFAULT_SSE_KEEPALIVE_S
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +36,29 @@ class ServeSettings:
     port: int = 8000
     api_key: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S  # a silent stream gets an SSE comment this often
 
 
-def build_app(engine: AsyncEngine, settings: ServeSettings) -> FastAPI:
-    """An app serving `engine`; its lifespan runs the engine loops and shuts the engine down at the end."""
+def build_app(engine: AsyncEngine, settings: ServeSettings,
+              on_engine_dead: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """An app serving `engine`; its lifespan runs the engine loops and shuts the engine down at the end.
+    `on_engine_dead` is called once if the engine fails for good (a stage that could not be recovered)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watch = asyncio.create_task(_watch_engine(engine, on_engine_dead)) if on_engine_dead else None
         try:
             async with engine.running():
                 yield
         finally:
+            if watch is not None:
+                watch.cancel()
             engine.shutdown()  # stops every stage process
 
     app = FastAPI(title="pipeserve", version=__version__, lifespan=lifespan)
     metrics = ServerMetrics(engine)
-    completions = CompletionServing(engine, metrics, settings.served_model_names)
-    chats = ChatServing(engine, metrics, settings.served_model_names)
+    completions = CompletionServing(engine, metrics, settings.served_model_names, settings.sse_keepalive_s)
+    chats = ChatServing(engine, metrics, settings.served_model_names, settings.sse_keepalive_s)
     install_error_handlers(app)
     _add_routes(app, engine, settings, metrics, completions, chats)
     # Added last = outermost: the key is checked before the body is buffered.
@@ -79,11 +87,22 @@ def _add_routes(app: FastAPI, engine: AsyncEngine, settings: ServeSettings, metr
 
     @app.get("/health")
     async def health() -> Response:
+        """Readiness: 200 when requests are served now; 503 while a failed stage is being replaced (requests
+        still queue and finish) and when the engine has failed for good."""
         try:
             engine.check_health()
         except Exception as exc:
             return error_response(f"unhealthy: {exc}", 503)
+        if engine.recovering:
+            return JSONResponse({"status": "recovering", "detail": "a failed pipeline stage is being replaced; "
+                                 "requests are accepted and will complete"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/live")
+    async def live() -> Response:
+        """Liveness: 200 while this process serves HTTP, recovering or not (a recovery must never get the
+        server restarted). An engine that failed for good makes `pipeserve serve` exit instead."""
+        return JSONResponse({"status": "recovering" if engine.recovering else "ok"})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -92,3 +111,17 @@ def _add_routes(app: FastAPI, engine: AsyncEngine, settings: ServeSettings, metr
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": __version__}
+
+
+ENGINE_WATCH_S = 0.5
+
+
+async def _watch_engine(engine: AsyncEngine, on_dead: Callable[[BaseException], None]) -> None:
+    """Call `on_dead` once the engine has failed for good, so the server can exit for its supervisor."""
+    while True:
+        await asyncio.sleep(ENGINE_WATCH_S)
+        try:
+            engine.check_health()
+        except Exception as exc:  # noqa: BLE001 - whatever killed the engine is reported as it is
+            on_dead(exc)
+            return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from pipeserve.entrypoints.cli import add_engine_flags, engine_kwargs
 
@@ -23,6 +24,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="name(s) clients use in 'model' (default: the model argument)")
     s.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest request body accepted; larger ones get 413 (default: 4 MiB)")
+    s.add_argument("--sse-keepalive-s", type=float, default=None,
+                   help="send an SSE comment on a stream silent this long, e.g. while a failed stage is replaced "
+                        "(default: 5)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--disable-access-log", action="store_true", help="do not log one line per HTTP request")
     p.set_defaults(func=_serve)
@@ -32,6 +36,7 @@ def _serve(args: argparse.Namespace) -> None:
     from pipeserve.engine.arg_utils import EngineArgs
     from pipeserve.entrypoints.openai.api_server import DEFAULT_MAX_REQUEST_BYTES, ServeSettings
     from pipeserve.entrypoints.openai.launcher import run_server
+    from pipeserve.entrypoints.openai.streams import DEFAULT_SSE_KEEPALIVE_S
     from pipeserve.loader.default_model import DEFAULT_MODEL_ALIAS
 
     if args.model_tag and args.model and args.model_tag != args.model:
@@ -42,8 +47,13 @@ def _serve(args: argparse.Namespace) -> None:
     max_bytes = args.max_request_bytes if args.max_request_bytes is not None else DEFAULT_MAX_REQUEST_BYTES
     if max_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {max_bytes}")
+    keepalive = args.sse_keepalive_s if args.sse_keepalive_s is not None else DEFAULT_SSE_KEEPALIVE_S
+    if keepalive <= 0:
+        raise ValueError(f"--sse-keepalive-s must be > 0, got {keepalive}")
     settings = ServeSettings(served_model_names=args.served_model_name or [model or DEFAULT_MODEL_ALIAS],
                              host=args.host, port=args.port, api_key=args.api_key or None,
-                             max_request_bytes=max_bytes)
-    run_server(EngineArgs(model=model, **engine_kwargs(args)), settings, args.log_level,
-               access_log=not args.disable_access_log)
+                             max_request_bytes=max_bytes, sse_keepalive_s=keepalive)
+    code = run_server(EngineArgs(model=model, **engine_kwargs(args)), settings, args.log_level,
+                      access_log=not args.disable_access_log)
+    if code:
+        sys.exit(code)

@@ -53,29 +53,42 @@ class _Server(uvicorn.Server):
 
 
 def run_server(engine_args: EngineArgs, settings: ServeSettings, log_level: str = "info",
-               access_log: bool = True) -> None:
-    """Serve until interrupted; the engine (and every stage process) is shut down however this ends."""
+               access_log: bool = True) -> int:
+    """Serve until interrupted; the engine (and every stage process) is shut down however this ends.
+
+    Returns the exit code: 0 after SIGINT/SIGTERM, 1 when the engine failed for good (a stage that could
+    not be recovered), so that a supervisor (systemd, Kubernetes) restarts the server."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     sock = bind_socket(settings.host, settings.port)
     engine = None
+    dead: list[BaseException] = []
     try:
         settings.port = sock.getsockname()[1]  # --port 0 picks a free one
         engine = build_engine(engine_args)
         for line in describe_layout(engine.config, settings.served_model_names[0]):
             logger.info("%s", line)
-        app = build_app(engine, settings)
+        server: _Server | None = None
+
+        def engine_dead(exc: BaseException) -> None:
+            logger.error("the engine failed for good, exiting: %s", exc)
+            dead.append(exc)
+            server.should_exit = True
+
+        app = build_app(engine, settings, on_engine_dead=engine_dead)
         config = uvicorn.Config(app, log_level=log_level, access_log=access_log,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-        _Server(config, lambda: _announce(settings)).run(sockets=[sock])
+        server = _Server(config, lambda: _announce(settings))
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn re-raises the SIGINT it handled; the shutdown already happened
     finally:
         if engine is not None:
             engine.shutdown()
         sock.close()
+    return 1 if dead else 0
 
 
 def _announce(settings: ServeSettings) -> None:
     url = base_url(settings.host, settings.port)
-    logger.info("ready: %s (OpenAI API under /v1; also /health, /metrics, /version)", url)
+    logger.info("ready: %s (OpenAI API under /v1; also /health, /live, /metrics, /version)", url)
     logger.info("try: %s", curl_example(url, settings.served_model_names[0], bool(settings.api_key)))

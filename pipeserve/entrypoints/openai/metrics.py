@@ -15,13 +15,14 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pipeserve.engine.async_engine import AsyncEngine
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
+_RECOVERY_BUCKETS = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -54,6 +55,27 @@ class EngineCollector(Collector):
             for rank, seconds in enumerate(busy):
                 stage.add_metric([str(rank)], seconds)
             yield stage
+        yield from self._recovery_metrics()
+
+    def _recovery_metrics(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("pipeserve_requests_recomputed", "Requests recomputed from prompt and outputs "
+                                  "after a stage failure", value=self.engine.num_recomputed())
+        log = self.engine.executor.recoveries
+        if log is None:
+            return  # this layout (one process) has no stage to restart
+        restarts = CounterMetricFamily("pipeserve_stage_restarts", "Pipeline stages replaced after a failure",
+                                       labels=["stage"])
+        for stage in range(self.engine.config.parallel.pipeline_parallel_size):
+            restarts.add_metric([str(stage)], log.restarts_by_stage.get(stage, 0))
+        yield restarts
+        yield _histogram("pipeserve_recovery_seconds", "From a stage failure's detection to the pipeline running "
+                         "again", log.durations(), _RECOVERY_BUCKETS)
+
+
+def _histogram(name: str, doc: str, values: list[float], buckets: tuple[float, ...]) -> HistogramMetricFamily:
+    """A histogram built at scrape time from every observation so far (recoveries are few)."""
+    counts = [(str(b), sum(v <= b for v in values)) for b in buckets] + [("+Inf", len(values))]
+    return HistogramMetricFamily(name, doc, buckets=counts, sum_value=sum(values))
 
 
 class ServerMetrics:

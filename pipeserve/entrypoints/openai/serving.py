@@ -12,7 +12,7 @@ from pipeserve.engine.async_engine import AsyncEngine
 from pipeserve.entrypoints.openai.errors import APIError, param_of
 from pipeserve.entrypoints.openai.metrics import RequestTimer, ServerMetrics
 from pipeserve.entrypoints.openai.protocol import SamplingFields
-from pipeserve.entrypoints.openai.streams import EngineRequest
+from pipeserve.entrypoints.openai.streams import DEFAULT_SSE_KEEPALIVE_S, EngineRequest
 from pipeserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,10 @@ def random_id(prefix: str) -> str:
 class OpenAIServing:
     """Turns validated request bodies into engine requests; every check raises an APIError."""
 
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, served_model_names: list[str]):
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, served_model_names: list[str],
+                 sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S):
         self.engine, self.metrics = engine, metrics
+        self.sse_keepalive_s = sse_keepalive_s
         self.served_model_names = served_model_names
         self.tokenizer = engine.tokenizer
 

@@ -34,7 +34,8 @@ class ChatServing(OpenAIServing):
         request_id = random_id("chatcmpl")
         requests = self.submit(request_id, [prompt], params, arrival)
         if req.stream:
-            return SSEResponse(self._stream(req, request_id, requests[0]), on_close=lambda: close_all(requests))
+            return SSEResponse(self._stream(req, request_id, requests[0]), on_close=lambda: close_all(requests),
+                               keepalive_s=self.sse_keepalive_s)
         try:
             (final,) = await collect(requests, raw)
         except APIError:

@@ -38,7 +38,8 @@ class CompletionServing(OpenAIServing):
         request_id = random_id("cmpl")
         requests = self.submit(request_id, prompts, params, arrival)
         if req.stream:
-            return SSEResponse(self._stream(req, request_id, requests), on_close=lambda: close_all(requests))
+            return SSEResponse(self._stream(req, request_id, requests), on_close=lambda: close_all(requests),
+                               keepalive_s=self.sse_keepalive_s)
         try:
             finals = await collect(requests, raw)
         except APIError:

@@ -129,6 +129,38 @@ def sse(data: Any) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+SSE_KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see a live connection
+DEFAULT_SSE_KEEPALIVE_S = 5.0
+
+
+async def with_keepalive(content: AsyncIterator[str], interval_s: float) -> AsyncIterator[str]:
+    """`content`, plus a keep-alive comment whenever it has been silent for `interval_s` (for instance while
+    a failed stage is being replaced), so that proxies do not cut a paused stream."""
+    it = aiter(content)
+    pending: asyncio.Task | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(it))
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield SSE_KEEPALIVE  # the pending read goes on: cancelling it would break the generator
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):  # the cancelled read ends however it ends
+                await pending
+        with contextlib.suppress(Exception):
+            await it.aclose()  # type: ignore[attr-defined]
+
+
 class SSEResponse(StreamingResponse):
     """An event stream that runs `on_close` however it ends: finished, failed, or cancelled by a disconnect.
 
@@ -136,8 +168,9 @@ class SSEResponse(StreamingResponse):
     nothing reaches the generator's own `finally`, so the response closes it (and the engine requests) itself.
     """
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
+                 keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S):
+        super().__init__(with_keepalive(content, keepalive_s), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
 
