@@ -145,3 +145,43 @@ def test_block_tables_cover_every_computed_token():
     for step in run_to_completion(s):
         for r in step.requests:
             assert len(r.block_table) * 4 >= r.context_len
+
+
+def test_recompute_all_sends_every_running_request_back_in_order():
+    s = make_scheduler(budget=64)
+    reqs = [request(str(i), 5, max_tokens=6) for i in range(3)]
+    for r in reqs:
+        s.add_request(r)
+    s.update(fake_step(s.schedule()))  # all three prefilled, one token each
+    s.schedule()
+    s.abandon_step(lost=False)  # planned, never ran: nobody becomes a suspect
+    assert s.recompute_all() == 3 and s.num_recomputed == 3
+    assert [r.request_id for r in s.waiting] == ["0", "1", "2"] and not s.running
+    assert all(r.num_computed_tokens == 0 and r.num_failed_steps == 0 for r in reqs)
+    assert s.block_manager.num_used_blocks == 0
+    step = s.schedule()  # prompt + the token already produced, recomputed in one prefill each
+    assert [r.token_ids for r in step.requests] == [list(range(10, 15)) + [7]] * 3
+    s.update(fake_step(step))
+    run_to_completion(s)
+    assert all(r.output_token_ids == [7] * 6 for r in reqs)  # nothing lost, nothing repeated
+
+
+def test_suspects_of_a_lost_step_run_one_per_step_and_a_repeat_offender_fails_alone():
+    s = make_scheduler(budget=64)
+    reqs = {rid: request(rid, 4, max_tokens=4) for rid in "abc"}
+    for r in reqs.values():
+        s.add_request(r)
+    s.schedule()
+    assert s.abandon_step() == []  # the step was lost: a, b, c are suspects
+    s.recompute_all()
+    first = s.schedule()
+    assert [r.req_id for r in first.requests] == ["a"]  # one suspect per step
+    assert s.abandon_step() == [reqs["a"]]  # lost again with a in it: a is failed on its own
+    assert reqs["a"].status == RequestStatus.FINISHED_ABORTED and "a" not in s.requests
+    s.recompute_all()
+    second = s.schedule()
+    assert [r.req_id for r in second.requests] == ["b"]
+    s.update(fake_step(second))  # a completed step clears b
+    assert reqs["b"].num_failed_steps == 0
+    run_to_completion(s)
+    assert reqs["b"].output_token_ids == [7] * 4 and reqs["c"].output_token_ids == [7] * 4

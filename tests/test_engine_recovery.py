@@ -1,0 +1,131 @@
+"""The engine's side of a recovery, over a fake executor (no model, no processes): interrupted steps are
+recomputed, nothing is lost or repeated, and a request that keeps crashing a stage is failed on its own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from pipeserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from pipeserve.engine.async_engine import AsyncEngine
+from pipeserve.executor.base import Executor, StepInterrupted
+from pipeserve.sampling_params import SamplingParams
+from pipeserve.types import SampledToken, SchedulerOutput, StepOutput
+
+MODEL = ModelConfig(path="fake", vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4,
+                    rope_scaling=None, max_position_embeddings=256, tie_word_embeddings=False,
+                    attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_ids=(), dtype=torch.float32)
+
+
+class FlakyExecutor(Executor):
+    """A "model" whose next token is the context length mod 100. A step fails (and the executor recovers
+    at once) when it holds a poisoned request, or when `fail_next` is set."""
+
+    def __init__(self, poison: set[int] = frozenset()):
+        self.poison, self.fail_next, self.failures = poison, False, 0
+
+    async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
+        await asyncio.sleep(0)
+        if generation not in (None, self.generation):
+            raise StepInterrupted("planned before a failure", lost=False)
+        if self.fail_next or any(r.token_ids and r.token_ids[0] in self.poison for r in sched.requests):
+            self.fail_next = False
+            self.failures += 1
+            self.generation += 1  # recovered instantly: the next generation is ready
+            raise StepInterrupted("stage 1 died")
+        return StepOutput(sched.step_id, sched.virtual_engine,
+                          {r.req_id: SampledToken(r.context_len % 100) for r in sched.requests
+                           if r.sampling_params is not None})
+
+    def collect_stats(self):
+        return []
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_engine(executor: Executor) -> AsyncEngine:
+    config = EngineConfig(MODEL, scheduler=SchedulerConfig(max_num_batched_tokens=64, max_model_len=256),
+                          num_virtual_engines=2, num_blocks_per_ve=64)
+    return AsyncEngine(config, executor, tokenizer=None)
+
+
+async def run(engine: AsyncEngine, prompts: list[list[int]], on_token=None) -> list:
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    async with engine.running():
+        streams = [engine.add_request(p, params) for p in prompts]
+
+        async def collect(stream):
+            seen = []
+            try:
+                async for out in stream:
+                    ids = out.outputs[0].token_ids
+                    assert ids[: len(seen)] == seen, "a streamed token was retracted"
+                    seen = list(ids)
+                    if on_token:
+                        on_token()
+                return seen
+            except Exception as exc:  # noqa: BLE001 - returned for the test to look at
+                return exc
+
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+
+PROMPTS = [[1, 2, 3], [10, 11], [20, 21, 22, 23], [30]]
+EXPECTED = [[(len(p) + i) % 100 for i in range(6)] for p in PROMPTS]
+
+
+def test_failures_mid_run_lose_and_repeat_nothing():
+    executor = FlakyExecutor()
+    tokens = 0
+
+    def fail_now_and_then():
+        nonlocal tokens
+        tokens += 1
+        if tokens in (3, 9):
+            executor.fail_next = True
+
+    engine = make_engine(executor)
+    assert asyncio.run(run(engine, PROMPTS, fail_now_and_then)) == EXPECTED
+    assert executor.failures == 2 and engine.num_recomputed() > 0
+
+
+def test_request_that_crashes_a_stage_twice_is_failed_alone():
+    executor = FlakyExecutor(poison={20})
+    results = asyncio.run(run(make_engine(executor), PROMPTS))
+    assert isinstance(results[2], RuntimeError)
+    assert "was in 2 steps in a row that a stage failure lost" in str(results[2])
+    assert [r for i, r in enumerate(results) if i != 2] == [e for i, e in enumerate(EXPECTED) if i != 2]
+    assert executor.failures == 2  # the second failure isolated it: one suspect per step
+
+
+def test_final_failure_fails_every_request_with_its_cause():
+    class DeadExecutor(FlakyExecutor):
+        async def execute(self, sched, generation=None):
+            self.failure = RuntimeError("pipeline stage 1 died; giving up after 3 restarts")
+            raise self.failure
+
+    results = asyncio.run(run(make_engine(DeadExecutor()), PROMPTS))
+    assert all(isinstance(r, RuntimeError) and "giving up" in str(r) for r in results)
+
+
+def test_requests_arriving_during_recovery_wait_and_complete():
+    class SlowRecovery(FlakyExecutor):
+        recovering_for = 0
+
+        @property
+        def recovering(self) -> bool:
+            return self.recovering_for > 0
+
+        async def wait_ready(self) -> int:
+            while self.recovering_for > 0:
+                self.recovering_for -= 1
+                await asyncio.sleep(0.01)
+            return self.generation
+
+    executor = SlowRecovery()
+    executor.recovering_for = 5
+    executor.generation = 1  # the engine starts while a recovery is running
+    assert asyncio.run(run(make_engine(executor), PROMPTS)) == EXPECTED

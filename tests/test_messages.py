@@ -1,0 +1,45 @@
+"""The typed messages between engine, node agents and ranks survive a trip through a real pipe."""
+
+from __future__ import annotations
+
+import dataclasses
+from multiprocessing import Pipe
+
+import pytest
+
+from pipeserve.distributed import messages as m
+from pipeserve.sampling_params import SamplingParams
+from pipeserve.types import SampledToken, ScheduledRequest, SchedulerOutput, StepOutput
+
+SCHED = SchedulerOutput(3, 1, [ScheduledRequest("r", [1, 2], 0, [4], SamplingParams(temperature=0))])
+EXAMPLES = [
+    m.RankHello(rank=2, pid=99, host="h"), m.NodeHello(node_rank=1, pid=98, host="h"),
+    m.StartRanks(ranks=(2, 3), generation=1), m.KillRanks(ranks=(3,), generation=1),
+    m.StartStage(spec={"stand-in": "WorkerSpec"}, generation=1), m.RunStep(sched=SCHED, generation=1),
+    m.Release(generation=2), m.Join(generation=2), m.Ping(nonce=5, generation=2), m.StatsRequest(generation=2),
+    m.Stop(generation=2), m.Loaded(rank=1, generation=2, num_params=10), m.Ready(rank=1, generation=2, num_params=10),
+    m.StepResult(output=StepOutput(3, 1, {"r": SampledToken(7, -0.5)}), generation=2),
+    m.Released(rank=1, generation=2), m.GroupLost(rank=1, generation=2, cause="Connection closed by peer"),
+    m.StageError(rank=1, generation=2, cause="IndexError: x", details="Traceback ..."),
+    m.Pong(rank=1, nonce=5, generation=2), m.BusyReport(rank=1, seconds=1.5, generation=2),
+    m.StatsReply(rank=1, stats={"records": []}, generation=2),
+]
+
+
+def test_every_message_kind_has_an_example():
+    kinds = {obj for obj in vars(m).values() if dataclasses.is_dataclass(obj) and obj.__module__ == m.__name__}
+    assert kinds == {type(e) for e in EXAMPLES}
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda e: type(e).__name__)
+def test_message_round_trips_over_a_pipe(msg):
+    a, b = Pipe()
+    a.send(msg)
+    got = b.recv()
+    assert type(got) is type(msg) and got == msg
+
+
+def test_rank_messages_carry_the_generation():
+    for msg in EXAMPLES:
+        if not isinstance(msg, (m.RankHello, m.NodeHello)):
+            assert isinstance(msg.generation, int), type(msg).__name__
