@@ -38,6 +38,7 @@ class Scheduler:
         self._next_step = 0
         self.num_preemptions = 0
         self.num_recomputed = 0  # requests sent back to recompute by stage failures
+        self.num_recomputed_tokens = 0  # tokens whose KV they had, computed again
 
     # ---- queue ---------------------------------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class Scheduler:
         Returns how many were sent back."""
         assert not self._scheduled, "abandon the step in flight first"
         running = list(self.running)
+        self.num_recomputed_tokens += sum(r.num_computed_tokens for r in running)
         for req in reversed(running):  # appendleft in reverse keeps their order at the front of the queue
             self._send_back(req)
         self.num_recomputed += len(running)

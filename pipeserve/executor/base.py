@@ -46,8 +46,10 @@ class Executor(abc.ABC):
     def shutdown(self) -> None:
         """Stop every process and free every resource; safe to call twice."""
 
-    def check_health(self) -> None:  # noqa: B027 - a process-less executor has nothing to check
-        """Raise if any stage is dead."""
+    def check_health(self) -> None:
+        """Raise if the stages have failed for good (a recovery in progress is not a failure)."""
+        if self.failure is not None:
+            raise self.failure
 
     def busy_seconds(self) -> list[float] | None:
         """Cumulative compute seconds per stage, if this executor can tell without asking the stages."""

@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import itertools
 import logging
 import queue
 import secrets
-import socket
 import threading
 import time
-from multiprocessing.connection import Connection, Listener, wait
+from multiprocessing.connection import Connection, wait
 from typing import Any
-
-import torch.distributed as dist
 
 from pipeserve.config import EngineConfig
 from pipeserve.distributed.launcher import control_address
@@ -49,6 +45,7 @@ from pipeserve.distributed.messages import (
 )
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor, StepInterrupted
+from pipeserve.executor.control_listener import ControlListener, host_store
 from pipeserve.executor.formation import FormationInterrupted, GroupFormation, StageFailure
 from pipeserve.executor.rank_launcher import ClusterLauncher
 from pipeserve.executor.rank_table import RankTable
@@ -71,11 +68,10 @@ class MultiprocExecutor(Executor):
         par = config.parallel
         self.config, self.tp_size = config, par.tensor_parallel_size
         world = len(stages) * self.tp_size
-        self.store = _host_store(par.master_addr, par.master_port, par.distributed_timeout_s)
+        self.store = host_store(par.master_addr, par.master_port, par.distributed_timeout_s)
         self.specs = [WorkerSpec(config, stages[r // self.tp_size], r, world, par.master_addr, self.store.port)
                       for r in range(world)]
         self.table = RankTable(world)
-        self.result_rank = (len(stages) - 1) * self.tp_size
         self.generation = 0
         self.state = "starting"  # starting, running, recovering, failed, closed
         self.failure: StageFailure | None = None
@@ -87,12 +83,12 @@ class MultiprocExecutor(Executor):
         self._busy: dict[int, float] = {}
         self._closed = False
         authkey = par.cluster_key.encode() if par.cluster_key else secrets.token_bytes(32)
-        self._listener = Listener(control_address(par.master_addr, par.master_port, par.nnodes), authkey=authkey)
+        self._listener = ControlListener(control_address(par.master_addr, par.master_port, par.nnodes), authkey,
+                                         world, self._rank_connected, self._agent_connected)
         self.launcher = ClusterLauncher(self._listener.address, authkey, par.master_addr, world, par.nnodes,
                                         par.node_rejoin_timeout_s)
         self.formation = GroupFormation(self.table, self.launcher, self.specs, self.who, par.join_timeout_s)
-        for target, name in ((self._accept_loop, "accept"), (self._monitor_loop, "monitor")):
-            threading.Thread(target=target, name=f"pipeserve-{name}", daemon=True).start()
+        threading.Thread(target=self._monitor_loop, name="pipeserve-monitor", daemon=True).start()
         try:
             self.stage_params = self.formation.start_all(0)
         except FormationInterrupted as exc:
@@ -145,37 +141,28 @@ class MultiprocExecutor(Executor):
 
     # ---- the monitor: every message from every rank and agent ----------------------------------------
 
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                conn = self._listener.accept()
-                if not conn.poll(10):
-                    conn.close()
-                    continue
-                hello = conn.recv()
-            except (OSError, EOFError, ValueError):
-                continue  # a stranger without the key, a dropped attempt, or the listener closing
-            if isinstance(hello, RankHello) and 0 <= hello.rank < self.table.world_size:
-                with self.table.cv:
-                    self.table.hellos[hello.rank] = conn
-                    self.table.cv.notify_all()
-            elif isinstance(hello, NodeHello):
-                logger.info("node %d's `pipeserve worker` connected (%s, pid %d)", hello.node_rank, hello.host,
-                            hello.pid)
-                self.launcher.agent_connected(hello.node_rank, conn)
-            else:
-                conn.close()
+    def _rank_connected(self, hello: RankHello, conn: Connection) -> None:
+        with self.table.cv:
+            self.table.hellos[hello.rank] = conn
+            self.table.cv.notify_all()
+
+    def _agent_connected(self, hello: NodeHello, conn: Connection) -> None:
+        logger.info("node %d's `pipeserve worker` connected (%s, pid %d)", hello.node_rank, hello.host, hello.pid)
+        self.launcher.agent_connected(hello.node_rank, conn)
 
     def _monitor_loop(self) -> None:
         while not self._closed:
             with self.table.cv:
                 ranks = {conn: r for r, conn in self.table.conns.items()}
             agents = {conn: n for n, conn in self.launcher.agent_connections().items()}
+            if not ranks and not agents:
+                time.sleep(0.2)
+                continue
             try:
-                ready = wait(list(ranks) + list(agents), timeout=0.2) if ranks or agents else time.sleep(0.2)
+                ready = wait(list(ranks) + list(agents), timeout=0.2)
             except OSError:
                 continue  # a connection closed under us (a retired rank): take a fresh snapshot
-            for conn in ready or ():
+            for conn in ready:
                 if conn in agents:
                     self._agent_message(agents[conn], conn)
                 else:
@@ -298,10 +285,6 @@ class MultiprocExecutor(Executor):
         _interrupt(pending, failure)
         self.launcher.kill(list(range(self.table.world_size)), self.generation)
 
-    def check_health(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-
     # ---- stats ---------------------------------------------------------------------------------------
 
     def busy_seconds(self) -> list[float]:
@@ -333,26 +316,8 @@ class MultiprocExecutor(Executor):
             conns = list(self.table.conns.values()) + list(self.table.hellos.values())
         for conn in conns + list(self.launcher.agent_connections().values()):
             conn.close()
-        _close_listener(self._listener)
+        self._listener.close()
         self.store = None
-
-
-def _host_store(addr: str, port: int | None, timeout_s: float) -> dist.TCPStore:
-    """The rendezvous store, hosted by the engine so that it outlives any rank."""
-    try:
-        return dist.TCPStore(addr, port or 0, is_master=True, wait_for_workers=False,
-                             timeout=datetime.timedelta(seconds=timeout_s))
-    except Exception as exc:  # noqa: BLE001 - torch raises several types here; the cause is in the text
-        raise ValueError(f"cannot host the rendezvous store on {addr}:{port or 0} (--master-port): "
-                         f"{str(exc).splitlines()[0]}") from None
-
-
-def _close_listener(listener: Listener) -> None:
-    """Close the listener and wake the accept thread blocked on it (closing alone does not wake accept)."""
-    address = listener.address
-    with contextlib.suppress(OSError):
-        socket.create_connection(address, timeout=1).close()
-    listener.close()
 
 
 def _interrupt(pending: dict, exc: BaseException) -> None:
