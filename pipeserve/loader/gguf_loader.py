@@ -15,11 +15,12 @@ import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import gguf
 import numpy as np
 import torch
 from gguf.quants import dequantize
 from tqdm import tqdm
+
+from pipeserve.loader.gguf_index import GGUFIndex, GGUFTensor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -55,20 +56,19 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _IGNORED = frozenset({"rope_freqs.weight"})
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+def _field(reader: GGUFIndex, key: str, default: Any = None) -> Any:
     """A metadata value as a Python scalar/str/list, or `default` when absent."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    return reader.get(key, default)
 
 
-def _require(reader: gguf.GGUFReader, key: str) -> Any:
+def _require(reader: GGUFIndex, key: str) -> Any:
     value = _field(reader, key)
     if value is None:
         raise ValueError(f"GGUF file has no {key!r} metadata")
     return value
 
 
-def _check_arch(reader: gguf.GGUFReader) -> None:
+def _check_arch(reader: GGUFIndex) -> None:
     arch = _field(reader, "general.architecture")
     if arch != _ARCH:
         raise ValueError(f"GGUF architecture {arch!r} is not supported: pipeserve reads only 'llama' files")
@@ -85,7 +85,7 @@ def gguf_to_hf_name(name: str) -> str | None:
     return f"model.layers.{layer}.{_BLOCK_NAMES[stem]}.{kind}"
 
 
-def _vocab_size(reader: gguf.GGUFReader) -> int:
+def _vocab_size(reader: GGUFIndex) -> int:
     """Rows of the embedding matrix: what the weights need, even if the token list is padded."""
     for tensor in reader.tensors:
         if tensor.name == "token_embd.weight":
@@ -93,7 +93,7 @@ def _vocab_size(reader: gguf.GGUFReader) -> int:
     return len(_require(reader, "tokenizer.ggml.tokens"))
 
 
-def _rope_scaling(reader: gguf.GGUFReader) -> dict[str, Any] | None:
+def _rope_scaling(reader: GGUFIndex) -> dict[str, Any] | None:
     kind = _field(reader, f"{_ARCH}.rope.scaling.type")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(_require(reader, f"{_ARCH}.rope.scaling.factor"))}
@@ -102,7 +102,7 @@ def _rope_scaling(reader: gguf.GGUFReader) -> dict[str, Any] | None:
     return None
 
 
-def _config_from_reader(reader: gguf.GGUFReader) -> dict[str, Any]:
+def _config_from_reader(reader: GGUFIndex) -> dict[str, Any]:
     _check_arch(reader)
     names = {t.name for t in reader.tensors}
     hidden = int(_require(reader, "llama.embedding_length"))
@@ -135,7 +135,7 @@ def gguf_hf_config(path: str) -> dict[str, Any]:
 
     Raises ValueError when the architecture is not llama or a required key is missing.
     """
-    return _config_from_reader(gguf.GGUFReader(path))
+    return _config_from_reader(GGUFIndex(path))
 
 
 def _unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -152,7 +152,7 @@ def _unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _to_torch(tensor: gguf.ReaderTensor, heads: int, kv_heads: int) -> torch.Tensor:
+def _to_torch(tensor: GGUFTensor, heads: int, kv_heads: int) -> torch.Tensor:
     """Dequantize one GGUF tensor into a float32 torch tensor in HF shape and row order."""
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are fastest-first
     arr = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
@@ -168,8 +168,8 @@ def _to_torch(tensor: gguf.ReaderTensor, heads: int, kv_heads: int) -> torch.Ten
 
 
 def _wanted_tensors(
-    reader: gguf.GGUFReader, wanted: Callable[[str], bool]
-) -> list[tuple[str, gguf.ReaderTensor]]:
+    reader: GGUFIndex, wanted: Callable[[str], bool]
+) -> list[tuple[str, GGUFTensor]]:
     """(HF name, GGUF tensor) pairs whose HF name passes `wanted`; reads no tensor data."""
     selected = []
     for tensor in reader.tensors:
@@ -192,7 +192,7 @@ def iter_gguf_tensors(
     memory-mapped), so a pipeline stage pays only for its own layers. q/k
     projections are returned in HF rotary row order.
     """
-    reader = gguf.GGUFReader(path)
+    reader = GGUFIndex(path)
     _check_arch(reader)
     heads = int(_require(reader, "llama.attention.head_count"))
     kv_heads = int(_field(reader, "llama.attention.head_count_kv", heads))
@@ -210,7 +210,7 @@ def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     if not tok.chat_template:
         # Opening the reader parses all metadata again, so only do it when needed.
-        template = _field(gguf.GGUFReader(path), "tokenizer.chat_template")
+        template = _field(GGUFIndex(path), "tokenizer.chat_template")
         if template:
             tok.chat_template = template
     return tok
