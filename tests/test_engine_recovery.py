@@ -129,3 +129,37 @@ def test_requests_arriving_during_recovery_wait_and_complete():
     executor.recovering_for = 5
     executor.generation = 1  # the engine starts while a recovery is running
     assert asyncio.run(run(make_engine(executor), PROMPTS)) == EXPECTED
+
+
+def test_abort_during_recovery_frees_the_request_blocks():
+    class StuckRecovery(FlakyExecutor):
+        recovering = False
+
+        async def execute(self, sched, generation=None):
+            if self.fail_next:
+                self.recovering = True  # the step is lost and the recovery takes a while
+            return await super().execute(sched, generation)
+
+        async def wait_ready(self) -> int:
+            while self.recovering:
+                await asyncio.sleep(0.01)
+            return self.generation
+
+    executor = StuckRecovery()
+    engine = make_engine(executor)
+
+    async def scenario() -> tuple[int, list[int]]:
+        async with engine.running():
+            stream = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+            executor.fail_next = True  # a step is lost once the request holds KV blocks
+            while not executor.recovering:
+                await asyncio.sleep(0.01)
+            held = sum(s.block_manager.num_used_blocks for s in engine.schedulers)
+            engine.abort(stream.request_id)  # the client leaves while the pipeline recovers
+            used = [s.block_manager.num_used_blocks for s in engine.schedulers]
+            executor.recovering = False
+            return held, used
+
+    held, used = asyncio.run(scenario())
+    assert held > 0 and used == [0, 0]
+    assert not engine.has_unfinished()

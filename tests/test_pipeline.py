@@ -69,9 +69,11 @@ def test_each_stage_holds_only_its_own_parameters(tiny_models, hf_models):
         assert sum(counts) == hf_total + tied_extra
 
 
-def test_stage_that_raises_is_replaced_and_its_step_recomputed(tiny_model):
-    """A stage raising on a step is reported with its name and replaced; the step is lost, never the engine."""
-    llm = LLM(tiny_model, dtype="float32", pipeline_parallel_size=2, threads_per_worker=1)
+def test_stage_that_raises_is_replaced_and_its_step_recomputed(tiny_model, tmp_path):
+    """A stage raising on a step is reported with its name and replaced; the step is lost, never the engine.
+    The trace marks the recovery on a row of its own."""
+    trace = tmp_path / "trace.json"
+    llm = LLM(tiny_model, dtype="float32", pipeline_parallel_size=2, threads_per_worker=1, trace_file=str(trace))
     executor = llm.engine.executor
     bad = SchedulerOutput(0, 0, [ScheduledRequest("r", [1, 2, 3], 0, [10**6], GREEDY)])  # block far out of range
     import asyncio
@@ -85,6 +87,10 @@ def test_stage_that_raises_is_replaced_and_its_step_recomputed(tiny_model):
     finally:
         llm.shutdown()
     assert all(p.poll() is not None for p in executor.launcher.procs.values())
+    import json
+
+    recoveries = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "recovery"]
+    assert len(recoveries) == 1 and "pipeline stage 0" in recoveries[0]["args"]["cause"]
 
 
 def test_bad_partition_is_a_clear_error(tiny_model):

@@ -148,7 +148,7 @@ class MultiprocExecutor(Executor):
 
     def _agent_connected(self, hello: NodeHello, conn: Connection) -> None:
         logger.info("node %d's `pipeserve worker` connected (%s, pid %d)", hello.node_rank, hello.host, hello.pid)
-        self.launcher.agent_connected(hello.node_rank, conn)
+        self.launcher.agent_connected(hello.node_rank, conn, hello.host)
 
     def _monitor_loop(self) -> None:
         while not self._closed:

@@ -61,6 +61,7 @@ class ClusterLauncher(RankLauncher):
         self.node_rejoin_timeout_s = node_rejoin_timeout_s
         self.procs: dict[int, subprocess.Popen] = {}  # node 0's ranks
         self.agents: dict[int, Connection] = {}  # node rank -> its agent's connection
+        self.hosts: dict[int, str] = {}  # node rank -> the host name its agent reported
         self._agents_changed = threading.Condition()
 
     def node_of(self, rank: int) -> int:
@@ -71,12 +72,13 @@ class ClusterLauncher(RankLauncher):
         if node == 0:
             proc = self.procs.get(rank)
             return "the head node" + (f", pid {proc.pid}" if proc else "")
-        return f"node {node}"
+        return f"node {node}" + (f" ({self.hosts[node]})" if node in self.hosts else "")
 
     # ---- node agents ---------------------------------------------------------------------------------
 
-    def agent_connected(self, node: int, conn: Connection) -> None:
+    def agent_connected(self, node: int, conn: Connection, host: str) -> None:
         with self._agents_changed:
+            self.hosts[node] = host
             old = self.agents.pop(node, None)
             if old is not None:
                 with contextlib.suppress(OSError):
