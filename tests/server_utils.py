@@ -103,3 +103,11 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(")") + 2:].split()[0] != "Z"
+
+
+def wait_all_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    """Wait up to `timeout_s` for every process to be gone; returns those still alive."""
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]

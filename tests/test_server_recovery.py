@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import tiny_with_tokenizer
-from server_utils import alive, child_pids, metric_sum, read_metrics, start_server
+from server_utils import child_pids, metric_sum, read_metrics, start_server, wait_all_gone
 
 pytestmark = pytest.mark.slow
 
@@ -118,10 +118,7 @@ def test_killed_stage_while_streaming_loses_nothing(model_path, tmp_path):
         stages = [rank_pid(server.proc.pid, r) for r in (0, 1)]
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in stages) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [p for p in stages if alive(p)]
+        assert wait_all_gone(stages, timeout_s=10) == []
     finally:
         server.stop()
 
@@ -133,9 +130,6 @@ def test_final_failure_makes_serve_exit_non_zero(model_path, tmp_path):
         os.kill(stages[1], signal.SIGKILL)
         assert server.proc.wait(timeout=60) != 0
         assert "giving up after 0 restarts" in server.log_text()
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in stages) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [p for p in stages if alive(p)]
+        assert wait_all_gone(stages, timeout_s=10) == []
     finally:
         server.stop()

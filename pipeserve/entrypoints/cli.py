@@ -128,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
-    worker = sub.add_parser("worker", help="host this machine's ranks of a multi-node engine (headless)")
+    worker = sub.add_parser("worker", help="host this machine's ranks of a multi-node engine (headless); stays up "
+                                           "for the engine's whole life and starts replacements when ranks die")
     add_cluster_flags(worker)
-    worker.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the head")
+    worker.add_argument("--connect-timeout", type=float, default=60.0,
+                        help="seconds to wait for the head, at start and again whenever it goes away (a restarted "
+                             "head is served by the same worker)")
     worker.set_defaults(func=_worker)
 
     bench = sub.add_parser("bench", help="benchmarks")
