@@ -23,6 +23,9 @@ class ScheduledRequest:
     block_table: list[int]  # physical KV blocks of the request, in order
     sampling_params: SamplingParams | None  # set only when this step samples the request's next token
     num_output_tokens: int = 0  # outputs so far: makes seeded sampling independent of batch and preemption
+    # After a recovery: stages after this one still hold these tokens' KV, so only stages up to it recompute
+    # them (the replaced stage needs the activations of those before it). None: every stage computes them.
+    last_stage: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +55,11 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.requests
+
+    def for_stage(self, stage: int) -> SchedulerOutput:
+        """The part of the step pipeline stage `stage` computes (all of it, unless a recovery is catching up)."""
+        mine = [r for r in self.requests if r.last_stage is None or stage <= r.last_stage]
+        return self if len(mine) == len(self.requests) else SchedulerOutput(self.step_id, self.virtual_engine, mine)
 
     @property
     def kind(self) -> str:

@@ -10,6 +10,7 @@ import torch
 from pipeserve.config import EngineConfig, ModelConfig, SchedulerConfig
 from pipeserve.engine.async_engine import AsyncEngine
 from pipeserve.executor.base import Executor, StepInterrupted
+from pipeserve.executor.recovery_log import RecoveryLog, RecoverySpan
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import SampledToken, SchedulerOutput, StepOutput
 
@@ -25,6 +26,7 @@ class FlakyExecutor(Executor):
 
     def __init__(self, poison: set[int] = frozenset()):
         self.poison, self.fail_next, self.failures = poison, False, 0
+        self.recoveries = RecoveryLog()
 
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
         await asyncio.sleep(0)
@@ -33,7 +35,8 @@ class FlakyExecutor(Executor):
         if self.fail_next or any(r.token_ids and r.token_ids[0] in self.poison for r in sched.requests):
             self.fail_next = False
             self.failures += 1
-            self.generation += 1  # recovered instantly: the next generation is ready
+            self.generation += 1  # recovered instantly, stage 1 replaced: the next generation is ready
+            self.recoveries.record(RecoverySpan(0.0, 0.0, "stage 1 died", [1], self.generation))
             raise StepInterrupted("stage 1 died")
         return StepOutput(sched.step_id, sched.virtual_engine,
                           {r.req_id: SampledToken(r.context_len % 100) for r in sched.requests

@@ -82,9 +82,14 @@ def test_sigstopped_stage_is_caught_by_the_step_deadline(pp2, hf_models):
     stop = SignalAt(llm, rank=0, sig=signal.SIGSTOP)
     got = generate(llm, stop)
     assert_identical(hf_models["gqa"], got, reference)
-    span = llm.engine.executor.recoveries.spans[before]
+    executor = llm.engine.executor
+    span = executor.recoveries.spans[before]
     assert "got no result within 4 s (--step-timeout-s)" in span.cause
     assert span.replaced_stages == [0]
+    # Stage 1 kept its KV: it skipped the catch-up that the new stage 0 computed.
+    stats = executor.collect_stats()
+    tokens = [sum(r.num_tokens for r in s["records"] if r.start >= span.end) for s in stats]
+    assert tokens[0] > tokens[1] > 0
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.kill(stop.pid, 0)  # the stopped process was killed, not left behind

@@ -147,23 +147,40 @@ def test_block_tables_cover_every_computed_token():
             assert len(r.block_table) * 4 >= r.context_len
 
 
-def test_recompute_all_sends_every_running_request_back_in_order():
+def test_recompute_all_catches_up_only_the_stages_that_lost_their_kv():
     s = make_scheduler(budget=64)
     reqs = [request(str(i), 5, max_tokens=6) for i in range(3)]
     for r in reqs:
         s.add_request(r)
     s.update(fake_step(s.schedule()))  # all three prefilled, one token each
+    blocks = {r.request_id: list(s.block_manager.block_tables[r.request_id]) for r in reqs}
     s.schedule()
     s.abandon_step(lost=False)  # planned, never ran: nobody becomes a suspect
-    assert s.recompute_all() == 3 and s.num_recomputed == 3
-    assert [r.request_id for r in s.waiting] == ["0", "1", "2"] and not s.running
-    assert all(r.num_computed_tokens == 0 and r.num_failed_steps == 0 for r in reqs)
-    assert s.block_manager.num_used_blocks == 0
-    step = s.schedule()  # prompt + the token already produced, recomputed in one prefill each
-    assert [r.token_ids for r in step.requests] == [list(range(10, 15)) + [7]] * 3
-    s.update(fake_step(step))
+    assert s.recompute_all(last_stage=0) == 3 and s.num_recomputed == 3 and s.num_recomputed_tokens == 15
+    assert [r.request_id for r in s.running] == ["0", "1", "2"]  # they keep their place and their blocks
+    assert {r.request_id: s.block_manager.block_tables[r.request_id] for r in reqs} == blocks
+    catch_up = s.schedule()
+    # The 5 prompt tokens again, on stage 0 only (stage 1 still holds their KV); no sampling yet.
+    assert [(r.token_ids, r.start_pos, r.last_stage, r.sampling_params) for r in catch_up.requests] == \
+        [(list(range(10, 15)), 0, 0, None)] * 3
+    assert catch_up.for_stage(1).is_empty and catch_up.for_stage(0) is catch_up
+    s.update(fake_step(catch_up))
+    resume = s.schedule()  # then the decode of the token already produced, on every stage
+    assert [(r.token_ids, r.start_pos, r.last_stage) for r in resume.requests] == [([7], 5, None)] * 3
+    s.update(fake_step(resume))
     run_to_completion(s)
     assert all(r.output_token_ids == [7] * 6 for r in reqs)  # nothing lost, nothing repeated
+
+
+def test_preempting_a_request_that_catches_up_recomputes_it_on_every_stage():
+    s = make_scheduler(budget=64)
+    r = request("a", 8, max_tokens=4)
+    s.add_request(r)
+    s.update(fake_step(s.schedule()))
+    s.recompute_all(last_stage=0)
+    s._preempt(r)  # the pool ran dry: its blocks, and the KV later stages held in them, are gone
+    step = s.schedule()
+    assert step.requests[0].start_pos == 0 and step.requests[0].last_stage is None
 
 
 def test_suspects_of_a_lost_step_run_one_per_step_and_a_repeat_offender_fails_alone():
@@ -173,12 +190,12 @@ def test_suspects_of_a_lost_step_run_one_per_step_and_a_repeat_offender_fails_al
         s.add_request(r)
     s.schedule()
     assert s.abandon_step() == []  # the step was lost: a, b, c are suspects
-    s.recompute_all()
+    s.recompute_all(last_stage=1)
     first = s.schedule()
     assert [r.req_id for r in first.requests] == ["a"]  # one suspect per step
     assert s.abandon_step() == [reqs["a"]]  # lost again with a in it: a is failed on its own
     assert reqs["a"].status == RequestStatus.FINISHED_ABORTED and "a" not in s.requests
-    s.recompute_all()
+    s.recompute_all(last_stage=1)
     second = s.schedule()
     assert [r.req_id for r in second.requests] == ["b"]
     s.update(fake_step(second))  # a completed step clears b

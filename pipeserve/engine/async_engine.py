@@ -5,9 +5,9 @@ executor, applies the sampled tokens, and publishes outputs. With P VEs, up to P
 at once, one per VE, which is what keeps every pipeline stage busy.
 
 When a stage fails and the executor recovers, each VE's step in flight is interrupted; the VE waits for
-the new generation of the group and recomputes every running request from its prompt and outputs (no KV
-of the old generation is trusted). Streams only see a pause. A failure that cannot be recovered fails
-every request with an error naming the stage.
+the new generation of the group and has every running request compute its prompt and outputs again on the
+stages up to the last replaced one (later stages still hold that KV). Streams only see a pause. A failure
+that cannot be recovered fails every request with an error naming the stage.
 """
 
 from __future__ import annotations
@@ -154,8 +154,11 @@ class AsyncEngine:
                 continue
             try:
                 if generation != self.executor.generation or self.executor.recovering:
-                    generation = await self.executor.wait_ready()
-                    scheduler.recompute_all()  # the KV of every running request may be gone with the stage
+                    ready = await self.executor.wait_ready()
+                    lost = self.executor.kv_lost_through(generation)
+                    if lost is not None:  # replaced stages lost their KV: catch up on stages 0..lost
+                        scheduler.recompute_all(lost)
+                    generation = ready
                 sched = scheduler.schedule()
                 if sched.is_empty:
                     await asyncio.sleep(0)

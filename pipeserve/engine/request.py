@@ -38,6 +38,10 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.num_failed_steps = 0  # consecutive steps of this request lost to a stage failure
+        # Catching up after a recovery: stages after `catch_up_stage` still hold KV for the first
+        # `kv_held_tokens` tokens, so only stages up to it recompute them.
+        self.kv_held_tokens = 0
+        self.catch_up_stage: int | None = None
         self.arrival_time = time.monotonic()
 
     @property
@@ -57,6 +61,9 @@ class Request:
         if self.num_computed_tokens < len(self.prompt_token_ids):
             return self.prompt_token_ids[self.num_computed_tokens:] + self.output_token_ids
         return self.output_token_ids[self.num_computed_tokens - len(self.prompt_token_ids):]
+
+    def stop_catching_up(self) -> None:
+        self.kv_held_tokens, self.catch_up_stage = 0, None
 
     def finish(self, status: RequestStatus, stop_reason: int | str | None = None) -> None:
         self.status, self.stop_reason = status, stop_reason

@@ -5,9 +5,11 @@ requests in arrival order, all under one token budget (`max_num_batched_tokens`)
 When the KV pool runs dry, the most recently admitted running request is preempted: its blocks are freed
 and it goes back to the front of the queue, to recompute prompt + outputs later. It loses no tokens.
 
-A stage failure is handled the same way: every running request is recomputed (`recompute_all`). The
-requests of a step lost to a failure become suspects: a step carries at most one suspect, so a request that
-crashes a stage is caught alone, and one lost in MAX_FAILED_STEPS steps in a row is failed on its own.
+A stage failure is handled much the same way (`recompute_all`): every running request computes its tokens
+again, keeping its blocks, but only on the stages up to the last replaced one: the stages after it still
+hold that KV, so those chunks skip them (`ScheduledRequest.last_stage`). The requests of a step lost to a
+failure become suspects: a step carries at most one suspect, so a request that crashes a stage is caught
+alone, and one lost in MAX_FAILED_STEPS steps in a row is failed on its own.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class Scheduler:
                 i += 1
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_computed_tokens < req.kv_held_tokens:  # a catch-up chunk never runs past the held KV
+                n = min(n, req.kv_held_tokens - req.num_computed_tokens)
             while not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -126,6 +130,7 @@ class Scheduler:
         self.block_manager.free(req.request_id)
         self._scheduled.pop(req.request_id, None)
         req.num_computed_tokens = 0
+        req.stop_catching_up()  # its blocks are gone: every stage recomputes it
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
@@ -147,20 +152,23 @@ class Scheduler:
             self._finish(req, RequestStatus.FINISHED_ABORTED)
         return crashed
 
-    def recompute_all(self) -> int:
-        """Every running request recomputes from its prompt and outputs: no KV of a failed group is trusted.
-        Returns how many were sent back."""
+    def recompute_all(self, last_stage: int) -> int:
+        """After a recovery that replaced pipeline stages up to `last_stage`: every running request computes
+        its tokens again on stages 0..last_stage (the replaced stage lost its KV and needs the activations of
+        those before it); later stages keep theirs. Blocks stay. Returns how many requests catch up."""
         assert not self._scheduled, "abandon the step in flight first"
-        running = list(self.running)
-        self.num_recomputed_tokens += sum(r.num_computed_tokens for r in running)
-        for req in reversed(running):  # appendleft in reverse keeps their order at the front of the queue
-            self._send_back(req)
-        self.num_recomputed += len(running)
-        return len(running)
+        catching_up = [r for r in self.running if r.num_computed_tokens]
+        for req in catching_up:
+            req.kv_held_tokens, req.catch_up_stage = req.num_computed_tokens, last_stage
+            req.num_computed_tokens = 0
+        self.num_recomputed += len(catching_up)
+        self.num_recomputed_tokens += sum(r.kv_held_tokens for r in catching_up)
+        return len(catching_up)
 
     def _scheduled_request(self, req: Request) -> ScheduledRequest:
         n = self._scheduled[req.request_id]
         samples = req.num_computed_tokens + n == req.num_tokens
+        catching_up = req.num_computed_tokens < req.kv_held_tokens
         return ScheduledRequest(
             req_id=req.request_id,
             token_ids=req.tokens_to_compute()[:n],
@@ -168,6 +176,7 @@ class Scheduler:
             block_table=list(self.block_manager.block_tables[req.request_id]),
             sampling_params=req.sampling_params if samples else None,
             num_output_tokens=req.num_output_tokens,
+            last_stage=req.catch_up_stage if catching_up else None,
         )
 
     # ---- results -------------------------------------------------------------------------------------
@@ -181,6 +190,8 @@ class Scheduler:
                 continue  # aborted while its step was in flight
             req.num_computed_tokens += n
             req.num_failed_steps = 0
+            if req.num_computed_tokens >= req.kv_held_tokens:
+                req.stop_catching_up()
             sampled = step.sampled.get(req_id)
             if sampled is None:
                 continue

@@ -37,6 +37,13 @@ class Executor(abc.ABC):
             raise self.failure
         return self.generation
 
+    def kv_lost_through(self, generation: int) -> int | None:
+        """The last pipeline stage replaced (its KV cache lost) by recoveries since `generation`, or None
+        when no stage lost its KV (a false alarm: nothing to recompute)."""
+        spans = self.recoveries.spans if self.recoveries is not None else []
+        return max((s for span in spans if span.generation > generation for s in span.replaced_stages),
+                   default=None)
+
     @property
     def recovering(self) -> bool:
         """True while a failed stage is being replaced."""

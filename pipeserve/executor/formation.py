@@ -40,6 +40,7 @@ class GroupFormation:
         self.table, self.launcher, self.specs, self.who = table, launcher, specs, who
         self.join_timeout_s = join_timeout_s
         self._nonces = itertools.count(1)
+        self.started: set[int] = set()  # ranks started since the caller last cleared it (their KV is new)
 
     def start_all(self, generation: int) -> list[int]:
         """Start-up: every rank is new. Returns each rank's parameter count."""
@@ -112,6 +113,7 @@ class GroupFormation:
                 t.start_errors.pop(r, None)
                 t.loaded.pop(r, None)
             t.ready.clear()
+        self.started.update(new)
         try:
             self.launcher.start(new, generation, deadline)
         except NodeAgentMissing as exc:

@@ -248,13 +248,14 @@ class MultiprocExecutor(Executor):
 
     def _recover(self, cause: str) -> None:
         start = time.time()
+        self.formation.started.clear()  # every rank started by any attempt of this recovery has lost its KV
         while True:
             if not self._restarts.take():
                 par = self.config.parallel
                 return self._give_up(f"{cause}; giving up after {par.max_stage_restarts} restarts within "
                                      f"{par.restart_window_s:.0f} s (--max-stage-restarts)")
             try:
-                replaced = self.formation.reform(self.generation)
+                self.formation.reform(self.generation)
                 break
             except FormationInterrupted as exc:
                 if self._closed:
@@ -265,8 +266,9 @@ class MultiprocExecutor(Executor):
                     self.generation += 1
             except Exception as exc:  # noqa: BLE001 - a replacement that cannot start: final
                 return self._give_up(f"{cause}; recovery failed: {exc}")
+        replaced = sorted(self.formation.started)
         stages = sorted({self.specs[r].stage.rank for r in replaced})
-        self.recoveries.record(RecoverySpan(start, time.time(), cause, stages))
+        self.recoveries.record(RecoverySpan(start, time.time(), cause, stages, self.generation))
         with self.table.cv:
             self.table.dead.clear()
             self._steps_issued = itertools.count()

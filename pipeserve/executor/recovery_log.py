@@ -14,7 +14,8 @@ class RecoverySpan:
     start: float
     end: float
     cause: str
-    replaced_stages: list[int]
+    replaced_stages: list[int]  # their KV caches are gone
+    generation: int  # the generation the recovery formed
 
 
 @dataclass

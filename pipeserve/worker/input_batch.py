@@ -29,10 +29,34 @@ def _slots(block_table: list[int], start: int, end: int, block_size: int) -> lis
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
+def _split(sched: SchedulerOutput) -> tuple[list[ScheduledRequest], list[ScheduledRequest]]:
+    """Decodes and prefill chunks, each in plan order: the step's rows are decodes first."""
+    return [r for r in sched.requests if r.is_decode], [r for r in sched.requests if not r.is_decode]
+
+
+def ordered_requests(sched: SchedulerOutput) -> list[ScheduledRequest]:
+    """The order of the step's rows."""
+    decodes, prefills = _split(sched)
+    return decodes + prefills
+
+
+def rows_for(sched: SchedulerOutput, subset: SchedulerOutput) -> torch.Tensor | None:
+    """Rows of `sched`'s tensors that belong to `subset`'s requests (in `subset`'s row order, since
+    filtering keeps the decode/prefill order); None when that is every row."""
+    if len(subset.requests) == len(sched.requests):
+        return None
+    keep = {r.req_id for r in subset.requests}
+    rows, row = [], 0
+    for r in ordered_requests(sched):
+        if r.req_id in keep:
+            rows.extend(range(row, row + r.num_tokens))
+        row += r.num_tokens
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cpu") -> ModelInput:
     """Order the step's requests (decodes, then prefills) and derive every index tensor once per step."""
-    decodes = [r for r in sched.requests if r.is_decode]
-    prefills = [r for r in sched.requests if not r.is_decode]
+    decodes, prefills = _split(sched)
     ordered = decodes + prefills
     ids, positions, slots, sample_rows, sampled = [], [], [], [], []
     row = 0

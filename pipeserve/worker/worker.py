@@ -16,7 +16,8 @@ from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.linear import NO_TP
 from pipeserve.timeline import StepRecord
-from pipeserve.types import SchedulerOutput, StepOutput
+from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
+from pipeserve.worker.input_batch import rows_for
 from pipeserve.worker.model_runner import ModelRunner
 
 MAX_RECORDS = 200_000  # step records kept for traces: bounded, so a long-running server does not grow
@@ -53,17 +54,27 @@ class StageWorker:
         return sum(p.numel() for p in self.runner.model.parameters())  # shared (tied) tensors count once
 
     def run_step(self, sched: SchedulerOutput) -> StepOutput | None:
-        """Receive (unless first), compute, send (unless last); the StepOutput when this rank answers."""
+        """Receive (unless first), compute, send (unless last); the StepOutput when this rank answers.
+
+        After a recovery some tokens are recomputed only up to the replaced stage (`for_stage`): a stage
+        receives just the rows it computes and sends on just the rows the next stage computes."""
         cfg = self.config.model
+        mine = sched.for_stage(self.stage.rank)
+        if mine.is_empty:  # every token of the step is catch-up work for earlier stages
+            return StepOutput(sched.step_id, sched.virtual_engine) if self.runner.samples else None
         inter = None
         if not self.stage.is_first:
-            inter = self.link.recv(sched.num_tokens, cfg.hidden_size, cfg.dtype, self.config.parallel.device)
-        out = self.runner.execute(sched, inter)
+            inter = self.link.recv(mine.num_tokens, cfg.hidden_size, cfg.dtype, self.config.parallel.device)
+        out = self.runner.execute(mine, inter)
         record = self.runner.last_record
         self.records.append(record)
         self.busy_s += record.end - record.start
         if not self.stage.is_last:
-            self.link.send(out)
+            following = sched.for_stage(self.stage.rank + 1)
+            if not following.is_empty:
+                rows = rows_for(mine, following)
+                self.link.send(out if rows is None else IntermediateTensors(out.hidden_states[rows],
+                                                                            out.residual[rows]))
             return None
         return out if self.runner.samples else None
 
