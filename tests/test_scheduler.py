@@ -172,6 +172,35 @@ def test_recompute_all_catches_up_only_the_stages_that_lost_their_kv():
     assert all(r.output_token_ids == [7] * 6 for r in reqs)  # nothing lost, nothing repeated
 
 
+def test_a_second_recovery_during_a_catch_up_widens_it():
+    s = make_scheduler(budget=4)
+    r = request("a", 8, max_tokens=4)
+    s.add_request(r)
+    for _ in range(2):
+        s.update(fake_step(s.schedule()))  # the 8 prompt tokens, in two chunks of 4
+    s.recompute_all(last_stage=0)  # stage 0 replaced: stages 1.. still hold 8 tokens of KV
+    s.update(fake_step(s.schedule()))  # caught up 4 of 8 on stage 0
+    s.recompute_all(last_stage=2)  # now stage 2 is replaced too
+    assert (r.num_computed_tokens, r.kv_held_tokens, r.catch_up_stage) == (0, 8, 2)
+    chunks = []
+    while r.catch_up_stage is not None:
+        step = s.schedule()
+        chunks.append((step.requests[0].start_pos, step.requests[0].num_tokens, step.requests[0].last_stage))
+        s.update(fake_step(step))
+    assert chunks == [(0, 4, 2), (4, 4, 2)]
+
+
+def test_recompute_on_every_stage_is_one_prefill_up_to_the_next_sample():
+    s = make_scheduler(budget=64)
+    r = request("a", 5, max_tokens=4)
+    s.add_request(r)
+    s.update(fake_step(s.schedule()))
+    s.recompute_all(last_stage=None)  # the last stage was replaced: nothing to skip anywhere
+    step = s.schedule()
+    assert [(q.token_ids, q.start_pos, q.last_stage) for q in step.requests] == [(list(range(10, 15)) + [7], 0, None)]
+    assert step.requests[0].sampling_params is not None
+
+
 def test_preempting_a_request_that_catches_up_recomputes_it_on_every_stage():
     s = make_scheduler(budget=64)
     r = request("a", 8, max_tokens=4)

@@ -157,7 +157,8 @@ class AsyncEngine:
                     ready = await self.executor.wait_ready()
                     lost = self.executor.kv_lost_through(generation)
                     if lost is not None:  # replaced stages lost their KV: catch up on stages 0..lost
-                        scheduler.recompute_all(lost)
+                        scheduler.recompute_all(None if lost == self.config.parallel.pipeline_parallel_size - 1
+                                                else lost)
                     generation = ready
                 sched = scheduler.schedule()
                 if sched.is_empty:

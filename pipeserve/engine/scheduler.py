@@ -152,17 +152,25 @@ class Scheduler:
             self._finish(req, RequestStatus.FINISHED_ABORTED)
         return crashed
 
-    def recompute_all(self, last_stage: int) -> int:
+    def recompute_all(self, last_stage: int | None) -> int:
         """After a recovery that replaced pipeline stages up to `last_stage`: every running request computes
         its tokens again on stages 0..last_stage (the replaced stage lost its KV and needs the activations of
-        those before it); later stages keep theirs. Blocks stay. Returns how many requests catch up."""
+        those before it); later stages keep theirs. None: every stage recomputes, as one prefill that runs on
+        to the next sampled token. Blocks stay. Returns how many requests recompute."""
         assert not self._scheduled, "abandon the step in flight first"
-        catching_up = [r for r in self.running if r.num_computed_tokens]
+        catching_up = [r for r in self.running if r.num_computed_tokens or r.kv_held_tokens]
         for req in catching_up:
-            req.kv_held_tokens, req.catch_up_stage = req.num_computed_tokens, last_stage
+            # A request still catching up from an earlier recovery: the later stages' KV reaches as far as
+            # before, and every stage up to either replaced one recomputes.
+            held = max(req.kv_held_tokens, req.num_computed_tokens)
+            self.num_recomputed_tokens += held
+            if last_stage is None:
+                req.stop_catching_up()
+            else:
+                stage = last_stage if req.catch_up_stage is None else max(req.catch_up_stage, last_stage)
+                req.kv_held_tokens, req.catch_up_stage = held, stage
             req.num_computed_tokens = 0
         self.num_recomputed += len(catching_up)
-        self.num_recomputed_tokens += sum(r.kv_held_tokens for r in catching_up)
         return len(catching_up)
 
     def _scheduled_request(self, req: Request) -> ScheduledRequest:
