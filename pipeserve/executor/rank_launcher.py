@@ -14,7 +14,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-from pipeserve.distributed.launcher import ranks_of_node, spawn_rank
+from pipeserve.distributed.launcher import spawn_rank
 from pipeserve.distributed.messages import KillRanks, StartRanks
 
 
@@ -46,9 +46,6 @@ class RankLauncher(abc.ABC):
     @abc.abstractmethod
     def where(self, rank: int) -> str:
         """The machine of a rank, as a person reads it."""
-
-    def shutdown(self) -> None:  # noqa: B027 - optional
-        """Stop whatever this launcher runs on its own behalf."""
 
 
 class ClusterLauncher(RankLauncher):
@@ -162,6 +159,3 @@ class ClusterLauncher(RankLauncher):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-    def ranks_of_node(self, node: int) -> list[int]:
-        return ranks_of_node(node, self.world_size, self.nnodes)
