@@ -8,9 +8,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeserve.engine.arg_utils import EngineArgs
-from pipeserve.engine.async_engine import AsyncEngine, RequestStream
-from pipeserve.executor.factory import create_executor
-from pipeserve.loader.tokenizer import load_tokenizer
+from pipeserve.engine.async_engine import RequestStream
+from pipeserve.engine.startup import build_async_engine
 from pipeserve.outputs import RequestOutput
 from pipeserve.sampling_params import SamplingParams
 
@@ -27,8 +26,8 @@ class LLM:
             raise TypeError(f"LLM() got unknown arguments: {', '.join(sorted(unknown))}")
         self.engine_args = EngineArgs(model=model, **kwargs)
         self.config = self.engine_args.create_engine_config()
-        self.tokenizer = load_tokenizer(self.config.model.path)
-        self.engine = AsyncEngine(self.config, create_executor(self.config), self.tokenizer)
+        self.engine = build_async_engine(self.config)
+        self.tokenizer = self.engine.tokenizer
 
     # ---- inputs --------------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from pipeserve.loader.gguf_index import GGUFIndex, GGUFTensor
+from pipeserve.loader.tokenizer_cache import cached_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -203,14 +204,18 @@ def iter_gguf_tensors(
 
 
 def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """A transformers tokenizer rebuilt from the GGUF's tokenizer metadata, chat template included."""
+    """A transformers tokenizer rebuilt from the GGUF's tokenizer metadata, chat template included (converted
+    once, then loaded from the cache: see tokenizer_cache.py)."""
     from transformers import AutoTokenizer  # heavy import, only needed by the front end
 
     path = os.path.abspath(path)
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    if not tok.chat_template:
-        # Opening the reader parses all metadata again, so only do it when needed.
-        template = _field(GGUFIndex(path), "tokenizer.chat_template")
-        if template:
-            tok.chat_template = template
-    return tok
+
+    def build() -> PreTrainedTokenizerBase:
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        if not tok.chat_template:
+            template = _field(GGUFIndex(path), "tokenizer.chat_template")
+            if template:
+                tok.chat_template = template
+        return tok
+
+    return cached_tokenizer(path, build)

@@ -10,10 +10,9 @@ import uvicorn
 
 from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.engine.async_engine import AsyncEngine
+from pipeserve.engine.startup import build_async_engine
 from pipeserve.entrypoints.openai.api_server import ServeSettings, build_app
 from pipeserve.entrypoints.openai.startup import base_url, curl_example, describe_layout
-from pipeserve.executor.factory import create_executor
-from pipeserve.loader.tokenizer import load_tokenizer
 
 logger = logging.getLogger("pipeserve.serve")
 
@@ -23,8 +22,7 @@ GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish before they are 
 def build_engine(engine_args: EngineArgs) -> AsyncEngine:
     """The engine with its stages started; PP=1 runs forward passes in a thread so HTTP stays responsive."""
     config = engine_args.create_engine_config()
-    tokenizer = load_tokenizer(config.model.path)
-    return AsyncEngine(config, create_executor(config, offload=True), tokenizer)
+    return build_async_engine(config, offload=True)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
