@@ -23,7 +23,7 @@ class Executor(abc.ABC):
     """Takes a virtual engine's step plan to the stages and returns the last stage's StepOutput."""
 
     failure: BaseException | None = None  # set once a stage has failed for good
-    generation: int = 0  # bumps with every recovery: KV written in an older generation is not trusted
+    generation: int = 0  # bumps with every recovery; steps planned for an older one never run
     recoveries: RecoveryLog | None = None  # restarts and recovery spans, where the executor can recover
 
     @abc.abstractmethod

@@ -46,8 +46,8 @@ class GroupFormation:
         """Start-up: every rank is new. Returns each rank's parameter count."""
         return self._start_and_join(generation, list(range(len(self.specs))))
 
-    def reform(self, generation: int) -> list[int]:
-        """After a failure: replace what is gone or stuck, keep the rest. Returns the replaced ranks."""
+    def reform(self, generation: int) -> None:
+        """After a failure: replace what is gone or stuck, keep the rest (the replaced ranks join `started`)."""
         t = self.table
         with t.cv:
             gone = {r for r in range(t.world_size) if r in t.dead or r not in t.conns}
@@ -66,7 +66,6 @@ class GroupFormation:
         for r in replace:
             logger.warning("starting a replacement for %s on %s", self.who(r), self.launcher.where(r))
         self._start_and_join(generation, replace)
-        return replace
 
     # ---- steps of a formation ------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 The executor asks for ranks by number and never cares how they start: node 0's ranks are child processes
 of the engine; node k's ranks are started by that machine's `pipeserve worker`, which stays connected for
-the engine's whole life. Another backend (a Ray actor per rank) would implement the same three calls.
+the engine's whole life. Another backend (a Ray actor per rank) would implement the same calls.
 """
 
 from __future__ import annotations

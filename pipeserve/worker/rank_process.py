@@ -89,9 +89,14 @@ class RankProcess:
         self.store = dist.TCPStore(spec.store_addr, spec.store_port, is_master=False, timeout=self.timeout)
         # Load, then wait for Join: a replacement still reading weights never holds the others in a rendezvous.
         self.worker = StageWorker(cfg, spec.stage, spec.rank, tp_group_of(self.layout, spec.rank))
-        self.generation = -1
         self.in_group = False
         channel.send(Loaded(spec.rank, start.generation, self.worker.num_params()))
+
+    @property
+    def generation(self) -> int:
+        """The group generation this rank belongs to (-1 before its first Join); the control thread stamps
+        its Pongs with it too."""
+        return self.channel.generation
 
     def join(self, generation: int) -> None:
         """Form `generation`'s group: a fresh rendezvous under its own store prefix, so nothing of an older
@@ -100,12 +105,14 @@ class RankProcess:
         dist.init_process_group(self.backend, store=store, rank=self.spec.rank, world_size=self.spec.world_size,
                                 timeout=self.timeout)
         init_tp_groups(self.layout, self.spec.rank, into=self.worker.tp)
-        self.generation = self.channel.generation = generation
+        self.channel.generation = generation
         self.in_group = True
         self.channel.send(Ready(self.spec.rank, generation, self.worker.num_params()))
 
     def leave(self) -> None:
-        """Drop the current group; closing its connections also frees any peer blocked on this rank."""
+        """Drop the current group, if any; closing its connections also frees any peer blocked on this rank."""
+        if not self.in_group:
+            return
         self.in_group = False
         self.worker.link.drop_sends()
         if dist.is_initialized():
@@ -133,12 +140,10 @@ class RankProcess:
                     last_report = now
                     self.channel.send(BusyReport(self.spec.rank, self.worker.busy_s, self.generation))
             elif isinstance(msg, Release):
-                if self.in_group:
-                    self.leave()
+                self.leave()
                 self.channel.send(Released(self.spec.rank, msg.generation))
             elif isinstance(msg, Join):
-                if self.in_group:
-                    self.leave()
+                self.leave()
                 self.join(msg.generation)
             elif isinstance(msg, StatsRequest):
                 if self.in_group:
