@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench clean
+.PHONY: install run test test-fast test-gpu lint bench bench-llamacpp clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# For a lent GPU machine as it is: its own python3 (torch, transformers), no install, no package index, no
+# GGUF. CUDA parity with HF, the quantized kernels, and PP=2 on one GPU; then CUDA kernel timings.
+test-gpu:
+	PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests/gpu
+	PYTHONPATH=. python3 benchmarks/bench_cuda_kernels.py
 
 lint: install
 	$(BIN)/ruff check pipeserve tests benchmarks

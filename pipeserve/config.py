@@ -34,6 +34,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     dtype: torch.dtype = torch.float32
+    quantization: str = "none"  # weight-only: none, int8, int4, or auto (a GGUF's 4-bit blocks kept 4-bit)
 
     @property
     def is_gguf(self) -> bool:
@@ -80,7 +81,7 @@ class ModelConfig:
         )
 
     @staticmethod
-    def load(path: str, dtype: str = "auto") -> ModelConfig:
+    def load(path: str, dtype: str = "auto", quantization: str = "none") -> ModelConfig:
         """Read the config of an HF folder or a GGUF file at `path` (already resolved to exist)."""
         if path.endswith(".gguf"):
             from pipeserve.loader.gguf_loader import gguf_hf_config
@@ -92,7 +93,13 @@ class ModelConfig:
                 raise ValueError(f"model folder {path!r} has no config.json")
             with open(cfg_file) as f:
                 cfg = json.load(f)
-        return ModelConfig.from_hf_dict(path, cfg, resolve_dtype(dtype))
+        from dataclasses import replace
+
+        from pipeserve.layers.quantization import QUANTIZATION_METHODS
+
+        if quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATION_METHODS)}")
+        return replace(ModelConfig.from_hf_dict(path, cfg, resolve_dtype(dtype)), quantization=quantization)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -39,7 +39,8 @@ def hf_greedy(model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int) -
     return out[0, len(prompt):].tolist()
 
 
-def assert_greedy_match(model: LlamaForCausalLM, prompt: list[int], ours: list[int], expected: list[int]) -> None:
+def assert_greedy_match(model: LlamaForCausalLM, prompt: list[int], ours: list[int], expected: list[int],
+                        near_tie: float = NEAR_TIE) -> None:
     """Token-for-token equality, except past a near-tie in HF's own logits (see NEAR_TIE)."""
     for i, (a, b) in enumerate(zip(ours, expected, strict=True)):
         if a == b:
@@ -47,7 +48,7 @@ def assert_greedy_match(model: LlamaForCausalLM, prompt: list[int], ours: list[i
         with torch.no_grad():
             logits = model(torch.tensor([prompt + expected[:i]])).logits[0, -1].float()
         gap = (logits[b] - logits[a]).abs().item()
-        assert gap < NEAR_TIE, f"token {i}: ours {a}, HF {b}, HF logit gap {gap:.3g} is not a tie"
+        assert gap < near_tie, f"token {i}: ours {a}, HF {b}, HF logit gap {gap:.3g} is not a tie"
         return
 
 

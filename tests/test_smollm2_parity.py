@@ -25,7 +25,8 @@ def hf_smollm2():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    with LLM(dtype="float32", max_model_len=512, max_num_batched_tokens=24, threads_per_worker=1) as llm:
+    with LLM(dtype="float32", max_model_len=512, max_num_batched_tokens=24, threads_per_worker=1,
+             quantization="none") as llm:
         yield llm
 
 

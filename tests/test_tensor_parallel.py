@@ -59,7 +59,7 @@ def test_smollm2_every_layout_matches_single_process():
     layouts = (dict(), dict(pipeline_parallel_size=2), dict(pipeline_parallel_size=3, pp_layer_partition="12,13,5"),
                dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, pipeline_parallel_size=2))
     for layout in layouts:
-        with LLM(dtype="float32", max_model_len=256, threads_per_worker=1, **layout) as llm:
+        with LLM(dtype="float32", max_model_len=256, threads_per_worker=1, quantization="none", **layout) as llm:
             results.append([o.outputs[0].token_ids for o in llm.generate(
                 [{"prompt_token_ids": p} for p in prompts], params)])
     assert all(r == results[0] for r in results[1:])

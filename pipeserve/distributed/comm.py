@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pipeserve.distributed.parallel_state import TPGroup, peer_errors
+from pipeserve.distributed.parallel_state import TPGroup, host_staged, peer_errors
 from pipeserve.types import IntermediateTensors
 
 
@@ -38,16 +38,19 @@ class StageLink:
         self.wait_sends()
         packed = torch.stack((tensors.hidden_states, tensors.residual))  # (2, T, hidden)
         start, width = self.tp.shard(packed.shape[-1])
-        wire = _wire(packed[..., start : start + width].contiguous())  # (2, T, hidden / tp)
+        part = packed[..., start : start + width].contiguous()  # (2, T, hidden / tp)
+        wire = _wire(part.cpu() if host_staged(part) else part)
         with peer_errors():
             self._pending.append((dist.isend(wire, dst=self.next_rank), wire))
         self.bytes_sent += wire.numel() * wire.element_size()
 
     def recv(self, num_tokens: int, hidden: int, dtype: torch.dtype, device: str) -> IntermediateTensors:
         """Receive the previous stage's tensors for a step of `num_tokens` tokens."""
-        buf = torch.empty(2, num_tokens, hidden // self.tp.size, dtype=dtype, device=device)
+        staged = device.startswith("cuda") and dist.get_backend() == "gloo"
+        buf = torch.empty(2, num_tokens, hidden // self.tp.size, dtype=dtype, device="cpu" if staged else device)
         with peer_errors():
             dist.recv(_wire(buf), src=self.prev_rank)
+        buf = buf.to(device)
         full = self.tp.all_gather(buf, dim=-1)  # (2, T, hidden)
         return IntermediateTensors(full[0], full[1])
 

@@ -29,6 +29,12 @@ def peer_errors() -> Iterator[None]:
         raise PeerLost(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
 
+def host_staged(t: torch.Tensor) -> bool:
+    """True when a CUDA tensor must pass through host memory: the group runs gloo because ranks share a GPU
+    (rank_process.choose_backend), and gloo's point-to-point ops take CPU tensors only."""
+    return t.device.type == "cuda" and dist.get_backend() == "gloo"
+
+
 @dataclass(eq=False)
 class TPGroup:
     """This rank's tensor-parallel group; with size 1 every collective is a no-op.
@@ -45,6 +51,8 @@ class TPGroup:
         """Sum over the group, in place. Gloo cannot add 16-bit floats, so on CPU they are summed in float32."""
         if self.size == 1:
             return x
+        if host_staged(x):
+            return x.copy_(self.all_reduce(x.cpu()))
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
             wide = x.float()
             with peer_errors():
@@ -58,6 +66,8 @@ class TPGroup:
         """Concatenate every rank's `x` along `dim`, in rank order."""
         if self.size == 1:
             return x
+        if host_staged(x):
+            return self.all_gather(x.cpu(), dim).to(x.device)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         with peer_errors():
             dist.all_gather([_bits(p) for p in parts], _bits(x.contiguous()), group=self.group)

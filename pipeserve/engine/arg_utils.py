@@ -24,6 +24,7 @@ class EngineArgs:
 
     model: str | None = None
     dtype: str = "auto"
+    quantization: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
@@ -57,7 +58,7 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         """Resolve defaults and check every limit, raising ValueError that names the bad setting."""
         path = resolve_model_path(self.model)
-        model = ModelConfig.load(path, self.dtype)
+        model = ModelConfig.load(path, self.dtype, self.quantization)
         max_len = self.max_model_len or min(model.max_position_embeddings, 4096)
         if max_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_len}")

@@ -41,6 +41,7 @@ class AttentionMetadata:
     decode_blocks: torch.Tensor | None = None  # (B, max_blocks) block table, padded with block 0
     decode_bias: torch.Tensor | None = None  # (B, L) float32: 0 where a key exists, -inf on padding
     prefills: list[PrefillChunk] = field(default_factory=list)
+    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (cos, signed sin), set by the model
     _workspace: torch.Tensor | None = None  # (2, nkv, B*max_blocks, block_size*hd): reused by every layer
     _bias: torch.Tensor | None = None  # decode_bias repeated per KV head, in the model dtype
 

@@ -3,6 +3,10 @@
 Each parameter carries a `weight_loader(param, loaded, shard_id)`; the model's loader only maps checkpoint
 names to (parameter, shard) and calls it, and the layer cuts out the rows or columns its TP rank owns.
 Fused projections (QKV, gate/up) are one matmul.
+
+Every matmul weight may also be quantized after loading (`QuantizableWeight`): a checkpoint's 4-bit
+blocks arriving as `Int4Codes` are recorded per shard so they can be kept exactly, and `forward` picks the
+quantized kernel or the dense weight per call by the number of rows.
 """
 
 from __future__ import annotations
@@ -12,8 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeserve.distributed.parallel_state import TPGroup
+from pipeserve.layers.quantization import GROUP_SIZE, Int4Codes, QuantizedWeight
 
 NO_TP = TPGroup()
+
+# Rows up to which the quantized kernel beats the dense GEMM (measured on this repo's 2-core AVX2 machine,
+# SmolLM2 shapes: int4/int8 win 1.3-4x at 1-4 rows and lose 2-3x at 32; see README "Token latency").
+QUANT_MAX_ROWS = 4
 
 
 def _empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -29,19 +38,61 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: i
     param.data.copy_(loaded.materialize() if hasattr(loaded, "materialize") else loaded)
 
 
-class Linear(nn.Module):
+class QuantizableWeight(nn.Module):
+    """A module whose `weight` (N, K) may also be held quantized; `matmul(x)` is x @ W^T either way."""
+
+    quantized: QuantizedWeight | None = None
+    keep_dense: bool = True  # False: the dense weight was dropped and every call takes the quantized kernel
+
+    def record_int4(self, shard_id: int | None, loaded: object) -> None:
+        """Keep a checkpoint's exact 4-bit codes for this shard (or note that this shard had none)."""
+        if not hasattr(self, "int4_parts"):
+            self.int4_parts: dict[int, Int4Codes | None] = {}
+        self.int4_parts[shard_id or 0] = loaded if isinstance(loaded, Int4Codes) else None
+
+    def exact_int4(self) -> Int4Codes | None:
+        """The whole weight's checkpoint codes when every shard arrived 4-bit, else None."""
+        parts = getattr(self, "int4_parts", {})
+        if not parts or any(p is None for p in parts.values()):
+            return None
+        return Int4Codes.cat([parts[i] for i in sorted(parts)])
+
+    def quantize(self, method: str, codes: Int4Codes | None = None, keep_dense: bool = True) -> None:
+        """Hold the weight as `method` (int4 from `codes` when given, exactly). The dense weight becomes the
+        dequantized copy, so both kernels compute the same model; without `keep_dense` it is dropped."""
+        source = codes if codes is not None else self.weight.detach()
+        self.quantized = QuantizedWeight(method, source, self.weight.device)
+        dequantized = self.quantized.take_dequantized()
+        values = dequantized if keep_dense else torch.empty(0)
+        # A new parameter, not an in-place copy: a tied LM head must not change the embedding it shares.
+        self.weight = nn.Parameter(values.to(self.weight.dtype).to(self.weight.device), requires_grad=False)
+        self.keep_dense = keep_dense
+        self.__dict__.pop("int4_parts", None)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None and (not self.keep_dense or x.shape[0] <= QUANT_MAX_ROWS):
+            return self.quantized.mm(x)
+        return F.linear(x, self.weight)
+
+
+class Linear(QuantizableWeight):
     """y = x W^T (+ b), replicated on every TP rank."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.weight = _empty_param(out_features, in_features, dtype=dtype)
-        self.weight.weight_loader = default_weight_loader
+        self.weight.weight_loader = self._load_whole
         self.bias = _empty_param(out_features, dtype=dtype) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = default_weight_loader
 
+    def _load_whole(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        self.record_int4(shard_id, loaded)
+        default_weight_loader(param, loaded)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias
 
 
 class ColumnParallelLinear(Linear):
@@ -69,13 +120,16 @@ class ColumnParallelLinear(Linear):
         shard_id = shard_id or 0
         start, size = self.row_ranges[shard_id]
         offset = sum(self.out_sizes[:shard_id])
-        default_weight_loader(param.data[offset : offset + size], loaded[start : start + size])
+        rows = loaded[start : start + size]
+        if param is self.weight:
+            self.record_int4(shard_id, rows)
+        default_weight_loader(param.data[offset : offset + size], rows)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return y.split(self.out_sizes, dim=-1)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableWeight):
     """Input features split across TP ranks; partial products are summed with an all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPGroup = NO_TP,
@@ -91,8 +145,13 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = default_weight_loader
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
-        default_weight_loader(param, loaded[:, self.in_start : self.in_start + param.shape[1]])
+        cols = slice(self.in_start, self.in_start + param.shape[1])
+        if isinstance(loaded, Int4Codes) and (cols.start % GROUP_SIZE or cols.stop % GROUP_SIZE):
+            loaded = loaded.materialize()  # this rank's share splits a 4-bit group: only dense values are exact
+        part = loaded[:, cols]
+        self.record_int4(shard_id, part)
+        default_weight_loader(param, part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))  # (T, out): every rank's partial sum
+        y = self.tp.all_reduce(self.matmul(x))  # (T, out): every rank's partial sum
         return y if self.bias is None else y + self.bias  # the bias once, after the sum

@@ -44,16 +44,17 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # (P, hd/2): the same products HF's matmul forms
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, hd)
+        half = head_dim // 2
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # sin with rotate_half's sign folded in: rotate_half(x) * sin == x.roll(half) * signed_sin, exactly.
+        self.register_buffer("signed_sin", torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), -1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # q: (T, nh, hd), k: (T, nkv, hd), positions: (T,)
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # (T, 1, hd)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) rows of this step's positions, (T, 1, hd) in `dtype`: built once per step."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    @staticmethod
+    def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (T, heads, hd) rotated as HF does, x * cos + rotate_half(x) * sin, in four operations."""
+        cos, signed_sin = tables
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeserve.distributed.parallel_state import TPGroup
-from pipeserve.layers.linear import NO_TP, default_weight_loader
+from pipeserve.layers.linear import NO_TP, QuantizableWeight, default_weight_loader
 
 
 class _VocabShard(nn.Module):
@@ -24,6 +24,8 @@ class _VocabShard(nn.Module):
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
         rows = loaded[self.start : self.start + self.per_rank]
+        if isinstance(self, QuantizableWeight):  # padding rows have no codes: only a full shard is exact
+            self.record_int4(None, rows if rows.shape[0] == self.per_rank else None)
         default_weight_loader(param.data[: rows.shape[0]], rows)
 
 
@@ -40,12 +42,12 @@ class VocabParallelEmbedding(_VocabShard):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(_VocabShard):
+class ParallelLMHead(_VocabShard, QuantizableWeight):
     """Each rank scores its slice of the vocabulary; an all-gather assembles the full logits."""
 
     def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype, tp: TPGroup = NO_TP):
         super().__init__(vocab_size, hidden, dtype, tp)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # (S, vocab / T)
+        logits = self.matmul(hidden)  # (S, vocab / T)
         return self.tp.all_gather(logits, dim=-1)[:, : self.vocab_size]

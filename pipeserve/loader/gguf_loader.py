@@ -20,7 +20,9 @@ import torch
 from gguf.quants import dequantize
 from tqdm import tqdm
 
+from pipeserve.layers.quantization import Int4Codes
 from pipeserve.loader.gguf_index import GGUFIndex, GGUFTensor
+from pipeserve.loader.gguf_quant import INT4_TYPES, int4_codes
 from pipeserve.loader.tokenizer_cache import cached_tokenizer
 
 if TYPE_CHECKING:
@@ -153,9 +155,17 @@ def _unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _to_torch(tensor: GGUFTensor, heads: int, kv_heads: int) -> torch.Tensor:
-    """Dequantize one GGUF tensor into a float32 torch tensor in HF shape and row order."""
+def _to_torch(tensor: GGUFTensor, heads: int, kv_heads: int, keep_int4: bool = False) -> torch.Tensor | Int4Codes:
+    """Dequantize one GGUF tensor into a float32 torch tensor in HF shape and row order (4-bit blocks as
+    exact Int4Codes when `keep_int4`)."""
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF dims are fastest-first
+    if keep_int4 and tensor.tensor_type in INT4_TYPES and len(shape) == 2:
+        codes = int4_codes(tensor.data, tensor.tensor_type, shape)
+        n_head = heads if ".attn_q." in tensor.name else kv_heads if ".attn_k." in tensor.name else 0
+        if n_head:  # the rotary row order applies to codes, scales and zeros alike
+            codes = Int4Codes(*(torch.from_numpy(np.ascontiguousarray(_unpermute_rotary(t.numpy(), n_head)))
+                                for t in (codes.codes, codes.scales, codes.zeros)))
+        return codes
     arr = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
     if ".attn_q." in tensor.name:
         arr = _unpermute_rotary(arr, heads)
@@ -185,13 +195,14 @@ def _wanted_tensors(
 
 
 def iter_gguf_tensors(
-    path: str, wanted: Callable[[str], bool], *, disable_progress: bool = False
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: str, wanted: Callable[[str], bool], *, disable_progress: bool = False, keep_int4: bool = False
+) -> Iterator[tuple[str, torch.Tensor | Int4Codes]]:
     """Yield (HF parameter name, float32 tensor) for each GGUF tensor whose HF name passes `wanted`.
 
     Tensors that are not wanted are never read or dequantized (the file is
     memory-mapped), so a pipeline stage pays only for its own layers. q/k
-    projections are returned in HF rotary row order.
+    projections are returned in HF rotary row order. With `keep_int4`, Q4_0/Q4_1 matrices come as exact
+    Int4Codes (which also materialize to the same float32 values).
     """
     reader = GGUFIndex(path)
     _check_arch(reader)
@@ -200,7 +211,7 @@ def iter_gguf_tensors(
     selected = _wanted_tensors(reader, wanted)
     desc = f"loading {os.path.basename(path)}"
     for hf_name, tensor in tqdm(selected, desc=desc, unit="tensor", disable=disable_progress):
-        yield hf_name, _to_torch(tensor, heads, kv_heads)
+        yield hf_name, _to_torch(tensor, heads, kv_heads, keep_int4)
 
 
 def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pipeserve.config import ModelConfig
 from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.stage import StageInfo
-from pipeserve.layers.linear import NO_TP
+from pipeserve.layers.linear import NO_TP, QuantizableWeight
 from pipeserve.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
 
 
 def load_model(cfg: ModelConfig, stage: StageInfo, max_positions: int, device: str = "cpu",
@@ -22,7 +26,8 @@ def load_model(cfg: ModelConfig, stage: StageInfo, max_positions: int, device: s
     if cfg.is_gguf:
         from pipeserve.loader.gguf_loader import iter_gguf_tensors
 
-        weights = iter_gguf_tensors(cfg.path, wanted, disable_progress=disable_progress)
+        keep_int4 = cfg.quantization in ("auto", "int4")
+        weights = iter_gguf_tensors(cfg.path, wanted, disable_progress=disable_progress, keep_int4=keep_int4)
     else:
         from pipeserve.loader.safetensors_loader import iter_safetensors
 
@@ -31,4 +36,37 @@ def load_model(cfg: ModelConfig, stage: StageInfo, max_positions: int, device: s
     missing = model.expected_loads() - loaded
     if missing:
         raise ValueError(f"checkpoint {cfg.path!r} lacks tensors for stage {stage.rank}: {sorted(missing)[:8]}")
+    held = quantize_model(model, cfg)
+    logger.info("stage %d (TP rank %d) holds %s", stage.rank, tp.rank, held)
     return model.eval()
+
+
+def quantize_model(model: torch.nn.Module, cfg: ModelConfig) -> str:
+    """Quantize the stage's matmul weights as `cfg.quantization` says; returns what it holds, for the log.
+
+    * int4 / int8: every matmul weight, from the checkpoint's 4-bit codes where it has them (exact).
+    * auto: a GGUF's Q4_0/Q4_1 weights stay exactly 4-bit; the LM head, stored Q8_0 by llama.cpp's
+      converters, becomes int8 per channel (its logits move by about 1e-2 at most on SmolLM2, README); other
+      tensors stay dense. HF checkpoints stay dense.
+    Dense weights are kept beside quantized ones for steps of many rows, where the dense GEMM is faster.
+    """
+    counts: dict[str, int] = {}
+    quant_bytes = dense_bytes = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizableWeight) or module.weight.numel() == 0:
+            continue
+        codes = module.exact_int4()
+        method = cfg.quantization
+        if method == "auto":
+            method = "int4" if codes is not None else "int8" if name == "lm_head" and cfg.is_gguf else "none"
+        if method != "none":
+            module.quantize(method, codes if method == "int4" else None)
+            quant_bytes += module.quantized.nbytes
+            label = f"{method} (exact from the checkpoint)" if method == "int4" and codes is not None else method
+        else:
+            label = str(cfg.dtype).removeprefix("torch.")
+        counts[label] = counts.get(label, 0) + 1
+        dense_bytes += module.weight.numel() * module.weight.element_size()
+    kinds = ", ".join(f"{n} matmuls {label}" for label, n in counts.items())
+    return (f"{kinds}; {quant_bytes / 2**20:.0f} MiB quantized, {dense_bytes / 2**20:.0f} MiB dense "
+            f"(the dense copy serves steps of more than a few rows)" if quant_bytes else kinds)

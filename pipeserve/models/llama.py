@@ -73,10 +73,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # (T, nh*hd), (T, nkv*hd), (T, nkv*hd)
-        t = x.shape[0]
-        q, k = self.rope(positions, q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, -1))
-        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), kv_cache, meta)  # (T, nh, hd)
+        qkv = self.qkv_proj(x)  # (T, (nh + 2 nkv) * hd)
+        t, nh, nkv, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        # q and k are adjacent columns of the fused output: one rotary pass over both.
+        qk = self.rope.rotate(qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd), meta.rope_tables)
+        v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)
+        o = self.attn(qk[:, :nh], qk[:, nh:], v, kv_cache, meta)  # (T, nh, hd)
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -120,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, stage: StageInfo, max_positions: int, tp: TPGroup = NO_TP):
         super().__init__()
         self.cfg, self.stage = cfg, stage
-        rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         v, h = cfg.vocab_size, cfg.hidden_size
         self.embed_tokens = VocabParallelEmbedding(v, h, cfg.dtype, tp) if stage.is_first else PlaceholderLayer()
         self.layers = nn.ModuleList(
@@ -139,6 +141,7 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None  # (T, hidden)
         else:
             hidden, residual = intermediate.hidden_states, intermediate.residual
+        meta.rope_tables = self.rope.tables(positions, self.cfg.dtype)  # shared by every layer of the step
         for i in range(self.stage.start_layer, self.stage.end_layer):
             hidden, residual = self.layers[i](positions, hidden, residual, kv_caches[i - self.stage.start_layer], meta)
         if not self.stage.is_last:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import queue
 import threading
@@ -48,6 +49,8 @@ from pipeserve.worker.worker import StageWorker, WorkerSpec
 BUSY_REPORT_EVERY_S = 1.0  # how often a rank tells the engine its cumulative compute time (for /metrics)
 
 
+logger = logging.getLogger(__name__)
+
 class ControlChannel:
     """The rank's connection to the engine: a reader thread, an inbox for the main thread, locked sends."""
 
@@ -73,6 +76,19 @@ class ControlChannel:
             os._exit(0)
 
 
+def choose_backend(device: str, ranks_per_node: int) -> str:
+    """NCCL when every rank of a machine has a GPU of its own; gloo otherwise. NCCL refuses two ranks on one
+    device, so ranks sharing a GPU hand activations over through host memory (see comm.host_staged)."""
+    if not device.startswith("cuda"):
+        return "gloo"
+    gpus = torch.cuda.device_count()
+    if gpus >= ranks_per_node:
+        return "nccl"
+    logger.warning("%d ranks share %d GPU(s) on this machine: NCCL cannot run two ranks on one device, so "
+                   "stages exchange activations through host memory over gloo", ranks_per_node, gpus)
+    return "gloo"
+
+
 class RankProcess:
     """One rank: its stage's weights, its place in the current generation's group, and the step loop."""
 
@@ -81,8 +97,8 @@ class RankProcess:
         self.channel, self.spec = channel, spec
         cfg = spec.config
         torch.set_num_threads(cfg.parallel.threads_per_worker or 1)
-        self.backend = "nccl" if cfg.parallel.device.startswith("cuda") else "gloo"
-        if self.backend == "nccl":
+        self.backend = choose_backend(cfg.parallel.device, -(-spec.world_size // cfg.parallel.nnodes))
+        if cfg.parallel.device.startswith("cuda"):
             torch.cuda.set_device(spec.rank % torch.cuda.device_count())
         self.layout = RankLayout(spec.stage.size, spec.world_size // spec.stage.size)
         self.timeout = datetime.timedelta(seconds=cfg.parallel.distributed_timeout_s)
