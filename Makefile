@@ -45,5 +45,15 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_vs_hf.py
 
+# One user's latency against llama.cpp on the same GGUF. llama-cpp-python compiles for minutes, so it lives
+# in its own environment outside the repo, built once; never part of `make test`.
+BENCH_VENV ?= $(HOME)/.cache/pipeserve/bench-venv
+bench-llamacpp: install
+	test -x $(BENCH_VENV)/bin/python || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -c "import llama_cpp" 2>/dev/null || \
+		$(BENCH_VENV)/bin/python -m pip install -q "llama-cpp-python==0.3.36"
+	$(BIN)/python benchmarks/bench_vs_llamacpp.py --llamacpp-python $(BENCH_VENV)/bin/python \
+		--markdown results/llamacpp.md --output-json results/llamacpp.json
+
 clean:
 	rm -rf $(VENV) build *.egg-info
