@@ -46,7 +46,8 @@ def start_server(model: str, log: Path, args: list[str], api_key: str | None = N
                  timeout_s: float = 120.0) -> ServerProcess:
     """Start the server on a free port and wait until /health answers 200."""
     port = free_port()
-    cmd = [sys.executable, "-m", "pipeserve.entrypoints.cli", "serve", model, "--port", str(port), *args]
+    # The `pipeserve` command's own entry: with -pp/-tp its stage processes are forked before the engine starts.
+    cmd = [sys.executable, "-m", "pipeserve.entrypoints.launch", "serve", model, "--port", str(port), *args]
     if api_key:
         cmd += ["--api-key", api_key]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -4,6 +4,7 @@ failure makes `serve` exit non-zero, and a killed `serve` takes its stage proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,11 +25,11 @@ N_OUT = 160
 
 
 def rank_pid(server_pid: int, rank: int) -> int:
-    """The stage process of `rank` among the server's children."""
+    """The stage process of `rank` among the server's children (forked or spawned, each names itself)."""
     for pid in child_pids(server_pid):
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"pipeserve.worker.main" in argv and argv[argv.index(b"--rank") + 1] == str(rank).encode():
-            return pid
+        with contextlib.suppress(OSError):  # a child that has just exited
+            if Path(f"/proc/{pid}/comm").read_text().strip() == f"pipeserve-r{rank}":
+                return pid
     raise AssertionError(f"no process of rank {rank} under pid {server_pid}")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -76,10 +77,105 @@ class _Spawner:
 
 
 _SPAWNER = _Spawner()
+# Stage processes started before the engine knew its address (`prewarm_ranks`): each has imported torch and
+# the model code and waits on stdin for "HOST:PORT RANK KEY".
+_WARM: list[subprocess.Popen] = []
+_WARM_LOCK = threading.Lock()
+
+
+def prewarm_ranks(count: int) -> None:
+    """Start `count` stage processes now, to be given their rank and the engine's address later.
+
+    Importing torch takes seconds of CPU per process. On Linux the caller has imported torch and the
+    model code already, and the stage processes are forked from it: they share those pages and import
+    nothing. Elsewhere they are started as fresh interpreters that import while the engine does. Only for
+    ranks on this machine; unclaimed ones die with this process or in `discard_warm_ranks`."""
+    if hasattr(os, "fork") and threading.active_count() == 1:  # forking is safe only before any thread
+        procs = [_fork_rank() for _ in range(count)]
+    else:
+        procs = [_SPAWNER.popen([sys.executable, "-m", "pipeserve.worker.main", "--await-assignment"],
+                                stdin=subprocess.PIPE) for _ in range(count)]
+    with _WARM_LOCK:
+        _WARM.extend(procs)
+
+
+class ForkedRank:
+    """A forked stage process, with the part of `subprocess.Popen`'s interface the launcher uses."""
+
+    def __init__(self, pid: int, stdin: Any):
+        self.pid, self.stdin, self.returncode = pid, stdin, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"stage process {self.pid}", timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _fork_rank() -> ForkedRank:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the stage process: wait for its assignment, serve, and never return into the CLI
+        code = 1
+        try:
+            os.close(write_fd)
+            from pipeserve.worker.main import serve_assignment
+
+            with os.fdopen(read_fd) as assignment:
+                serve_assignment(assignment)
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported here: os._exit below skips the usual printing
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(read_fd)
+    return ForkedRank(pid, os.fdopen(write_fd, "wb"))
+
+
+def discard_warm_ranks() -> None:
+    with _WARM_LOCK:
+        procs, _WARM[:] = list(_WARM), []
+    for proc in procs:
+        proc.kill()
+
+
+def _claim_warm() -> subprocess.Popen | None:
+    with _WARM_LOCK:
+        while _WARM:
+            proc = _WARM.pop(0)
+            if proc.poll() is None:
+                return proc
+    return None
 
 
 def spawn_rank(engine: tuple[str, int], rank: int, authkey: bytes, master_addr: str) -> subprocess.Popen:
-    """Start one stage process that will connect to the engine at `engine`."""
+    """Start one stage process that will connect to the engine at `engine` (a prewarmed one if any)."""
+    warm = _claim_warm() if interface_towards(master_addr) is None else None
+    if warm is not None:
+        warm.stdin.write(f"{engine[0]}:{engine[1]} {rank} {authkey.hex()}\n".encode())
+        warm.stdin.close()
+        return warm
     env = dict(os.environ)
     iface = interface_towards(master_addr)
     if iface:  # gloo binds to the hostname's address unless told which interface reaches the other hosts
@@ -103,6 +199,17 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() == 1:  # the parent died before the request above took effect
         os._exit(1)
+
+
+def name_process(name: str) -> None:
+    """Set this process's name as `ps` and /proc/PID/comm show it (Linux; at most 15 bytes kept), so a
+    stage process is recognizable whether it was spawned or forked from the `pipeserve` command."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_name = 15
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_name, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def interface_towards(addr: str) -> str | None:

@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from pipeserve.config import EngineConfig
-from pipeserve.distributed.launcher import control_address
+from pipeserve.distributed.launcher import control_address, discard_warm_ranks
 from pipeserve.distributed.messages import (
     BusyReport,
     GroupLost,
@@ -314,6 +314,7 @@ class MultiprocExecutor(Executor):
             with contextlib.suppress(OSError, ValueError):  # an agent that is gone needs no stop
                 conn.send(Stop(self.generation))
         self.launcher.terminate_local()
+        discard_warm_ranks()  # prewarmed stage processes this engine did not need
         with self.table.cv:
             conns = list(self.table.conns.values()) + list(self.table.hellos.values())
         for conn in conns + list(self.launcher.agent_connections().values()):

@@ -44,18 +44,35 @@ class QuantizableWeight(nn.Module):
     quantized: QuantizedWeight | None = None
     keep_dense: bool = True  # False: the dense weight was dropped and every call takes the quantized kernel
 
-    def record_int4(self, shard_id: int | None, loaded: object) -> None:
-        """Keep a checkpoint's exact 4-bit codes for this shard (or note that this shard had none)."""
+    def defer_int4(self, shard_id: int | None, loaded: object, target: torch.Tensor) -> bool:
+        """Keep a checkpoint's exact 4-bit codes for this shard instead of writing `target` now (True), or
+        note that the shard has none (False: the caller loads it densely). A 4-bit weight is almost always
+        kept 4-bit, and then its dense copy is rebuilt from the kernel's own values: writing it twice would
+        cost a second dequantization at start-up. `fill_deferred_dense` writes it where it is needed."""
         if not hasattr(self, "int4_parts"):
-            self.int4_parts: dict[int, Int4Codes | None] = {}
-        self.int4_parts[shard_id or 0] = loaded if isinstance(loaded, Int4Codes) else None
+            self.int4_parts: dict[int, tuple[torch.Tensor, Int4Codes] | None] = {}
+        if not isinstance(loaded, Int4Codes):
+            self.int4_parts[shard_id or 0] = None
+            return False
+        if target.shape != loaded.shape:
+            raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, parameter expects "
+                             f"{tuple(target.shape)}")
+        self.int4_parts[shard_id or 0] = (target, loaded)
+        return True
+
+    def fill_deferred_dense(self) -> None:
+        """Write the dense values of every shard whose codes were kept back (the weight stays dense, or is
+        quantized from dense values)."""
+        for part in getattr(self, "int4_parts", {}).values():
+            if part is not None:
+                part[0].copy_(part[1].materialize())
 
     def exact_int4(self) -> Int4Codes | None:
         """The whole weight's checkpoint codes when every shard arrived 4-bit, else None."""
         parts = getattr(self, "int4_parts", {})
         if not parts or any(p is None for p in parts.values()):
             return None
-        return Int4Codes.cat([parts[i] for i in sorted(parts)])
+        return Int4Codes.cat([parts[i][1] for i in sorted(parts)])
 
     def quantize(self, method: str, codes: Int4Codes | None = None, keep_dense: bool = True) -> None:
         """Hold the weight as `method` (int4 from `codes` when given, exactly). The dense weight becomes the
@@ -87,8 +104,8 @@ class Linear(QuantizableWeight):
             self.bias.weight_loader = default_weight_loader
 
     def _load_whole(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
-        self.record_int4(shard_id, loaded)
-        default_weight_loader(param, loaded)
+        if not self.defer_int4(shard_id, loaded, param.data):
+            default_weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)
@@ -120,10 +137,9 @@ class ColumnParallelLinear(Linear):
         shard_id = shard_id or 0
         start, size = self.row_ranges[shard_id]
         offset = sum(self.out_sizes[:shard_id])
-        rows = loaded[start : start + size]
-        if param is self.weight:
-            self.record_int4(shard_id, rows)
-        default_weight_loader(param.data[offset : offset + size], rows)
+        rows, target = loaded[start : start + size], param.data[offset : offset + size]
+        if param is not self.weight or not self.defer_int4(shard_id, rows, target):
+            default_weight_loader(target, rows)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return y.split(self.out_sizes, dim=-1)
@@ -149,8 +165,8 @@ class RowParallelLinear(QuantizableWeight):
         if isinstance(loaded, Int4Codes) and (cols.start % GROUP_SIZE or cols.stop % GROUP_SIZE):
             loaded = loaded.materialize()  # this rank's share splits a 4-bit group: only dense values are exact
         part = loaded[:, cols]
-        self.record_int4(shard_id, part)
-        default_weight_loader(param, part)
+        if not self.defer_int4(shard_id, part, param.data):
+            default_weight_loader(param, part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(self.matmul(x))  # (T, out): every rank's partial sum

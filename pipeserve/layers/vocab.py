@@ -24,9 +24,11 @@ class _VocabShard(nn.Module):
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
         rows = loaded[self.start : self.start + self.per_rank]
-        if isinstance(self, QuantizableWeight):  # padding rows have no codes: only a full shard is exact
-            self.record_int4(None, rows if rows.shape[0] == self.per_rank else None)
-        default_weight_loader(param.data[: rows.shape[0]], rows)
+        target = param.data[: rows.shape[0]]
+        # Padding rows have no codes: only a full shard can stay exactly 4-bit.
+        full = rows.shape[0] == self.per_rank
+        if not (isinstance(self, QuantizableWeight) and full and self.defer_int4(None, rows, target)):
+            default_weight_loader(target, rows)
 
 
 class VocabParallelEmbedding(_VocabShard):

@@ -59,6 +59,8 @@ def quantize_model(model: torch.nn.Module, cfg: ModelConfig) -> str:
         method = cfg.quantization
         if method == "auto":
             method = "int4" if codes is not None else "int8" if name == "lm_head" and cfg.is_gguf else "none"
+        if method != "int4" or codes is None:
+            module.fill_deferred_dense()
         if method != "none":
             module.quantize(method, codes if method == "int4" else None)
             quant_bytes += module.quantized.nbytes

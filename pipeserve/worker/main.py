@@ -1,5 +1,8 @@
 """Entry point of a stage process: `python -m pipeserve.worker.main --engine HOST:PORT --rank K`.
 
+With `--await-assignment` (a prewarmed process, see launcher.prewarm_ranks) it imports torch and the model
+code first, then reads "HOST:PORT RANK KEY" from stdin.
+
 The process connects back to the engine (an authenticated multiprocessing connection; the key arrives on
 stdin, never on the command line), introduces itself, receives its StartStage, and serves steps until told
 to stop. Running as a plain module, not a multiprocessing child, means no script of the user's is
@@ -13,25 +16,50 @@ import os
 import socket
 import sys
 from multiprocessing.connection import Client
+from typing import TextIO
 
-from pipeserve.distributed.launcher import die_with_parent
+from pipeserve.distributed.launcher import die_with_parent, name_process
 
 
 def main() -> None:
-    die_with_parent()
     parser = argparse.ArgumentParser(description="one pipeserve stage process (started by the engine)")
-    parser.add_argument("--engine", required=True, help="HOST:PORT of the engine's listener")
-    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--engine", help="HOST:PORT of the engine's listener")
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--await-assignment", action="store_true",
+                        help="import everything, then read 'HOST:PORT RANK KEY' from stdin")
     args = parser.parse_args()
-    host, port = args.engine.rsplit(":", 1)
-    authkey = bytes.fromhex(sys.stdin.readline().strip())
-    conn = Client((host, int(port)), authkey=authkey)
+    if args.await_assignment:
+        serve_assignment(sys.stdin)
+        return
+    if args.engine is None or args.rank is None:
+        parser.error("--engine and --rank are required")
+    die_with_parent()
+    serve(args.engine, args.rank, sys.stdin.readline().strip())
+
+
+def serve_assignment(source: TextIO) -> None:
+    """A prewarmed stage process: import torch and the model code first (the slow part, done while the
+    engine starts), then take 'HOST:PORT RANK KEY' from `source` and serve. Nothing arrives when the engine
+    did not need this process: then it just ends."""
+    die_with_parent()
+    import pipeserve.worker.rank_process  # noqa: F401
+
+    assignment = source.readline().split()
+    if len(assignment) == 3:
+        engine, rank, key = assignment
+        serve(engine, int(rank), key)
+
+
+def serve(engine: str, rank: int, key: str) -> None:
+    name_process(f"pipeserve-r{rank}")  # what `ps` and the tests look for, however the process started
+    host, port = engine.rsplit(":", 1)
+    conn = Client((host, int(port)), authkey=bytes.fromhex(key))
 
     from pipeserve.distributed.messages import RankHello
     from pipeserve.worker.rank_process import run_rank  # torch and the model code: imported once connected
 
-    conn.send(RankHello(args.rank, os.getpid(), socket.gethostname()))
-    run_rank(conn, args.rank)
+    conn.send(RankHello(rank, os.getpid(), socket.gethostname()))
+    run_rank(conn, rank)
 
 
 if __name__ == "__main__":
