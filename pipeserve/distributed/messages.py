@@ -137,6 +137,7 @@ class Loaded:
     rank: int
     generation: int
     num_params: int
+    weights: str = ""  # what the stage holds (precision of its matmuls, memory), for the engine's log
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,8 @@ class MultiprocExecutor(Executor):
             with t.cv:
                 if isinstance(msg, Loaded):
                     t.loaded[rank] = msg.num_params
+                    if msg.weights:
+                        logger.info("%s holds %s", self.who(rank), msg.weights)
                 elif isinstance(msg, Released) and msg.generation == self.generation:
                     t.released.add(rank)
                 elif isinstance(msg, Ready) and msg.generation == self.generation:

@@ -38,6 +38,7 @@ def load_model(cfg: ModelConfig, stage: StageInfo, max_positions: int, device: s
         raise ValueError(f"checkpoint {cfg.path!r} lacks tensors for stage {stage.rank}: {sorted(missing)[:8]}")
     held = quantize_model(model, cfg)
     logger.info("stage %d (TP rank %d) holds %s", stage.rank, tp.rank, held)
+    model.weights_summary = held  # a stage process reports it to the engine, which logs it (see Loaded)
     return model.eval()
 
 
@@ -69,6 +70,6 @@ def quantize_model(model: torch.nn.Module, cfg: ModelConfig) -> str:
             label = str(cfg.dtype).removeprefix("torch.")
         counts[label] = counts.get(label, 0) + 1
         dense_bytes += module.weight.numel() * module.weight.element_size()
-    kinds = ", ".join(f"{n} matmuls {label}" for label, n in counts.items())
+    kinds = ", ".join(f"{n} matmul{'s' * (n != 1)} {label}" for label, n in counts.items())
     return (f"{kinds}; {quant_bytes / 2**20:.0f} MiB quantized, {dense_bytes / 2**20:.0f} MiB dense "
             f"(the dense copy serves steps of more than a few rows)" if quant_bytes else kinds)

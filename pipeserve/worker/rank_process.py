@@ -106,7 +106,7 @@ class RankProcess:
         # Load, then wait for Join: a replacement still reading weights never holds the others in a rendezvous.
         self.worker = StageWorker(cfg, spec.stage, spec.rank, tp_group_of(self.layout, spec.rank))
         self.in_group = False
-        channel.send(Loaded(spec.rank, start.generation, self.worker.num_params()))
+        channel.send(Loaded(spec.rank, start.generation, self.worker.num_params(), self.worker.weights_summary()))
 
     @property
     def generation(self) -> int:

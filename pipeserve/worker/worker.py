@@ -50,6 +50,9 @@ class StageWorker:
         self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS)
         self.busy_s = 0.0  # cumulative compute seconds (records are bounded; this is not)
 
+    def weights_summary(self) -> str:
+        return getattr(self.runner.model, "weights_summary", "")
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.runner.model.parameters())  # shared (tied) tensors count once
 
