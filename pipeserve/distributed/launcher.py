@@ -78,7 +78,7 @@ class _Spawner:
 
 _SPAWNER = _Spawner()
 # Stage processes started before the engine knew its address (`prewarm_ranks`): each has imported torch and
-# the model code and waits on stdin for "HOST:PORT RANK KEY".
+# the model code and waits on its stdin (or pipe, when forked) for "HOST:PORT RANK KEY".
 _WARM: list[subprocess.Popen] = []
 _WARM_LOCK = threading.Lock()
 

@@ -5,7 +5,7 @@ names to (parameter, shard) and calls it, and the layer cuts out the rows or col
 Fused projections (QKV, gate/up) are one matmul.
 
 Every matmul weight may also be quantized after loading (`QuantizableWeight`): a checkpoint's 4-bit
-blocks arriving as `Int4Codes` are recorded per shard so they can be kept exactly, and `forward` picks the
+blocks arriving as `Int4Codes` are kept per shard so they can be held exactly, and `matmul` picks the
 quantized kernel or the dense weight per call by the number of rows.
 """
 
@@ -42,7 +42,6 @@ class QuantizableWeight(nn.Module):
     """A module whose `weight` (N, K) may also be held quantized; `matmul(x)` is x @ W^T either way."""
 
     quantized: QuantizedWeight | None = None
-    keep_dense: bool = True  # False: the dense weight was dropped and every call takes the quantized kernel
 
     def defer_int4(self, shard_id: int | None, loaded: object, target: torch.Tensor) -> bool:
         """Keep a checkpoint's exact 4-bit codes for this shard instead of writing `target` now (True), or
@@ -74,20 +73,19 @@ class QuantizableWeight(nn.Module):
             return None
         return Int4Codes.cat([parts[i][1] for i in sorted(parts)])
 
-    def quantize(self, method: str, codes: Int4Codes | None = None, keep_dense: bool = True) -> None:
-        """Hold the weight as `method` (int4 from `codes` when given, exactly). The dense weight becomes the
-        dequantized copy, so both kernels compute the same model; without `keep_dense` it is dropped."""
+    def quantize(self, method: str, codes: Int4Codes | None = None) -> None:
+        """Hold the weight as `method` too (int4 from `codes` when given, exactly). The dense weight becomes
+        the dequantized copy, so both kernels compute the same model; it serves steps of many rows, where a
+        dense GEMM is 2-4x faster than the quantized kernels (README "Token latency")."""
         source = codes if codes is not None else self.weight.detach()
         self.quantized = QuantizedWeight(method, source, self.weight.device)
-        dequantized = self.quantized.take_dequantized()
-        values = dequantized if keep_dense else torch.empty(0)
+        values = self.quantized.take_dequantized().to(self.weight.dtype).to(self.weight.device)
         # A new parameter, not an in-place copy: a tied LM head must not change the embedding it shares.
-        self.weight = nn.Parameter(values.to(self.weight.dtype).to(self.weight.device), requires_grad=False)
-        self.keep_dense = keep_dense
+        self.weight = nn.Parameter(values, requires_grad=False)
         self.__dict__.pop("int4_parts", None)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized is not None and (not self.keep_dense or x.shape[0] <= QUANT_MAX_ROWS):
+        if self.quantized is not None and x.shape[0] <= QUANT_MAX_ROWS:
             return self.quantized.mm(x)
         return F.linear(x, self.weight)
 
