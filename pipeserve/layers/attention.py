@@ -84,6 +84,8 @@ class PagedAttention(nn.Module):
         v_slots = kv_cache[1].view(self.num_kv_heads, -1, self.head_dim)
         k_slots.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         v_slots.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        if meta.num_decodes == q.shape[0]:  # a decode-only step: nothing to place the rows around
+            return self._decode(q, kv_cache, meta)
         out = torch.empty_like(q)
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], kv_cache, meta)
