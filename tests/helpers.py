@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -34,8 +35,8 @@ def make_tiny_llama(folder: str, seed: int = 0, **overrides: Any) -> str:
 def hf_greedy(model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int) -> list[int]:
     """HF transformers' greedy continuation of one prompt (no padding, so nothing to second-guess)."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             min_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
+        out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=max_new_tokens,
+                             do_sample=False, min_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
     return out[0, len(prompt):].tolist()
 
 
@@ -46,10 +47,23 @@ def assert_greedy_match(model: LlamaForCausalLM, prompt: list[int], ours: list[i
         if a == b:
             continue
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + expected[:i]])).logits[0, -1].float()
+            logits = model(torch.tensor([prompt + expected[:i]], device=model.device)).logits[0, -1].float()
         gap = (logits[b] - logits[a]).abs().item()
         assert gap < near_tie, f"token {i}: ours {a}, HF {b}, HF logit gap {gap:.3g} is not a tie"
         return
+
+
+def dequantized_hf(hf_model: LlamaForCausalLM, method: str) -> LlamaForCausalLM:
+    """A copy of the HF model whose matmul weights are the values pipeserve's `method` kernels multiply by."""
+    from pipeserve.layers.quantization import QuantizedWeight
+
+    model = copy.deepcopy(hf_model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            values = QuantizedWeight(method, module.weight.data, module.weight.device).take_dequantized()
+            # A new parameter: a tied head must not change the embedding it shares.
+            module.weight = torch.nn.Parameter(values.to(module.weight.device), requires_grad=False)
+    return model
 
 
 def tiny_with_tokenizer(tmp_path_factory) -> str:

@@ -3,15 +3,12 @@ agreement with HF on the dequantized model, and the embedded model's logits agai
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
-from helpers import assert_greedy_match, hf_greedy
-from torch import nn
+from helpers import assert_greedy_match, dequantized_hf, hf_greedy
 
 import pipeserve.layers.linear as linear_mod
 from pipeserve import LLM, SamplingParams
@@ -62,16 +59,6 @@ def test_kernel_multiplies_by_its_dequantized_weight(method, out_features):
         x = torch.randn(rows, 128)
         ref = x.bfloat16().float() @ deq.t()
         torch.testing.assert_close(q.mm(x), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
-
-
-def dequantized_hf(hf_model, method: str):
-    """The HF model with every matmul weight replaced by the values pipeserve's quantized kernel uses."""
-    model = copy.deepcopy(hf_model)
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            values = QuantizedWeight(method, module.weight.data, "cpu").take_dequantized()
-            module.weight = nn.Parameter(values, requires_grad=False)  # unties a tied head from the embedding
-    return model
 
 
 @pytest.mark.parametrize("method", ["int4", "int8"])

@@ -39,15 +39,15 @@ class StageLink:
         packed = torch.stack((tensors.hidden_states, tensors.residual))  # (2, T, hidden)
         start, width = self.tp.shard(packed.shape[-1])
         part = packed[..., start : start + width].contiguous()  # (2, T, hidden / tp)
-        wire = _wire(part.cpu() if host_staged(part) else part)
+        wire = _wire(part.cpu() if host_staged(part.device) else part)
         with peer_errors():
             self._pending.append((dist.isend(wire, dst=self.next_rank), wire))
         self.bytes_sent += wire.numel() * wire.element_size()
 
     def recv(self, num_tokens: int, hidden: int, dtype: torch.dtype, device: str) -> IntermediateTensors:
         """Receive the previous stage's tensors for a step of `num_tokens` tokens."""
-        staged = device.startswith("cuda") and dist.get_backend() == "gloo"
-        buf = torch.empty(2, num_tokens, hidden // self.tp.size, dtype=dtype, device="cpu" if staged else device)
+        buf = torch.empty(2, num_tokens, hidden // self.tp.size, dtype=dtype,
+                          device="cpu" if host_staged(device) else device)
         with peer_errors():
             dist.recv(_wire(buf), src=self.prev_rank)
         buf = buf.to(device)

@@ -171,13 +171,13 @@ def _claim_warm() -> subprocess.Popen | None:
 
 def spawn_rank(engine: tuple[str, int], rank: int, authkey: bytes, master_addr: str) -> subprocess.Popen:
     """Start one stage process that will connect to the engine at `engine` (a prewarmed one if any)."""
-    warm = _claim_warm() if interface_towards(master_addr) is None else None
+    iface = interface_towards(master_addr)
+    warm = _claim_warm() if iface is None else None  # prewarmed ones have this process's environment
     if warm is not None:
         warm.stdin.write(f"{engine[0]}:{engine[1]} {rank} {authkey.hex()}\n".encode())
         warm.stdin.close()
         return warm
     env = dict(os.environ)
-    iface = interface_towards(master_addr)
     if iface:  # gloo binds to the hostname's address unless told which interface reaches the other hosts
         env["GLOO_SOCKET_IFNAME"] = iface
     proc = _SPAWNER.popen([sys.executable, "-m", "pipeserve.worker.main", "--engine", f"{engine[0]}:{engine[1]}",

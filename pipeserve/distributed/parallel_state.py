@@ -29,10 +29,10 @@ def peer_errors() -> Iterator[None]:
         raise PeerLost(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
 
-def host_staged(t: torch.Tensor) -> bool:
-    """True when a CUDA tensor must pass through host memory: the group runs gloo because ranks share a GPU
-    (rank_process.choose_backend), and gloo's point-to-point ops take CPU tensors only."""
-    return t.device.type == "cuda" and dist.get_backend() == "gloo"
+def host_staged(device: torch.device | str) -> bool:
+    """True when tensors on `device` must pass through host memory: CUDA under gloo, which the group runs
+    when ranks share a GPU (rank_process.choose_backend) and whose point-to-point ops take CPU tensors only."""
+    return torch.device(device).type == "cuda" and dist.get_backend() == "gloo"
 
 
 @dataclass(eq=False)
@@ -51,7 +51,7 @@ class TPGroup:
         """Sum over the group, in place. Gloo cannot add 16-bit floats, so on CPU they are summed in float32."""
         if self.size == 1:
             return x
-        if host_staged(x):
+        if host_staged(x.device):
             return x.copy_(self.all_reduce(x.cpu()))
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
             wide = x.float()
@@ -66,7 +66,7 @@ class TPGroup:
         """Concatenate every rank's `x` along `dim`, in rank order."""
         if self.size == 1:
             return x
-        if host_staged(x):
+        if host_staged(x.device):
             return self.all_gather(x.cpu(), dim).to(x.device)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         with peer_errors():

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from pipeserve.engine.arg_utils import EngineArgs
+from pipeserve.layers.quantization import QUANTIZATION_METHODS
 
 DEFAULT_PROMPTS = [
     "What is pipeline parallelism in one paragraph?",
@@ -21,7 +22,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF folder, .gguf file, or 'smollm2-135m-instruct' (default)")
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--quantization", "-q", default=d.quantization, choices=["auto", "none", "int8", "int4"],
+    g.add_argument("--quantization", "-q", default=d.quantization, choices=QUANTIZATION_METHODS,
                    help="weight-only quantization: auto keeps a GGUF's 4-bit blocks 4-bit (HF checkpoints stay "
                         "dense); int8/int4 quantize on load")
     g.add_argument("--max-model-len", type=int, default=d.max_model_len)

@@ -71,7 +71,7 @@ class LlamaAttention(nn.Module):
         self.rope = rope
         self.attn = PagedAttention(nh, nkv, hd)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # (T, (nh + 2 nkv) * hd)
         t, nh, nkv, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -106,10 +106,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         self.mlp = LlamaMLP(cfg, tp)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         residual = hidden if residual is None else hidden + residual
-        hidden = self.self_attn(positions, self.input_layernorm(residual), kv_cache, meta)
+        hidden = self.self_attn(self.input_layernorm(residual), kv_cache, meta)
         residual = hidden + residual
         hidden = self.mlp(self.post_attention_layernorm(residual))
         return hidden, residual
@@ -143,7 +143,7 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = intermediate.hidden_states, intermediate.residual
         meta.rope_tables = self.rope.tables(positions, self.cfg.dtype)  # shared by every layer of the step
         for i in range(self.stage.start_layer, self.stage.end_layer):
-            hidden, residual = self.layers[i](positions, hidden, residual, kv_caches[i - self.stage.start_layer], meta)
+            hidden, residual = self.layers[i](hidden, residual, kv_caches[i - self.stage.start_layer], meta)
         if not self.stage.is_last:
             return IntermediateTensors(hidden, residual)
         return self.norm(hidden + residual)

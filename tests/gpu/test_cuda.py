@@ -10,8 +10,7 @@ import copy
 
 import pytest
 import torch
-from helpers import NEAR_TIE
-from torch import nn
+from helpers import assert_greedy_match, dequantized_hf, hf_greedy
 
 from pipeserve import LLM, SamplingParams
 from pipeserve.layers.quantization import QuantizedWeight
@@ -21,24 +20,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(3, 40)), [100], list(range(50, 150)), [7, 7, 7, 300, 12, 4]]
 MAX_TOKENS = 16
 QUANT_NEAR_TIE = 0.05  # the quantized kernels multiply in bfloat16 (tests/test_quantization.py)
-
-
-def cuda_greedy(model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, do_sample=False,
-                             min_new_tokens=n, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
-
-
-def assert_match(model, prompt: list[int], ours: list[int], expected: list[int], near_tie: float) -> None:
-    """Equal token for token, except past a near-tie in the reference's own logits."""
-    for i, (a, b) in enumerate(zip(ours, expected, strict=True)):
-        if a != b:
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + expected[:i]], device="cuda")).logits[0, -1].float()
-            gap = (logits[b] - logits[a]).abs().item()
-            assert gap < near_tie, f"token {i}: ours {a}, reference {b}, logit gap {gap:.3g} is not a tie"
-            return
 
 
 def generate(path: str, **kwargs) -> list[list[int]]:
@@ -58,7 +39,7 @@ def test_cuda_greedy_matches_hf_on_cuda(family, tiny_models, hf_cuda):
     """Paged attention (chunked prefill, batched decodes) on CUDA against HF on CUDA, float32."""
     ours = generate(tiny_models[family], max_num_batched_tokens=16)
     for prompt, got in zip(PROMPTS, ours, strict=True):
-        assert_match(hf_cuda[family], prompt, got, cuda_greedy(hf_cuda[family], prompt, MAX_TOKENS), NEAR_TIE)
+        assert_greedy_match(hf_cuda[family], prompt, got, hf_greedy(hf_cuda[family], prompt, MAX_TOKENS))
 
 
 @pytest.mark.parametrize("method", ["int4", "int8"])
@@ -74,14 +55,10 @@ def test_cuda_quantized_kernel_uses_its_dequantized_weight(method):
 
 
 def test_cuda_quantized_greedy_matches_dequantized_hf(tiny_models, hf_cuda):
-    reference = copy.deepcopy(hf_cuda["gqa"])
-    for module in reference.modules():
-        if isinstance(module, nn.Linear):
-            values = QuantizedWeight("int4", module.weight.data, "cuda").take_dequantized().to("cuda")
-            module.weight = nn.Parameter(values, requires_grad=False)
+    reference = dequantized_hf(hf_cuda["gqa"], "int4")
     ours = generate(tiny_models["gqa"], quantization="int4", max_num_batched_tokens=16)
     for prompt, got in zip(PROMPTS, ours, strict=True):
-        assert_match(reference, prompt, got, cuda_greedy(reference, prompt, MAX_TOKENS), QUANT_NEAR_TIE)
+        assert_greedy_match(reference, prompt, got, hf_greedy(reference, prompt, MAX_TOKENS), near_tie=QUANT_NEAR_TIE)
 
 
 def test_cuda_two_stages_on_one_gpu_match_one_stage(tiny_models):
