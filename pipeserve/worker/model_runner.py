@@ -41,7 +41,9 @@ class ModelRunner:
                 intermediate: IntermediateTensors | None = None) -> IntermediateTensors | StepOutput:
         """Run the stage on the step; the last stage samples and returns a StepOutput."""
         start = time.time()
-        out = self._forward(sched, intermediate)
+        # A named range for torch.profiler (benchmarks/profile_decode.py); near free when no profiler runs.
+        with torch.profiler.record_function(f"pipeserve::{sched.kind}_step"):
+            out = self._forward(sched, intermediate)
         self.last_record = StepRecord(sched.virtual_engine, sched.step_id, self.stage.rank, start, time.time(),
                                       sched.kind, sched.num_tokens)
         return out
