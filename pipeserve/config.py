@@ -141,6 +141,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    # Steps one virtual engine keeps in flight when it has work that waits on no result (the next chunk of a
+    # prompt): one per pipeline stage lets a long prompt occupy every stage at once.
+    max_steps_in_flight_per_ve: int = 1
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,11 @@ LAYOUTS = {  # family (layer count) -> layout kwargs
     "pp2_preempting": ("gqa", dict(pipeline_parallel_size=2, num_kv_blocks=34, block_size=8, max_model_len=128,
                                    max_num_batched_tokens=32)),
     "pp2_one_virtual_engine": ("head_dim_bias", dict(pipeline_parallel_size=2, num_virtual_engines=1)),
+    # Prompts up to 12 chunks long, their chunks in flight in all three stages at once, under preemption.
+    "pp3_long_prompts_preempting": ("gqa", dict(pipeline_parallel_size=3, num_kv_blocks=51, block_size=8,
+                                                max_model_len=128, max_num_batched_tokens=8)),
 }
+PIPELINED = ("pp2_chunked", "pp3_uneven_5_layers", "pp2_preempting", "pp3_long_prompts_preempting")
 
 
 def run(path: str, **kwargs) -> tuple[list[list[int]], LLM]:
@@ -42,6 +46,8 @@ def test_pipeline_matches_single_process_and_hf(layout, tiny_models, hf_models):
         if "num_kv_blocks" in kwargs:
             assert sum(s.num_preemptions for s in llm.engine.schedulers) > 0
         assert len(llm.engine.schedulers) == kwargs.get("num_virtual_engines", kwargs["pipeline_parallel_size"])
+        if layout in PIPELINED:  # a prompt's chunks were in flight together, up to one per stage
+            assert max(s.max_steps_in_flight for s in llm.engine.schedulers) == kwargs["pipeline_parallel_size"]
     finally:
         llm.shutdown()
     assert piped == single

@@ -130,12 +130,50 @@ def test_abort_frees_blocks_and_ignores_in_flight_result():
     assert s.update(fake_step(out)) == [] and not s.has_work()
 
 
-def test_schedule_twice_without_update_is_refused():
-    s = make_scheduler()
-    s.add_request(request("a", 4))
-    s.schedule()
+def test_prefill_chunks_are_planned_while_earlier_ones_are_in_flight():
+    s = make_scheduler(budget=16)
+    s.add_request(request("a", 40))
+    chunks = [s.schedule() for _ in range(4)]  # three chunks, then nothing until the sampling one returns
+    assert [c.requests[0].start_pos for c in chunks[:3]] == [0, 16, 32]
+    assert [len(c.requests[0].token_ids) for c in chunks[:3]] == [16, 16, 8]
+    assert [c.requests[0].sampling_params is None for c in chunks[:3]] == [True, True, False]
+    assert chunks[3].is_empty and s.num_steps_in_flight == 3
     with pytest.raises(AssertionError):
-        s.schedule()
+        s.update(fake_step(chunks[1]))  # results are applied in planning order
+    for c in chunks[:3]:
+        s.update(fake_step(c))
+    req = s.requests["a"]
+    assert req.num_computed_tokens == 40 and req.output_token_ids == [7] and req.num_inflight_tokens == 0
+    decode = s.schedule()
+    assert decode.requests[0].start_pos == 40 and decode.requests[0].token_ids == [7]
+    assert s.schedule().is_empty  # the decode waits for its token
+
+
+def test_abort_with_chunks_in_flight_frees_blocks_and_drops_their_results():
+    s = make_scheduler(budget=16)
+    s.add_request(request("a", 40))
+    chunks = [s.schedule(), s.schedule()]
+    s.abort("a")
+    assert s.block_manager.num_used_blocks == 0
+    assert [s.update(fake_step(c)) for c in chunks] == [[], []] and not s.has_work()
+
+
+def test_a_preempted_request_replanned_ignores_its_stale_step():
+    s = make_scheduler(blocks=3, block_size=4, budget=8)
+    s.add_request(request("a", 4))
+    s.add_request(request("b", 12))
+    first = s.schedule()  # a: its whole prompt (1 block); b: tokens 0..3 (1 block)
+    # b's next chunk needs two more blocks, one is free: b, the newest, is preempted, its first chunk still
+    # in flight, and planned again from the start in the same step.
+    second = s.schedule()
+    b = s.requests["b"]
+    assert [(r.req_id, r.start_pos, len(r.token_ids)) for r in second.requests] == [("b", 0, 8)]
+    assert b.num_preemptions == 1
+    s.update(fake_step(first))  # b's part of it is stale
+    assert s.requests["a"].output_token_ids == [7]
+    assert (b.num_computed_tokens, b.num_inflight_tokens) == (0, 8)
+    s.update(fake_step(second))
+    assert (b.num_computed_tokens, b.num_inflight_tokens) == (8, 0)
 
 
 def test_block_tables_cover_every_computed_token():
@@ -155,7 +193,7 @@ def test_recompute_all_catches_up_only_the_stages_that_lost_their_kv():
     s.update(fake_step(s.schedule()))  # all three prefilled, one token each
     blocks = {r.request_id: list(s.block_manager.block_tables[r.request_id]) for r in reqs}
     s.schedule()
-    s.abandon_step(lost=False)  # planned, never ran: nobody becomes a suspect
+    s.abandon_steps(lost=False)  # planned, never ran: nobody becomes a suspect
     assert s.recompute_all(last_stage=0) == 3 and s.num_recomputed == 3 and s.num_recomputed_tokens == 15
     assert [r.request_id for r in s.running] == ["0", "1", "2"]  # they keep their place and their blocks
     assert {r.request_id: s.block_manager.block_tables[r.request_id] for r in reqs} == blocks
@@ -218,11 +256,11 @@ def test_suspects_of_a_lost_step_run_one_per_step_and_a_repeat_offender_fails_al
     for r in reqs.values():
         s.add_request(r)
     s.schedule()
-    assert s.abandon_step() == []  # the step was lost: a, b, c are suspects
+    assert s.abandon_steps() == []  # the step was lost: a, b, c are suspects
     s.recompute_all(last_stage=1)
     first = s.schedule()
     assert [r.req_id for r in first.requests] == ["a"]  # one suspect per step
-    assert s.abandon_step() == [reqs["a"]]  # lost again with a in it: a is failed on its own
+    assert s.abandon_steps() == [reqs["a"]]  # lost again with a in it: a is failed on its own
     assert reqs["a"].status == RequestStatus.FINISHED_ABORTED and "a" not in s.requests
     s.recompute_all(last_stage=1)
     second = s.schedule()

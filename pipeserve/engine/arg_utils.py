@@ -37,6 +37,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pp_layer_partition: str | None = None
     num_virtual_engines: int | None = None
+    max_steps_in_flight_per_ve: int | None = None
     threads_per_worker: int | None = None
     device: str | None = None
     master_addr: str = "127.0.0.1"
@@ -65,7 +66,7 @@ class EngineArgs:
         if max_len > model.max_position_embeddings:
             raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
                              f"{model.max_position_embeddings}")
-        scheduler = self._scheduler_config(max_len)
+        scheduler = self._scheduler_config(max_len, self.pipeline_parallel_size)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         cache = CacheConfig(self.block_size, self.num_kv_blocks, int(self.kv_cache_memory_gb * (1 << 30)))
@@ -131,7 +132,7 @@ class EngineArgs:
         if self.master_port is None or not self.cluster_key:
             raise ValueError("a multi-node run needs --master-port and --cluster-key (the same on every node)")
 
-    def _scheduler_config(self, max_len: int) -> SchedulerConfig:
+    def _scheduler_config(self, max_len: int, pp: int) -> SchedulerConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         budget = self.max_num_batched_tokens
@@ -142,7 +143,10 @@ class EngineArgs:
         if not self.enable_chunked_prefill and budget < max_len:
             raise ValueError(f"without chunked prefill, max_num_batched_tokens ({budget}) must be >= max_model_len "
                              f"({max_len}) so that any prompt fits one step")
-        return SchedulerConfig(self.max_num_seqs, budget, max_len, self.enable_chunked_prefill)
+        in_flight = pp if self.max_steps_in_flight_per_ve is None else self.max_steps_in_flight_per_ve
+        if in_flight < 1:
+            raise ValueError(f"max_steps_in_flight_per_ve must be >= 1, got {in_flight}")
+        return SchedulerConfig(self.max_num_seqs, budget, max_len, self.enable_chunked_prefill, in_flight)
 
     def _num_blocks(self, model: ModelConfig, cache: CacheConfig, layers_on_busiest_stage: int, tp: int) -> int:
         if cache.num_kv_blocks is not None:

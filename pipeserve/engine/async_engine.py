@@ -1,8 +1,10 @@
 """The engine: virtual engines driven concurrently by asyncio over one executor.
 
-Each virtual engine (VE) is a Scheduler over its own KV pool. A VE loop plans a step, awaits the
-executor, applies the sampled tokens, and publishes outputs. With P VEs, up to P steps are in flight
-at once, one per VE, which is what keeps every pipeline stage busy.
+Each virtual engine (VE) is a Scheduler over its own KV pool. A VE loop plans steps, awaits the
+executor, applies the sampled tokens in planning order, and publishes outputs. A VE keeps up to P steps
+in flight (P pipeline stages) when it has work that needs no pending result: the chunks of a long prompt
+flow through all stages at once. Decodes wait for their previous token, so with P VEs of decodes about P
+steps are in flight, one per VE, which is what keeps every pipeline stage busy.
 
 When a stage fails and the executor recovers, each VE's step in flight is interrupted; the VE waits for
 the new generation of the group and has every running request compute its prompt and outputs again on the
@@ -13,6 +15,7 @@ that cannot be recovered fails every request with an error naming the stage.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -30,6 +33,7 @@ from pipeserve.executor.base import Executor, StepInterrupted
 from pipeserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.timeline import Span, StepRecord, stage_records, write_trace
+from pipeserve.types import SchedulerOutput, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -146,40 +150,74 @@ class AsyncEngine:
 
     async def _ve_loop(self, ve: int) -> None:
         scheduler, wakeup = self.schedulers[ve], self._wakeups[ve]
+        in_flight: collections.deque[asyncio.Task] = collections.deque()  # this VE's steps, in planning order
         generation = self.executor.generation
-        while True:
-            if not scheduler.has_work():
-                wakeup.clear()
-                await wakeup.wait()
-                continue
-            try:
-                if generation != self.executor.generation or self.executor.recovering:
-                    ready = await self.executor.wait_ready()
-                    lost = self.executor.kv_lost_through(generation)
-                    if lost is not None:  # replaced stages lost their KV: catch up on stages 0..lost
-                        scheduler.recompute_all(None if lost == self.config.parallel.pipeline_parallel_size - 1
-                                                else lost)
-                    generation = ready
-                sched = scheduler.schedule()
-                if sched.is_empty:
-                    await asyncio.sleep(0)
-                    continue
-                self.busy_clock.step_started()
+        try:
+            while True:
                 try:
-                    step = await self.executor.execute(sched, generation)
-                finally:
-                    self.busy_clock.step_ended()
-            except StepInterrupted as exc:  # a stage failed; the executor is recovering
-                for req in scheduler.abandon_step(lost=exc.lost):
-                    self._fail_request(req, RuntimeError(f"request {req.request_id} was in {req.num_failed_steps} "
-                                                         f"steps in a row that a stage failure lost ({exc}); it "
-                                                         f"is failed on its own so the others can go on"))
-                continue
-            except Exception as exc:  # a failure that cannot be recovered: fail every listener, never hang them
-                self._fail_all(exc)
-                raise
-            for req in scheduler.update(step):
-                self._publish(scheduler, req)
+                    if not in_flight:
+                        if not scheduler.has_work():
+                            wakeup.clear()
+                            await wakeup.wait()
+                            continue
+                        if generation != self.executor.generation or self.executor.recovering:
+                            generation = await self._catch_up(scheduler, generation)
+                    wakeup.clear()  # an arrival from here on wakes the wait below
+                    self._plan_steps(scheduler, in_flight, generation)
+                    if not in_flight:
+                        await asyncio.sleep(0)  # nothing can run yet (no free KV): let the others go on
+                        continue
+                    if len(in_flight) < self.steps_in_flight_per_ve and not in_flight[0].done():
+                        # Room for another step: an arrival may be planned before the oldest returns.
+                        arrival = asyncio.ensure_future(wakeup.wait())
+                        await asyncio.wait([in_flight[0], arrival], return_when=asyncio.FIRST_COMPLETED)
+                        arrival.cancel()
+                        if not in_flight[0].done():
+                            continue
+                    step = await in_flight.popleft()
+                except StepInterrupted as exc:  # a stage failed; the executor is recovering
+                    lost = exc.lost or any(await _interruptions(in_flight))
+                    for req in scheduler.abandon_steps(lost=lost):
+                        self._fail_request(req, RuntimeError(
+                            f"request {req.request_id} was in {req.num_failed_steps} steps in a row that a stage "
+                            f"failure lost ({exc}); it is failed on its own so the others can go on"))
+                    continue
+                except Exception as exc:  # a failure that cannot be recovered: fail every listener, never hang
+                    self._fail_all(exc)
+                    raise
+                for req in scheduler.update(step):
+                    self._publish(scheduler, req)
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    @property
+    def steps_in_flight_per_ve(self) -> int:
+        """By default one per pipeline stage: a long prompt's chunks fill the pipeline."""
+        return self.config.scheduler.max_steps_in_flight_per_ve
+
+    def _plan_steps(self, scheduler: Scheduler, in_flight: collections.deque, generation: int) -> None:
+        """Plan and issue steps while this VE has room and something can run without waiting for a result."""
+        while len(in_flight) < self.steps_in_flight_per_ve and generation == self.executor.generation:
+            sched = scheduler.schedule()
+            if sched.is_empty:
+                return
+            in_flight.append(asyncio.ensure_future(self._run_step(sched, generation)))
+
+    async def _run_step(self, sched: SchedulerOutput, generation: int) -> StepOutput:
+        self.busy_clock.step_started()
+        try:
+            return await self.executor.execute(sched, generation)
+        finally:
+            self.busy_clock.step_ended()
+
+    async def _catch_up(self, scheduler: Scheduler, generation: int) -> int:
+        """After a recovery: wait for the new generation; recompute what replaced stages lost."""
+        ready = await self.executor.wait_ready()
+        lost = self.executor.kv_lost_through(generation)
+        if lost is not None:  # replaced stages lost their KV: catch up on stages 0..lost
+            scheduler.recompute_all(None if lost == self.config.parallel.pipeline_parallel_size - 1 else lost)
+        return ready
 
     def _publish(self, scheduler: Scheduler, req: Request) -> None:
         tracked = self._tracked.get(req.request_id)
@@ -286,3 +324,17 @@ class AsyncEngine:
                 logger.info("wrote %s and %s", self.config.trace_file, png)
         finally:
             self.executor.shutdown()
+
+
+async def _interruptions(in_flight: collections.deque) -> list[bool]:
+    """Wait out a VE's other steps in flight after one was interrupted; whether each was lost (it ran)."""
+    lost = []
+    while in_flight:
+        try:
+            await in_flight.popleft()
+            lost.append(False)  # it finished before the failure; its tokens are recomputed with the rest
+        except StepInterrupted as exc:
+            lost.append(exc.lost)
+        except Exception:  # noqa: BLE001 - the recovery decides what a failed generation means
+            lost.append(True)
+    return lost

@@ -34,6 +34,8 @@ class Request:
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[SampledToken] = []
         self.num_computed_tokens = 0
+        self.num_inflight_tokens = 0  # planned in steps still in flight: KV not counted as computed yet
+        self.epoch = 0  # bumped whenever results of its steps in flight must no longer count
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
@@ -56,11 +58,23 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
-    def tokens_to_compute(self) -> list[int]:
-        """The tokens without KV yet: the rest of the prompt, or the last sampled token."""
-        if self.num_computed_tokens < len(self.prompt_token_ids):
-            return self.prompt_token_ids[self.num_computed_tokens:] + self.output_token_ids
-        return self.output_token_ids[self.num_computed_tokens - len(self.prompt_token_ids):]
+    @property
+    def num_planned_tokens(self) -> int:
+        """Tokens computed or in a step in flight: where the next planned chunk starts."""
+        return self.num_computed_tokens + self.num_inflight_tokens
+
+    def token_ids_from(self, start: int, n: int) -> list[int]:
+        """Tokens [start, start + n) of prompt + outputs, without copying the whole sequence."""
+        prompt = self.prompt_token_ids
+        if start >= len(prompt):
+            return self.output_token_ids[start - len(prompt): start - len(prompt) + n]
+        head = prompt[start: start + n]
+        return head + self.output_token_ids[: n - len(head)] if len(head) < n else head
+
+    def forget_in_flight(self) -> None:
+        """Its steps in flight will not count: drop their tokens and make their late results stale."""
+        self.num_inflight_tokens = 0
+        self.epoch += 1
 
     def stop_catching_up(self) -> None:
         self.kv_held_tokens, self.catch_up_stage = 0, None

@@ -5,6 +5,15 @@ requests in arrival order, all under one token budget (`max_num_batched_tokens`)
 When the KV pool runs dry, the most recently admitted running request is preempted: its blocks are freed
 and it goes back to the front of the queue, to recompute prompt + outputs later. It loses no tokens.
 
+Several steps may be in flight at once (chunked pipeline prefill): a request whose planned tokens do not
+reach a sample yet (a prefill chunk that is not its last) can have its next chunk planned before the first
+one returns, so chunk k+1 enters stage 0 while chunk k is in stage 1. That is safe because every stage runs
+a virtual engine's steps in the order they were planned, and chunk k+1 needs on each stage only the KV that
+the same stage wrote for chunks 1..k. A request that waits for a sampled token is not planned again until
+that token arrives. Results are applied in planning order. A request preempted or aborted while its steps
+are in flight bumps its `epoch`, so their late results are dropped (the KV they wrote is overwritten
+before anything reads it: every later step on those blocks is planned, hence run, after them).
+
 A stage failure is handled much the same way (`recompute_all`): every running request computes its tokens
 again, keeping its blocks, but only on the stages up to the last replaced one: the stages after it still
 hold that KV, so those chunks skip them (`ScheduledRequest.last_stage`). The requests of a step lost to a
@@ -36,8 +45,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self._scheduled: dict[str, int] = {}  # req_id -> tokens in the step in flight
+        # step id -> {req_id: (tokens planned, request epoch when planned)}, for every step in flight
+        self._in_flight: dict[int, dict[str, tuple[int, int]]] = {}
         self._next_step = 0
+        self.max_steps_in_flight = 0  # the most steps this VE has had in flight at once (tests, benchmarks)
         self.num_preemptions = 0
         self.num_recomputed = 0  # requests sent back to recompute by stage failures
         self.num_recomputed_tokens = 0  # tokens whose KV they had, computed again
@@ -65,45 +76,59 @@ class Scheduler:
 
     # ---- planning ------------------------------------------------------------------------------------
 
+    @property
+    def num_steps_in_flight(self) -> int:
+        return len(self._in_flight)
+
     def schedule(self) -> SchedulerOutput:
-        """Plan the next step. Must not be called while this scheduler's previous step is in flight."""
-        assert not self._scheduled, "a virtual engine runs one step at a time"
+        """Plan the next step from what can run now, whether or not earlier steps are still in flight. An
+        empty plan (nothing can run before a result arrives) takes no step id."""
         budget = self.config.max_num_batched_tokens
-        planned: list[Request] = []
+        planned: dict[str, int] = {}
         budget = self._schedule_running(budget, planned)
         self._schedule_waiting(budget, planned)
         out = SchedulerOutput(step_id=self._next_step, virtual_engine=self.virtual_engine)
+        if not planned:
+            return out
         self._next_step += 1
-        for req in planned:
-            out.requests.append(self._scheduled_request(req))
+        for req_id, n in planned.items():
+            req = self.requests[req_id]
+            out.requests.append(self._scheduled_request(req, n))
+            req.num_inflight_tokens += n
+        self._in_flight[out.step_id] = {req_id: (n, self.requests[req_id].epoch) for req_id, n in planned.items()}
+        self.max_steps_in_flight = max(self.max_steps_in_flight, len(self._in_flight))
         return out
 
-    def _schedule_running(self, budget: int, planned: list[Request]) -> int:
+    def _schedule_running(self, budget: int, planned: dict[str, int]) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.num_failed_steps and _has_suspect(planned):
-                i += 1
+            start = req.num_planned_tokens
+            if start >= req.num_tokens or (req.num_failed_steps and self._has_suspect(planned)):
+                i += 1  # waiting for its sampled token, or a suspect where the step already has one
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if req.num_computed_tokens < req.kv_held_tokens:  # a catch-up chunk never runs past the held KV
-                n = min(n, req.kv_held_tokens - req.num_computed_tokens)
-            while not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
+            n = min(req.num_tokens - start, budget)
+            if start < req.kv_held_tokens:  # a catch-up chunk never runs past the held KV
+                n = min(n, req.kv_held_tokens - start)
+            while not self.block_manager.allocate(req.request_id, start + n):
                 victim = self.running[-1]
                 self._preempt(victim)
+                planned.pop(victim.request_id, None)
                 if victim is req:
                     break
             else:
-                self._scheduled[req.request_id] = n
-                planned.append(req)
+                planned[req.request_id] = n
                 budget -= n
                 i += 1
         return budget
 
-    def _schedule_waiting(self, budget: int, planned: list[Request]) -> None:
+    def _has_suspect(self, planned: dict[str, int]) -> bool:
+        return any(self.requests[r].num_failed_steps for r in planned)
+
+    def _schedule_waiting(self, budget: int, planned: dict[str, int]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if req.num_failed_steps and _has_suspect(planned):
+            if req.num_failed_steps and self._has_suspect(planned):
                 break  # one suspect per step: it gets the next one
             n = req.num_tokens - req.num_computed_tokens
             if n > budget and not self.config.enable_chunked_prefill:
@@ -115,8 +140,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            self._scheduled[req.request_id] = n
-            planned.append(req)
+            planned[req.request_id] = n
             budget -= n
 
     def _preempt(self, req: Request) -> None:
@@ -128,7 +152,7 @@ class Scheduler:
         """Free the request's KV and put it at the front of the queue, to recompute prompt + outputs."""
         self.running.remove(req)
         self.block_manager.free(req.request_id)
-        self._scheduled.pop(req.request_id, None)
+        req.forget_in_flight()  # results of its steps in flight no longer count
         req.num_computed_tokens = 0
         req.stop_catching_up()  # its blocks are gone: every stage recomputes it
         req.status = RequestStatus.WAITING
@@ -136,18 +160,23 @@ class Scheduler:
 
     # ---- stage failures ------------------------------------------------------------------------------
 
-    def abandon_step(self, lost: bool = True) -> list[Request]:
-        """The step in flight will never return. If it ran (`lost`), its requests become suspects; returns
-        those lost MAX_FAILED_STEPS times in a row, which the caller fails on their own."""
+    def abandon_steps(self, lost: bool = True) -> list[Request]:
+        """The steps in flight will never return. If they ran (`lost`), their requests become suspects (once
+        per failure, however many of its steps were in flight); returns those lost MAX_FAILED_STEPS times
+        in a row, which the caller fails on their own."""
         crashed = []
-        for req_id in self._scheduled:
+        in_flight = {req_id for step in self._in_flight.values() for req_id in step}
+        self._in_flight.clear()
+        for req_id in in_flight:
             req = self.requests.get(req_id)
-            if req is None or not lost:
+            if req is None:
+                continue
+            req.forget_in_flight()
+            if not lost:
                 continue
             req.num_failed_steps += 1
             if req.num_failed_steps >= MAX_FAILED_STEPS:
                 crashed.append(req)
-        self._scheduled.clear()
         for req in crashed:
             self._finish(req, RequestStatus.FINISHED_ABORTED)
         return crashed
@@ -157,7 +186,7 @@ class Scheduler:
         its tokens again on stages 0..last_stage (the replaced stage lost its KV and needs the activations of
         those before it); later stages keep theirs. None: every stage recomputes, as one prefill that runs on
         to the next sampled token. Blocks stay. Returns how many requests recompute."""
-        assert not self._scheduled, "abandon the step in flight first"
+        assert not self._in_flight, "abandon the steps in flight first"
         catching_up = [r for r in self.running if r.num_computed_tokens or r.kv_held_tokens]
         for req in catching_up:
             # A request still catching up from an earlier recovery: the later stages' KV reaches as far as
@@ -173,14 +202,14 @@ class Scheduler:
         self.num_recomputed += len(catching_up)
         return len(catching_up)
 
-    def _scheduled_request(self, req: Request) -> ScheduledRequest:
-        n = self._scheduled[req.request_id]
-        samples = req.num_computed_tokens + n == req.num_tokens
-        catching_up = req.num_computed_tokens < req.kv_held_tokens
+    def _scheduled_request(self, req: Request, n: int) -> ScheduledRequest:
+        start = req.num_planned_tokens
+        samples = start + n == req.num_tokens
+        catching_up = start < req.kv_held_tokens
         return ScheduledRequest(
             req_id=req.request_id,
-            token_ids=req.tokens_to_compute()[:n],
-            start_pos=req.num_computed_tokens,
+            token_ids=req.token_ids_from(start, n),
+            start_pos=start,
             block_table=list(self.block_manager.block_tables[req.request_id]),
             sampling_params=req.sampling_params if samples else None,
             num_output_tokens=req.num_output_tokens,
@@ -190,12 +219,15 @@ class Scheduler:
     # ---- results -------------------------------------------------------------------------------------
 
     def update(self, step: StepOutput) -> list[Request]:
-        """Advance the requests of the step in flight; returns those that received a new token."""
+        """Advance the requests of a step in flight (steps are applied in planning order); returns those
+        that received a new token."""
+        assert step.step_id == min(self._in_flight), "step results are applied in the order they were planned"
         advanced = []
-        for req_id, n in self._scheduled.items():
+        for req_id, (n, epoch) in self._in_flight.pop(step.step_id).items():
             req = self.requests.get(req_id)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # aborted while its step was in flight
+            if req is None or req.status != RequestStatus.RUNNING or req.epoch != epoch:
+                continue  # aborted, or preempted (and perhaps planned afresh) while this step was in flight
+            req.num_inflight_tokens -= n
             req.num_computed_tokens += n
             req.num_failed_steps = 0
             if req.num_computed_tokens >= req.kv_held_tokens:
@@ -207,7 +239,6 @@ class Scheduler:
             req.output_logprobs.append(sampled)
             self._check_stop(req, sampled.token_id)
             advanced.append(req)
-        self._scheduled.clear()
         return advanced
 
     def _check_stop(self, req: Request, token: int) -> None:
@@ -228,6 +259,7 @@ class Scheduler:
         if req.status.finished:
             return
         req.finish(status, stop_reason)
+        req.forget_in_flight()
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:
@@ -235,6 +267,3 @@ class Scheduler:
         self.block_manager.free(req.request_id)
         self.requests.pop(req.request_id, None)
 
-
-def _has_suspect(planned: list[Request]) -> bool:
-    return any(r.num_failed_steps for r in planned)

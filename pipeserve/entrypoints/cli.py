@@ -44,6 +44,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         "computed tokens that are sampled; 1 = pure decode), 'even', or layers per stage like 19,11")
     p.add_argument("--num-virtual-engines", type=int, default=d.num_virtual_engines,
                    help="independent schedulers kept in flight (default: the pipeline size)")
+    p.add_argument("--max-steps-in-flight-per-ve", type=int, default=d.max_steps_in_flight_per_ve,
+                   help="steps one virtual engine may have in the pipeline at once (default: one per stage); "
+                        "a long prompt's chunks fill the pipeline up to this")
     add_cluster_flags(p)
     r = parser.add_argument_group("failures")
     r.add_argument("--step-timeout-s", type=float, default=d.step_timeout_s,

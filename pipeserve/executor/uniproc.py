@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -16,17 +17,19 @@ from pipeserve.worker.worker import StageWorker
 
 class UniProcExecutor(Executor):
     """Runs the whole model in this process. `offload=True` runs steps in a thread so an event loop
-    serving HTTP stays responsive; offline generation runs them inline."""
+    serving HTTP stays responsive (one thread: steps run one at a time, in the order they were issued);
+    offline generation runs them inline."""
 
     def __init__(self, config: EngineConfig, offload: bool = False):
         if config.parallel.threads_per_worker:
             torch.set_num_threads(config.parallel.threads_per_worker)
         self.offload = offload
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="pipeserve-step") if offload else None
         self.worker = StageWorker(config, StageInfo.whole_model(config.model.num_hidden_layers))
 
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
         if self.offload:
-            return await asyncio.to_thread(self.worker.run_step, sched)
+            return await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.run_step, sched)
         return self.worker.run_step(sched)
 
     def busy_seconds(self) -> list[float]:
@@ -36,4 +39,6 @@ class UniProcExecutor(Executor):
         return [self.worker.stats()]
 
     def shutdown(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
         self.worker = None
