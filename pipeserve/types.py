@@ -15,17 +15,26 @@ from pipeserve.sampling_params import SamplingParams
 
 @dataclass
 class ScheduledRequest:
-    """One request's share of a step: which tokens to compute, where their KV goes, whether to sample."""
+    """One request's share of a step: which tokens to compute, where their KV goes, whether to sample.
+
+    Plans are incremental, as vLLM's NewRequestData / CachedRequestData: the stages keep each request's block
+    table and sampling params between steps (`worker/request_states.py`), so an entry carries the whole table
+    and the params only when `new` (the stages do not know the request: its first step, after a preemption,
+    or in a new generation of the group), and otherwise only the blocks appended since its last step. A stage
+    resolves the plan back to whole tables, and `sampling_params` set exactly when the step samples.
+    """
 
     req_id: str
     token_ids: list[int]  # the tokens computed this step (a prefill chunk, or the one decode token)
     start_pos: int  # = num_computed_tokens before this step; positions are start_pos .. start_pos+len-1
-    block_table: list[int]  # physical KV blocks of the request, in order
-    sampling_params: SamplingParams | None  # set only when this step samples the request's next token
+    block_table: list[int]  # new: the request's physical KV blocks in order; else the blocks appended since
+    sampling_params: SamplingParams | None  # new: the request's params; resolved: set only when it samples
     num_output_tokens: int = 0  # outputs so far: makes seeded sampling independent of batch and preemption
     # After a recovery: stages after this one still hold these tokens' KV, so only stages up to it recompute
     # them (the replaced stage needs the activations of those before it). None: every stage computes them.
     last_stage: int | None = None
+    new: bool = True
+    samples: bool = False  # this step samples the request's next token
 
     @property
     def num_tokens(self) -> int:
@@ -47,6 +56,7 @@ class SchedulerOutput:
     step_id: int
     virtual_engine: int
     requests: list[ScheduledRequest] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)  # the stages drop what they keep of these
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +69,9 @@ class SchedulerOutput:
     def for_stage(self, stage: int) -> SchedulerOutput:
         """The part of the step pipeline stage `stage` computes (all of it, unless a recovery is catching up)."""
         mine = [r for r in self.requests if r.last_stage is None or stage <= r.last_stage]
-        return self if len(mine) == len(self.requests) else SchedulerOutput(self.step_id, self.virtual_engine, mine)
+        if len(mine) == len(self.requests):
+            return self
+        return SchedulerOutput(self.step_id, self.virtual_engine, mine, self.finished_req_ids)
 
     @property
     def kind(self) -> str:

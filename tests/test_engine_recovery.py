@@ -40,7 +40,7 @@ class FlakyExecutor(Executor):
             raise StepInterrupted("stage 1 died")
         return StepOutput(sched.step_id, sched.virtual_engine,
                           {r.req_id: SampledToken(r.context_len % 100) for r in sched.requests
-                           if r.sampling_params is not None})
+                           if r.samples})
 
     def collect_stats(self):
         return []

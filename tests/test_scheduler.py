@@ -9,7 +9,8 @@ from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.types import SampledToken, SchedulerOutput, StepOutput
+from pipeserve.types import SampledToken, ScheduledRequest, SchedulerOutput, StepOutput
+from pipeserve.worker.request_states import RequestStates
 
 EOS = 2
 
@@ -28,7 +29,7 @@ def request(rid: str, prompt_len: int, max_tokens: int = 4, **params) -> Request
 def fake_step(sched: SchedulerOutput, token: int = 7) -> StepOutput:
     """What a model would return: one token for each request that samples this step."""
     return StepOutput(sched.step_id, sched.virtual_engine,
-                      {r.req_id: SampledToken(token) for r in sched.requests if r.sampling_params is not None})
+                      {r.req_id: SampledToken(token) for r in sched.requests if r.samples})
 
 
 def run_to_completion(s: Scheduler, max_steps: int = 500) -> list[SchedulerOutput]:
@@ -55,13 +56,13 @@ def test_chunked_prefill_splits_long_prompt_under_budget():
     s = make_scheduler(budget=16)
     s.add_request(request("a", 40))
     first = s.schedule()
-    assert first.num_tokens == 16 and first.requests[0].sampling_params is None
+    assert first.num_tokens == 16 and not first.requests[0].samples
     s.update(fake_step(first))
     second = s.schedule()
     assert second.requests[0].start_pos == 16 and second.num_tokens == 16
     s.update(fake_step(second))
     third = s.schedule()
-    assert third.num_tokens == 8 and third.requests[0].sampling_params is not None  # last chunk samples
+    assert third.num_tokens == 8 and third.requests[0].samples  # last chunk samples
 
 
 def test_decodes_and_prefill_chunks_share_a_step():
@@ -136,7 +137,7 @@ def test_prefill_chunks_are_planned_while_earlier_ones_are_in_flight():
     chunks = [s.schedule() for _ in range(4)]  # three chunks, then nothing until the sampling one returns
     assert [c.requests[0].start_pos for c in chunks[:3]] == [0, 16, 32]
     assert [len(c.requests[0].token_ids) for c in chunks[:3]] == [16, 16, 8]
-    assert [c.requests[0].sampling_params is None for c in chunks[:3]] == [True, True, False]
+    assert [c.requests[0].samples for c in chunks[:3]] == [False, False, True]
     assert chunks[3].is_empty and s.num_steps_in_flight == 3
     with pytest.raises(AssertionError):
         s.update(fake_step(chunks[1]))  # results are applied in planning order
@@ -177,12 +178,47 @@ def test_a_preempted_request_replanned_ignores_its_stale_step():
 
 
 def test_block_tables_cover_every_computed_token():
-    s = make_scheduler(blocks=64, block_size=4, budget=8)
+    """The incremental plans, resolved as a stage does, give every request whole tables that cover its
+    context; plans after the first carry only new blocks; the stage forgets every finished request."""
+    s = make_scheduler(blocks=10, block_size=4, budget=8)  # small enough to preempt
     for i in range(5):
         s.add_request(request(str(i), 3 + 5 * i, max_tokens=6))
-    for step in run_to_completion(s):
+    stage = RequestStates()
+    while s.has_work():
+        step = s.schedule()
         for r in step.requests:
-            assert len(r.block_table) * 4 >= r.context_len
+            assert r.new or len(r.block_table) <= 2  # only the blocks an 8-token step appends
+        for r, whole in zip(step.requests, stage.resolve(step).requests, strict=True):
+            assert whole.block_table == s.block_manager.block_tables[r.req_id]
+            assert len(whole.block_table) * 4 >= whole.context_len
+            assert (whole.sampling_params is not None) == r.samples
+        s.update(fake_step(step))
+    assert s.num_preemptions > 0
+    # What finished in the last step is dropped with the VE's next step (an empty plan is never sent).
+    s.add_request(request("next", 3))
+    stage.resolve(s.schedule())
+    assert len(stage) == 1
+
+
+def test_a_new_generation_resends_every_request_whole():
+    s = make_scheduler()
+    s.add_request(request("a", 4, max_tokens=5))
+    stage = RequestStates()
+    s.update(fake_step(stage.resolve(s.schedule(), generation=0)))
+    assert not s.schedule().requests[0].new
+    s.abandon_steps(lost=False)
+    s.forget_stage_state()  # what the engine does when the group's generation changes
+    step = s.schedule()
+    assert step.requests[0].new and step.requests[0].block_table == s.block_manager.block_tables["a"]
+    resolved = stage.resolve(step, generation=1)  # the stage's state of generation 0 is gone
+    assert resolved.requests[0].block_table == s.block_manager.block_tables["a"]
+    with pytest.raises(RuntimeError, match="never sent whole"):
+        RequestStates().resolve(_continuing(step), generation=1)
+
+
+def _continuing(step: SchedulerOutput) -> SchedulerOutput:
+    r = step.requests[0]
+    return SchedulerOutput(step.step_id + 1, 0, [ScheduledRequest(r.req_id, [7], r.context_len, [], None, new=False)])
 
 
 def test_recompute_all_catches_up_only_the_stages_that_lost_their_kv():
@@ -236,7 +272,7 @@ def test_recompute_on_every_stage_is_one_prefill_up_to_the_next_sample():
     s.recompute_all(last_stage=None)  # the last stage was replaced: nothing to skip anywhere
     step = s.schedule()
     assert [(q.token_ids, q.start_pos, q.last_stage) for q in step.requests] == [(list(range(10, 15)) + [7], 0, None)]
-    assert step.requests[0].sampling_params is not None
+    assert step.requests[0].samples
 
 
 def test_preempting_a_request_that_catches_up_recomputes_it_on_every_stage():

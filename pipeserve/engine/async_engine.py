@@ -25,12 +25,12 @@ from typing import Any
 
 from pipeserve.config import EngineConfig
 from pipeserve.engine.block_manager import BlockManager
-from pipeserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string
-from pipeserve.engine.request import Request, RequestStatus
+from pipeserve.engine.output_processor import OutputProcessor
+from pipeserve.engine.request import Request
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.engine.stats import BusyClock, VirtualEngineStats
 from pipeserve.executor.base import Executor, StepInterrupted
-from pipeserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pipeserve.outputs import RequestOutput
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.timeline import Span, StepRecord, stage_records, write_trace
 from pipeserve.types import SchedulerOutput, StepOutput
@@ -40,31 +40,45 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Tracked:
-    """Engine-side state of a request: where it runs, its text so far, and who listens."""
+    """Engine-side state of a request: where it runs and who listens."""
 
     request: Request
     virtual_engine: int
-    detok: IncrementalDetokenizer
-    queue: asyncio.Queue | None = None
+    stream: RequestStream
 
 
 class RequestStream:
     """Cumulative outputs of one request as it advances; the last has `finished=True`.
 
+    An output is built when the listener asks for the next one, from the request's state at that moment:
+    a listener that falls behind gets one output covering every token since its last (as vLLM's streams
+    coalesce), and a `final_only` stream (offline generation) is woken, and builds an output, only once.
     Leaving the iteration early (a client that went away) aborts the request and frees its blocks.
     """
 
-    def __init__(self, request_id: str, queue: asyncio.Queue, engine: AsyncEngine):
-        self.request_id, self._queue, self._engine = request_id, queue, engine
+    def __init__(self, request: Request, engine: AsyncEngine, final_only: bool = False):
+        self.request, self.request_id, self._engine = request, request.request_id, engine
+        self.final_only = final_only
+        self._ready = asyncio.Event()
+        self._error: BaseException | None = None
+
+    def wake(self) -> None:
+        self._ready.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._ready.set()
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
             while True:
-                item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
+                await self._ready.wait()
+                self._ready.clear()
+                if self._error is not None:
+                    raise self._error
+                out = self._engine.outputs.output(self.request)
+                yield out
+                if out.finished:
                     return
         finally:
             self._engine.abort(self.request_id)
@@ -81,6 +95,7 @@ class AsyncEngine:
             for i in range(config.num_virtual_engines)
         ]
         self._tracked: dict[str, _Tracked] = {}
+        self.outputs = OutputProcessor(tokenizer)
         self._ids = itertools.count()
         self._wakeups: list[asyncio.Event] = []
         self._error: BaseException | None = None
@@ -108,25 +123,27 @@ class AsyncEngine:
         return max_tokens
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                    request_id: str | None = None) -> RequestStream:
-        """Queue a request on the virtual engine with the fewest unfinished requests; iterate the result."""
+                    request_id: str | None = None, final_only: bool = False) -> RequestStream:
+        """Queue a request on the virtual engine with the fewest unfinished requests; iterate the result
+        (`final_only`: only the finished output, as offline generation needs)."""
         max_tokens = self.validate(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, prompt_token_ids, params, max_tokens, prompt)
         ve = min(range(len(self.schedulers)), key=lambda i: self.schedulers[i].num_unfinished)
-        queue: asyncio.Queue = asyncio.Queue()
-        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-        self._tracked[request_id] = _Tracked(req, ve, detok, queue)
+        stream = RequestStream(req, self, final_only)
+        self._tracked[request_id] = _Tracked(req, ve, stream)
+        self.outputs.add(req)
         self.schedulers[ve].add_request(req)
         if self._wakeups:
             self._wakeups[ve].set()
-        return RequestStream(request_id, queue, self)
+        return stream
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks at once (no-op once finished)."""
         tracked = self._tracked.pop(request_id, None)
+        self.outputs.remove(request_id)
         if tracked is not None:
             self.schedulers[tracked.virtual_engine].abort(request_id)
 
@@ -214,6 +231,7 @@ class AsyncEngine:
     async def _catch_up(self, scheduler: Scheduler, generation: int) -> int:
         """After a recovery: wait for the new generation; recompute what replaced stages lost."""
         ready = await self.executor.wait_ready()
+        scheduler.forget_stage_state()  # the stages start the new generation knowing no request
         lost = self.executor.kv_lost_through(generation)
         if lost is not None:  # replaced stages lost their KV: catch up on stages 0..lost
             scheduler.recompute_all(None if lost == self.config.parallel.pipeline_parallel_size - 1 else lost)
@@ -223,61 +241,30 @@ class AsyncEngine:
         tracked = self._tracked.get(req.request_id)
         if tracked is None:
             return
-        stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
-        if not stopped_by_token:  # as in vLLM, the token that stopped a request adds no text
-            self._apply_stop_strings(scheduler, req, tracked.detok, tracked.detok.append(req.output_token_ids[-1]))
-        output = self._request_output(tracked)
-        if output.finished:
+        if req.sampling_params.stop_strings:  # the text is needed now: a stop string ends the request
+            stop = self.outputs.new_token(req)
+            if stop is not None:
+                scheduler.finish_stopped(req, stop)
+        # Otherwise nothing is detokenized or built here: the stream does it when its listener reads.
+        if req.status.finished:
             self._tracked.pop(req.request_id, None)
-        tracked.queue.put_nowait(output)
-
-    @staticmethod
-    def _apply_stop_strings(scheduler: Scheduler, req: Request, detok: IncrementalDetokenizer, delta: str) -> None:
-        stops = req.sampling_params.stop_strings
-        hit = find_stop_string(detok.text, len(delta), stops) if delta and stops else None
-        if hit is None:
-            return
-        detok.text = detok.text[: hit[1]]
-        if req.status == RequestStatus.FINISHED_LENGTH:  # the last allowed token completed a stop string
-            req.finish(RequestStatus.FINISHED_STOPPED, hit[0])
-        else:
-            scheduler.finish_stopped(req, hit[0])
+            tracked.stream.wake()
+        elif not tracked.stream.final_only:
+            tracked.stream.wake()
 
     def _fail_request(self, req: Request, exc: BaseException) -> None:
         logger.error("%s", exc)
         tracked = self._tracked.pop(req.request_id, None)
+        self.outputs.remove(req.request_id)
         if tracked is not None:
-            tracked.queue.put_nowait(exc)
+            tracked.stream.fail(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         self._error = exc
         for tracked in list(self._tracked.values()):
-            tracked.queue.put_nowait(exc)
+            tracked.stream.fail(exc)
         self._tracked.clear()
-
-    def _request_output(self, tracked: _Tracked) -> RequestOutput:
-        req = tracked.request
-        params = req.sampling_params
-        text = tracked.detok.text
-        if not req.status.finished and params.stop_strings:
-            # Hold back what could be the start of a stop string, so streamed text never shrinks.
-            text = text[: max(0, len(text) - max(len(s) for s in params.stop_strings) + 1)]
-        completion = CompletionOutput(
-            index=0, text=text, token_ids=list(req.output_token_ids),
-            finish_reason=req.status.value if req.status.finished else None, stop_reason=req.stop_reason,
-        )
-        if params.logprobs is not None:
-            completion.logprobs = [self._logprob_dict(s) for s in req.output_logprobs]
-            completion.cumulative_logprob = sum(s.logprob for s in req.output_logprobs)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
-                             finished=req.status.finished)
-
-    def _logprob_dict(self, sampled) -> dict[int, Logprob]:
-        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)
-        entries = {t: Logprob(lp, rank + 1, decode(t)) for rank, (t, lp) in enumerate(sampled.top_logprobs or [])}
-        if sampled.token_id not in entries:
-            entries[sampled.token_id] = Logprob(sampled.logprob, sampled.rank, decode(sampled.token_id))
-        return entries
+        self.outputs = OutputProcessor(self.tokenizer)
 
     # ---- state ---------------------------------------------------------------------------------------
 

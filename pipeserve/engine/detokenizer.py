@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without re-decoding the whole output each step.
 
-    Decodes a short window that starts a few tokens back (`prefix_offset`) so that multi-token characters
-    and leading-space rules come out right; a delta ending in U+FFFD (an incomplete UTF-8 sequence) is held
-    back until the next token completes it.
+    With a fast (Rust-backed) tokenizer, the `tokenizers` library's own `DecodeStream` does it in one native
+    call per token: it buffers tokens until they form valid UTF-8 and applies the decoder's leading-space
+    rules as a full decode would. Otherwise a short window starting a few tokens back (`prefix_offset`) is
+    decoded twice per token; a delta ending in U+FFFD (an incomplete UTF-8 sequence) waits for the next token.
     """
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
@@ -20,12 +23,18 @@ class IncrementalDetokenizer:
         self.text = ""
         self.prefix_offset = 0
         self.read_offset = 0
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens) if self._backend is not None else None
 
     def append(self, token_id: int) -> str:
         """Add one token; returns the new text it completes (possibly empty)."""
         self.token_ids.append(token_id)
         if self.tokenizer is None:
             return ""
+        if self._stream is not None:
+            delta = self._stream.step(self._backend, token_id) or ""
+            self.text += delta
+            return delta
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
         prefix = decode(self.token_ids[self.prefix_offset : self.read_offset])
         full = decode(self.token_ids[self.prefix_offset :])

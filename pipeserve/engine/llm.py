@@ -73,7 +73,8 @@ class LLM:
 
     async def _run(self, prepared, on_output) -> list[RequestOutput]:
         async with self.engine.running():
-            streams = [self.engine.add_request(tok, p, text) for tok, text, p in prepared]
+            final_only = on_output is None  # nobody watches intermediate outputs: build only the last
+            streams = [self.engine.add_request(tok, p, text, final_only=final_only) for tok, text, p in prepared]
             return list(await asyncio.gather(*(self._collect(i, s, on_output) for i, s in enumerate(streams))))
 
     async def _collect(self, index: int, stream: RequestStream, on_output) -> RequestOutput:

@@ -36,6 +36,8 @@ class Request:
         self.num_computed_tokens = 0
         self.num_inflight_tokens = 0  # planned in steps still in flight: KV not counted as computed yet
         self.epoch = 0  # bumped whenever results of its steps in flight must no longer count
+        # How many of its blocks the stages hold (None: they do not know the request; its next entry is whole).
+        self.blocks_sent: int | None = None
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0

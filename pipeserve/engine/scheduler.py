@@ -48,6 +48,7 @@ class Scheduler:
         # step id -> {req_id: (tokens planned, request epoch when planned)}, for every step in flight
         self._in_flight: dict[int, dict[str, tuple[int, int]]] = {}
         self._next_step = 0
+        self._finished_ids: list[str] = []  # requests the stages hold state for that ended: sent with the next step
         self.max_steps_in_flight = 0  # the most steps this VE has had in flight at once (tests, benchmarks)
         self.num_preemptions = 0
         self.num_recomputed = 0  # requests sent back to recompute by stage failures
@@ -91,6 +92,7 @@ class Scheduler:
         if not planned:
             return out
         self._next_step += 1
+        out.finished_req_ids, self._finished_ids = self._finished_ids, []
         for req_id, n in planned.items():
             req = self.requests[req_id]
             out.requests.append(self._scheduled_request(req, n))
@@ -152,6 +154,7 @@ class Scheduler:
         """Free the request's KV and put it at the front of the queue, to recompute prompt + outputs."""
         self.running.remove(req)
         self.block_manager.free(req.request_id)
+        self._stages_forget(req)
         req.forget_in_flight()  # results of its steps in flight no longer count
         req.num_computed_tokens = 0
         req.stop_catching_up()  # its blocks are gone: every stage recomputes it
@@ -203,18 +206,36 @@ class Scheduler:
         return len(catching_up)
 
     def _scheduled_request(self, req: Request, n: int) -> ScheduledRequest:
+        """The request's plan entry: whole if the stages do not know it, else only its new blocks."""
         start = req.num_planned_tokens
-        samples = start + n == req.num_tokens
         catching_up = start < req.kv_held_tokens
+        table = self.block_manager.block_tables[req.request_id]
+        new = req.blocks_sent is None
+        blocks = list(table) if new else table[req.blocks_sent:]
+        req.blocks_sent = len(table)
         return ScheduledRequest(
             req_id=req.request_id,
             token_ids=req.token_ids_from(start, n),
             start_pos=start,
-            block_table=list(self.block_manager.block_tables[req.request_id]),
-            sampling_params=req.sampling_params if samples else None,
+            block_table=blocks,
+            sampling_params=req.sampling_params if new else None,
             num_output_tokens=req.num_output_tokens,
             last_stage=req.catch_up_stage if catching_up else None,
+            new=new,
+            samples=start + n == req.num_tokens,
         )
+
+    def _stages_forget(self, req: Request) -> None:
+        """Its blocks are freed: the stages drop their copy with the next step."""
+        if req.blocks_sent is not None:
+            self._finished_ids.append(req.request_id)
+            req.blocks_sent = None
+
+    def forget_stage_state(self) -> None:
+        """A new generation of the group keeps nothing of the old one: every request's next entry is whole."""
+        for req in self.requests.values():
+            req.blocks_sent = None
+        self._finished_ids.clear()
 
     # ---- results -------------------------------------------------------------------------------------
 
@@ -252,7 +273,11 @@ class Scheduler:
             self._finish(req, RequestStatus.FINISHED_LENGTH)
 
     def finish_stopped(self, req: Request, stop_reason: str) -> None:
-        """End a request because the engine found a stop string in its text."""
+        """End a request because the engine found a stop string in its text. If its last allowed token
+        completed the string, the request already finished by length: it is relabelled a stop."""
+        if req.status == RequestStatus.FINISHED_LENGTH:
+            req.finish(RequestStatus.FINISHED_STOPPED, stop_reason)
+            return
         self._finish(req, RequestStatus.FINISHED_STOPPED, stop_reason)
 
     def _finish(self, req: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
@@ -265,5 +290,6 @@ class Scheduler:
         if req in self.waiting:
             self.waiting.remove(req)
         self.block_manager.free(req.request_id)
+        self._stages_forget(req)
         self.requests.pop(req.request_id, None)
 

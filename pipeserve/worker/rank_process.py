@@ -144,7 +144,7 @@ class RankProcess:
                 if msg.generation != self.generation or not self.in_group:
                     continue  # a step of a group that is gone: the engine recomputes it
                 try:
-                    out = self.worker.run_step(msg.sched)
+                    out = self.worker.run_step(msg.sched, msg.generation)
                 except PeerLost as exc:
                     self.leave()
                     self.channel.send(GroupLost(self.spec.rank, self.generation, str(exc)))

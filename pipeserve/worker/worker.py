@@ -19,6 +19,7 @@ from pipeserve.timeline import StepRecord
 from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
 from pipeserve.worker.input_batch import rows_for
 from pipeserve.worker.model_runner import ModelRunner
+from pipeserve.worker.request_states import RequestStates
 
 MAX_RECORDS = 200_000  # step records kept for traces: bounded, so a long-running server does not grow
 
@@ -47,6 +48,7 @@ class StageWorker:
         )
         step = tp.size  # pipeline peers are one TP group apart
         self.link = StageLink(None if stage.is_first else rank - step, None if stage.is_last else rank + step, tp)
+        self.requests = RequestStates()
         self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS)
         self.busy_s = 0.0  # cumulative compute seconds (records are bounded; this is not)
 
@@ -56,12 +58,14 @@ class StageWorker:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.runner.model.parameters())  # shared (tied) tensors count once
 
-    def run_step(self, sched: SchedulerOutput) -> StepOutput | None:
+    def run_step(self, plan: SchedulerOutput, generation: int = 0) -> StepOutput | None:
         """Receive (unless first), compute, send (unless last); the StepOutput when this rank answers.
 
-        After a recovery some tokens are recomputed only up to the replaced stage (`for_stage`): a stage
-        receives just the rows it computes and sends on just the rows the next stage computes."""
+        The plan is incremental; it is resolved against what this stage keeps of each request. After a
+        recovery some tokens are recomputed only up to the replaced stage (`for_stage`): a stage receives just
+        the rows it computes and sends on just the rows the next stage computes."""
         cfg = self.config.model
+        sched = self.requests.resolve(plan, generation)  # every stage keeps every request's state
         mine = sched.for_stage(self.stage.rank)
         if mine.is_empty:  # every token of the step is catch-up work for earlier stages
             return StepOutput(sched.step_id, sched.virtual_engine) if self.runner.samples else None
@@ -84,4 +88,4 @@ class StageWorker:
     def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank,
                 "records": list(self.records), "bytes_sent": self.link.bytes_sent,
-                "num_params": self.num_params()}
+                "num_params": self.num_params(), "requests_held": len(self.requests)}

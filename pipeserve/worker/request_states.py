@@ -1,0 +1,49 @@
+"""What a stage keeps of each request between steps, so that a step plan carries only what changed.
+
+A request's block table and sampling params reach the stages once (a `new` entry); later entries carry the
+blocks appended since. Every stage (and TP rank) receives every plan in the same order, so all of them hold
+the same state. The state belongs to one generation of the process group: a new generation starts empty,
+and the engine, which forgets what it sent when the generation changes, sends every request whole again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pipeserve.sampling_params import SamplingParams
+from pipeserve.types import SchedulerOutput
+
+
+class RequestStates:
+    """Per request: the whole block table and the sampling params, from its `new` entry until it finishes."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, list[int]] = {}
+        self._params: dict[str, SamplingParams] = {}
+        self._generation: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def resolve(self, sched: SchedulerOutput, generation: int = 0) -> SchedulerOutput:
+        """Apply an incremental plan; returns it with whole block tables and the params of sampling requests."""
+        if generation != self._generation:  # a new group: nothing from the old one is valid
+            self._tables.clear()
+            self._params.clear()
+            self._generation = generation
+        for req_id in sched.finished_req_ids:
+            self._tables.pop(req_id, None)
+            self._params.pop(req_id, None)
+        resolved = []
+        for r in sched.requests:
+            if r.new:
+                table = self._tables[r.req_id] = list(r.block_table)
+                params = self._params[r.req_id] = r.sampling_params
+            else:
+                table, params = self._tables.get(r.req_id), self._params.get(r.req_id)
+                if table is None:
+                    raise RuntimeError(f"step {sched.step_id} continues request {r.req_id}, which this stage "
+                                       f"was never sent whole (generation {generation})")
+                table.extend(r.block_table)
+            resolved.append(replace(r, block_table=table, sampling_params=params if r.samples else None, new=False))
+        return SchedulerOutput(sched.step_id, sched.virtual_engine, resolved)
