@@ -28,6 +28,10 @@ CONFIGS = {  # name -> extra `pipeserve bench throughput` flags
     "pp2_even": ["-pp", "2", "--threads-per-worker", "1", "--pp-layer-partition", "even"],
     "pp2_decode_balanced": ["-pp", "2", "--threads-per-worker", "1", "--pp-layer-partition", "balanced:1"],
     "pp1_2threads": ["-pp", "1", "--threads-per-worker", "2"],
+    # the schedule before chunked pipeline prefill: one step in flight per virtual engine
+    "pp2_1_in_flight": ["-pp", "2", "--threads-per-worker", "1", "--max-steps-in-flight-per-ve", "1"],
+    # more micro-batches than stages: three virtual engines, so three decode steps in flight
+    "pp2_3ve": ["-pp", "2", "--threads-per-worker", "1", "--num-virtual-engines", "3"],
 }
 COMPARISONS = [  # (label, numerator, denominator)
     ("PP=2 vs PP=1 (1 thread per stage)", "pp2", "pp1"),
@@ -36,6 +40,8 @@ COMPARISONS = [  # (label, numerator, denominator)
     ("PP=2: balanced for this mix vs balanced for pure decode", "pp2", "pp2_decode_balanced"),
     ("PP=2: balanced for pure decode vs even", "pp2_decode_balanced", "pp2_even"),
     ("PP=2 (1 thread x 2 stages) vs PP=1 (2 threads)", "pp2", "pp1_2threads"),
+    ("PP=2: a VE's prefill chunks in flight together vs one step per VE", "pp2", "pp2_1_in_flight"),
+    ("PP=2: 3 virtual engines vs 2", "pp2_3ve", "pp2"),
 ]
 
 

@@ -131,3 +131,21 @@ def test_trace_file_has_every_stage_and_virtual_engine(tiny_model, tmp_path):
     assert {e["args"]["kind"] for e in events} >= {"prefill", "decode"}
     assert all(e["dur"] >= 0 for e in events)
     assert (tmp_path / "trace.png").stat().st_size > 0
+
+
+def test_generate_ended_early_leaves_the_pipeline_consistent(tiny_models):
+    """A listener error ends generate() with chunks of long prompts in flight in both stages; the next
+    generate() still matches the single-process engine (the stages' per-request state is resent whole)."""
+    path = tiny_models["gqa"]
+    kwargs = dict(max_num_batched_tokens=16, max_model_len=256, threads_per_worker=1)
+    with LLM(path, dtype="float32", seed=0, **kwargs) as llm1:
+        expected = [o.outputs[0].token_ids for o in llm1.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)]
+
+    def fail(i, out):
+        raise RuntimeError("listener went away")
+
+    with LLM(path, dtype="float32", seed=0, pipeline_parallel_size=2, **kwargs) as llm:
+        with pytest.raises(RuntimeError, match="listener went away"):
+            llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, on_output=fail)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected

@@ -192,6 +192,8 @@ class AsyncEngine:
                         if not in_flight[0].done():
                             continue
                     step = await in_flight.popleft()
+                    for req in scheduler.update(step):
+                        self._publish(scheduler, req)
                 except StepInterrupted as exc:  # a stage failed; the executor is recovering
                     lost = exc.lost or any(await _interruptions(in_flight))
                     for req in scheduler.abandon_steps(lost=lost):
@@ -202,11 +204,11 @@ class AsyncEngine:
                 except Exception as exc:  # a failure that cannot be recovered: fail every listener, never hang
                     self._fail_all(exc)
                     raise
-                for req in scheduler.update(step):
-                    self._publish(scheduler, req)
-        finally:
+        finally:  # the loops stop (generation ended early): steps still in flight will never be applied
             for task in in_flight:
                 task.cancel()
+            scheduler.abandon_steps(lost=False)
+            scheduler.forget_stage_state(group_changed=False)  # a cancelled plan may never have been sent
 
     @property
     def steps_in_flight_per_ve(self) -> int:

@@ -231,11 +231,14 @@ class Scheduler:
             self._finished_ids.append(req.request_id)
             req.blocks_sent = None
 
-    def forget_stage_state(self) -> None:
-        """A new generation of the group keeps nothing of the old one: every request's next entry is whole."""
+    def forget_stage_state(self, group_changed: bool = True) -> None:
+        """Make every request's next entry whole. In a new generation of the group the stages keep nothing of
+        the old one; otherwise (steps were cancelled, perhaps before they reached the stages) a whole entry
+        simply replaces what the stages hold, and the ids that ended must still reach them."""
         for req in self.requests.values():
             req.blocks_sent = None
-        self._finished_ids.clear()
+        if group_changed:
+            self._finished_ids.clear()
 
     # ---- results -------------------------------------------------------------------------------------
 

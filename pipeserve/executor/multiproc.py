@@ -221,7 +221,8 @@ class MultiprocExecutor(Executor):
         with self.table.cv:
             entry = self._pending.pop((step.virtual_engine, step.step_id), None)
         if entry is not None:
-            entry[0].call_soon_threadsafe(_set_result, entry[1], step)
+            with contextlib.suppress(RuntimeError):  # its event loop is gone (a generate() that ended early)
+                entry[0].call_soon_threadsafe(_set_result, entry[1], step)
 
     def _check_deadline(self) -> None:
         limit = self.config.parallel.step_timeout_s

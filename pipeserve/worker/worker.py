@@ -6,6 +6,8 @@ rank and adds the process group, the control connection and recovery around it.
 
 from __future__ import annotations
 
+import os
+import resource
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -88,4 +90,15 @@ class StageWorker:
     def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank,
                 "records": list(self.records), "bytes_sent": self.link.bytes_sent,
-                "num_params": self.num_params(), "requests_held": len(self.requests)}
+                "num_params": self.num_params(), "requests_held": len(self.requests), **self.memory()}
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of this process: its weights, its KV pool, resident now and at peak (Linux accounting)."""
+        model = self.runner.model
+        weights = sum(t.numel() * t.element_size() for t in model.parameters())  # a tied matrix counts once
+        weights += sum(m.quantized.nbytes for m in model.modules() if getattr(m, "quantized", None) is not None)
+        kv = sum(t.numel() * t.element_size() for caches in self.runner.kv_caches for t in caches)
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return {"weights_bytes": weights, "kv_bytes": kv, "rss_bytes": rss, "peak_rss_bytes": peak}
