@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import pickle
-import statistics
 import sys
 import time
 from typing import Any
@@ -76,14 +75,16 @@ async def measure(num_requests: int, steps: int, pickle_stages: int, tokenizer: 
 
         counts = await asyncio.gather(*(consume(s) for s in streams))
     assert counts == [steps] * num_requests
-    gaps = [b - a for a, b in zip(executor.decode_cpu, executor.decode_cpu[1:], strict=False)]
-    return statistics.median(gaps[len(gaps) // 4:]) * 1e3  # steady state: past the first quarter
+    marks = executor.decode_cpu[len(executor.decode_cpu) // 4:]  # steady state: past the first quarter
+    return (marks[-1] - marks[0]) / (len(marks) - 1) * 1e3
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", default="32,256")
     p.add_argument("--steps", type=int, default=200, help="decode steps per request")
+    p.add_argument("--repeats", type=int, default=3, help="runs per cell; the least is reported (this VM's "
+                                                             "CPU time per step varies up to 2x from run to run)")
     p.add_argument("--markdown", default=None)
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
@@ -93,13 +94,16 @@ def main() -> None:
     tokenizer = load_tokenizer(EngineArgs().create_engine_config().model.path)
     rows, data = [], {}
     for n in map(int, args.requests.split(",")):
-        final = asyncio.run(measure(n, args.steps, 0, tokenizer, True))
-        streamed = asyncio.run(measure(n, args.steps, 0, tokenizer, False))
-        pickled = asyncio.run(measure(n, args.steps, 2, tokenizer, False))
+        def best(pickle_stages: int, final_only: bool, n: int = n) -> float:
+            return min(asyncio.run(measure(n, args.steps, pickle_stages, tokenizer, final_only))
+                       for _ in range(args.repeats))
+
+        final, streamed, pickled = best(0, True), best(0, False), best(2, False)
         data[n] = {"final_only_ms": final, "streamed_ms": streamed, "streamed_plan_pickled_for_2_stages_ms": pickled}
         rows.append(f"| {n} | {final:.2f} | {streamed:.2f} | {pickled:.2f} |")
-    text = "\n".join(["Engine CPU ms per decode step, zero-cost executor, one virtual engine, median of the steady "
-                      f"state over {args.steps} steps", "",
+    text = "\n".join(["Engine CPU ms per decode step, zero-cost executor, one virtual engine, "
+                      f"{args.steps} steps, mean "
+                      f"over the steady state (past the first quarter), least of {args.repeats} runs", "",
                       "| running requests | final output only (offline `LLM`) | every step streamed to a listener "
                       "| streamed, plan pickled for 2 stages |", "|---:|---:|---:|---:|", *rows])
     write_report(text, args.markdown, args.output_json, data)

@@ -260,7 +260,8 @@ class Scheduler:
             if sampled is None:
                 continue
             req.output_token_ids.append(sampled.token_id)
-            req.output_logprobs.append(sampled)
+            if req.sampling_params.logprobs is not None:  # kept only when asked: one object per token adds up
+                req.output_logprobs.append(sampled)
             self._check_stop(req, sampled.token_id)
             advanced.append(req)
         return advanced
