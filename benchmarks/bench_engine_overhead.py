@@ -10,12 +10,16 @@ Reported: engine CPU ms per decode step (process time between consecutive decode
 32 and 256 running requests.
 
     python benchmarks/bench_engine_overhead.py --markdown results/engine_overhead.md
+
+To measure an older revision with the same benchmark, run it with that revision's package first on the path
+(`git worktree add /tmp/old REV; PYTHONPATH=/tmp/old python benchmarks/bench_engine_overhead.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import os
 import pickle
 import sys
@@ -33,6 +37,10 @@ from pipeserve.types import SampledToken, SchedulerOutput, StepOutput
 TEXT_TOKENS = list(range(1000, 1600))  # ordinary word pieces of the embedded vocabulary, cycled
 
 
+def _samples(r) -> bool:
+    return r.samples if hasattr(r, "samples") else r.sampling_params is not None  # older plans: params = samples
+
+
 class ZeroCostExecutor(Executor):
     """Returns a token for every sampling request at once; notes the process time of every decode step."""
 
@@ -47,7 +55,7 @@ class ZeroCostExecutor(Executor):
             pickle.dumps(RunStep(sched, 0), protocol=pickle.HIGHEST_PROTOCOL)
         return StepOutput(sched.step_id, sched.virtual_engine,
                           {r.req_id: SampledToken(TEXT_TOKENS[r.context_len % len(TEXT_TOKENS)])
-                           for r in sched.requests if r.samples})
+                           for r in sched.requests if _samples(r)})
 
     def collect_stats(self) -> list[dict[str, Any]]:
         return []
@@ -64,8 +72,10 @@ async def measure(num_requests: int, steps: int, pickle_stages: int, tokenizer: 
     engine = AsyncEngine(config, executor, tokenizer)
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     async with engine.running():
-        streams = [engine.add_request([TEXT_TOKENS[(i + j) % 600] for j in range(128)], params,
-                                      final_only=final_only) for i in range(num_requests)]
+        # `--engine-src` may point at an older pipeserve, before streams had final_only
+        extra = {"final_only": final_only} if "final_only" in inspect.signature(engine.add_request).parameters else {}
+        streams = [engine.add_request([TEXT_TOKENS[(i + j) % 600] for j in range(128)], params, **extra)
+                   for i in range(num_requests)]
 
         async def consume(stream) -> int:
             n = 0

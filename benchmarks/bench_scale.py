@@ -5,7 +5,7 @@ vocabulary 32000: 1.54 B parameters) as sharded bf16 safetensors with an index i
 deletes it afterwards, and serves it in float32 (this CPU has no bf16 units) with one thread per stage:
 
 * memory: each stage process's peak resident memory against its share of the weights plus its KV pool
-  (touched pages only: the pool is allocated lazily) plus a fixed overhead (the interpreter, torch, the
+  (its pages count only once touched: the pool is allocated lazily) plus a fixed overhead (the interpreter, torch, the
   code), read from the stage processes themselves (`/proc/self/statm`, `getrusage`); at PP=4 no process
   may hold more than its stage;
 * throughput: output tokens/s of a small batch at PP=1, 2 and 4 (the 2 cores of this machine run PP=4's
@@ -107,7 +107,7 @@ def run(*args: str) -> dict[str, Any]:
 def report(params: int, results: dict[int, dict[str, Any]], workload: str) -> str:
     lines = [f"Random-weight Llama, {params / 1e9:.2f} B parameters (bf16 checkpoint, served in float32), "
              f"one thread per stage; {workload}", "",
-             "| PP | stage | layers | weights (MiB) | KV pool touched (MiB) | peak RSS (MiB) | RSS - weights - KV "
+             "| PP | stage | layers | weights (MiB) | KV pool (MiB) | peak RSS (MiB) | peak RSS - weights - KV "
              "(MiB) |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for pp, res in results.items():
         for s in res["stages"]:
