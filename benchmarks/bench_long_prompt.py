@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
-RESULT = "BENCH_RESULT "
+from common import WORKER_RESULT
+
+RESULT = WORKER_RESULT  # the line run_worker reads
 CONFIGS = {  # name -> (pipeline size, steps in flight per VE; None = default, one per stage)
     "PP=1": (1, None),
     "PP=2": (2, None),
@@ -48,12 +49,9 @@ def worker(pp: int, in_flight: int | None, prompt_len: int, trace: str | None) -
 
 
 def run(*args: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], capture_output=True,
-                          text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
-    if proc.returncode or not lines:
-        sys.exit(f"worker {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix(RESULT))
+    from common import run_worker
+
+    return run_worker(__file__, *args)
 
 
 def main() -> None:

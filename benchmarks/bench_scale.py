@@ -20,13 +20,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-RESULT = "BENCH_RESULT "
+from common import WORKER_RESULT
+
+RESULT = WORKER_RESULT  # the line run_worker reads
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 MIB = 1 << 20
@@ -96,12 +97,9 @@ def worker(path: str, pp: int, num_prompts: int, input_len: int, output_len: int
 
 
 def run(*args: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], capture_output=True,
-                          text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
-    if proc.returncode or not lines:
-        sys.exit(f"worker {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix(RESULT))
+    from common import run_worker
+
+    return run_worker(__file__, *args)
 
 
 def report(params: int, results: dict[int, dict[str, Any]], workload: str) -> str:

@@ -20,12 +20,13 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
-RESULT = "BENCH_RESULT "
+from common import WORKER_RESULT
+
+RESULT = WORKER_RESULT  # the line run_worker reads
 PROMPT = [(i * 7919) % 40000 + 100 for i in range(128)]  # fixed, tokenizer-independent ids
 OUTPUT_LEN = 128
 FLOP_PER_TOKEN = 2 * 134.5e6  # SmolLM2-135M: 2 x matmul parameters (LM head included), attention aside
@@ -97,11 +98,9 @@ def gemm_peak_worker(dtype: str, threads: int) -> dict[str, Any]:
 
 
 def run(python: str, *args: str) -> dict[str, Any]:
-    proc = subprocess.run([python, os.path.abspath(__file__), "--worker", *args], capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
-    if proc.returncode or not lines:
-        sys.exit(f"worker {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix(RESULT))
+    from common import run_worker
+
+    return run_worker(__file__, *args, python=python)
 
 
 def main() -> None:

@@ -46,3 +46,16 @@ def write_report(text: str, markdown: str | None, output_json: str | None, data:
     if output_json:
         with open(output_json, "w") as f:
             json.dump(data, f, indent=2)
+
+
+WORKER_RESULT = "BENCH_RESULT "  # a worker prints its JSON result on a line starting with this
+
+
+def run_worker(script: str, *args: str, python: str = sys.executable) -> dict[str, Any]:
+    """Run `python script --worker ARGS` in a fresh process (a measurement untouched by earlier ones); the
+    JSON it printed after WORKER_RESULT. Exits with the worker's stderr if it failed."""
+    proc = subprocess.run([python, os.path.abspath(script), "--worker", *args], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(WORKER_RESULT)]
+    if proc.returncode or not lines:
+        sys.exit(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix(WORKER_RESULT))
