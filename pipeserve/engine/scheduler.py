@@ -114,8 +114,7 @@ class Scheduler:
                 n = min(n, req.kv_held_tokens - start)
             while not self.block_manager.allocate(req.request_id, start + n):
                 victim = self.running[-1]
-                self._preempt(victim)
-                planned.pop(victim.request_id, None)
+                self._preempt(victim)  # the newest: never one already planned in this step (they come first)
                 if victim is req:
                     break
             else:
