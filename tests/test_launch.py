@@ -45,6 +45,8 @@ def test_generate_with_forked_stages_matches_one_process(tmp_path_factory):
         cmd = [sys.executable, "-m", "pipeserve.entrypoints.launch", "generate", "--model", model,
                "--dtype", "float32", "--prompt", "hi", "--raw", "--max-tokens", "8", "--threads-per-worker", "1",
                *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{' '.join(extra) or 'PP=1'} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+        return proc.stdout
 
     assert run("-pp", "2") == run()
