@@ -40,9 +40,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Tracked:
-    """Engine-side state of a request: where it runs and who listens."""
+    """Engine-side state of a request: where it runs and who listens (the stream holds the request)."""
 
-    request: Request
     virtual_engine: int
     stream: RequestStream
 
@@ -133,7 +132,7 @@ class AsyncEngine:
         req = Request(request_id, prompt_token_ids, params, max_tokens, prompt)
         ve = min(range(len(self.schedulers)), key=lambda i: self.schedulers[i].num_unfinished)
         stream = RequestStream(req, self, final_only)
-        self._tracked[request_id] = _Tracked(req, ve, stream)
+        self._tracked[request_id] = _Tracked(ve, stream)
         self.outputs.add(req)
         self.schedulers[ve].add_request(req)
         if self._wakeups:
