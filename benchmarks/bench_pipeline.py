@@ -7,6 +7,8 @@ configurations alternate for --repeats rounds and the table reports medians and 
   PP=2 with 2 virtual engines vs 1 virtual engine
   PP=2 cost-balanced partition vs even partition
   PP=2 with one thread per stage vs PP=1 with two threads (the same two cores)
+  PP=2 vs two independent PP=1 engines at once, each with half the prompts ("dp2"): what this machine
+    gives any two busy processes, the ceiling for PP=2 here (shared caches, memory bandwidth, clocks)
 
     python benchmarks/bench_pipeline.py --markdown results/pipeline.md --trace results/pp2_trace.json
 """
@@ -18,6 +20,7 @@ import os
 import platform
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from common import add_workload_flags, run_to_json, write_report
 
@@ -32,7 +35,10 @@ CONFIGS = {  # name -> extra `pipeserve bench throughput` flags
     "pp2_1_in_flight": ["-pp", "2", "--threads-per-worker", "1", "--max-steps-in-flight-per-ve", "1"],
     # more micro-batches than stages: three virtual engines, so three decode steps in flight
     "pp2_3ve": ["-pp", "2", "--threads-per-worker", "1", "--num-virtual-engines", "3"],
+    # two PP=1 engines side by side, half the prompts each (see run_data_parallel)
+    "dp2": ["-pp", "1", "--threads-per-worker", "1"],
 }
+DATA_PARALLEL = {"dp2": 2}  # configuration -> how many independent engines share the prompts
 COMPARISONS = [  # (label, numerator, denominator)
     ("PP=2 vs PP=1 (1 thread per stage)", "pp2", "pp1"),
     ("PP=2: 2 virtual engines vs 1", "pp2", "pp2_1ve"),
@@ -42,15 +48,41 @@ COMPARISONS = [  # (label, numerator, denominator)
     ("PP=2 (1 thread x 2 stages) vs PP=1 (2 threads)", "pp2", "pp1_2threads"),
     ("PP=2: a VE's prefill chunks in flight together vs one step per VE", "pp2", "pp2_1_in_flight"),
     ("PP=2: 3 virtual engines vs 2", "pp2_3ve", "pp2"),
+    ("two independent PP=1 engines vs one (the machine's ceiling for two processes)", "dp2", "pp1"),
+    ("PP=2 vs that ceiling", "pp2", "dp2"),
 ]
 
 
+def bench_argv(name: str, args: argparse.Namespace, num_prompts: int) -> list[str]:
+    return ["bench", "throughput", *CONFIGS[name], "--input-len", str(args.input_len),
+            "--output-len", str(args.output_len), "--num-prompts", str(num_prompts),
+            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(num_prompts), "--dtype", args.dtype]
+
+
 def run_config(name: str, args: argparse.Namespace, trace: str | None) -> dict:
-    argv = ["bench", "throughput", *CONFIGS[name], "--input-len", str(args.input_len),
-            "--output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
-            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.num_prompts), "--dtype", args.dtype]
     print("running", name, flush=True, file=sys.stderr)
-    return run_to_json(argv + (["--trace-file", trace] if trace else []))
+    if name in DATA_PARALLEL:
+        return run_data_parallel(name, args)
+    return run_to_json(bench_argv(name, args, args.num_prompts) + (["--trace-file", trace] if trace else []))
+
+
+def run_data_parallel(name: str, args: argparse.Namespace) -> dict:
+    """Several independent engines at once, the prompts split between them; their summed throughput.
+
+    Each engine times its own run after loading; both load the same model at the same moment, so the
+    timed windows overlap to within the spread of load times (reported as `start_spread_s`)."""
+    n = DATA_PARALLEL[name]
+    with ThreadPoolExecutor(n) as pool:
+        parts = list(pool.map(lambda _: run_to_json(bench_argv(name, args, args.num_prompts // n)), range(n)))
+    ends = [p["wall_end"] for p in parts]
+    starts = [e - p["elapsed_s"] for e, p in zip(ends, parts, strict=True)]
+    return {
+        "output_tokens_per_s": sum(p["output_tokens_per_s"] for p in parts),
+        "stage_busy_fraction": [b for p in parts for b in p["stage_busy_fraction"]],
+        "pipeline_bubble_fraction": 0.0,
+        "start_spread_s": max(starts) - min(starts),
+        "parts": parts,
+    }
 
 
 def main() -> None:

@@ -131,6 +131,7 @@ class CacheConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int = 2 << 30  # budget per stage when num_kv_blocks is None
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks whose prefix was computed before
 
 
 @dataclass(frozen=True)

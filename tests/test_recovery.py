@@ -63,17 +63,27 @@ def pp2(tiny_models):
     llm.shutdown()
 
 
+def prefix_cache_hits(llm: LLM) -> int:
+    return sum(s.prefix_cache_hits for s in llm.engine.schedulers)
+
+
 def test_kill_stage1_at_pp2_loses_nothing(pp2, hf_models):
+    """Prefix caching through the recovery: this run starts from the reference run's cached prompts; the
+    replaced stage loses that KV, so the cache is dropped and the next run computes (and caches) afresh."""
     llm, reference = pp2
     kill = SignalAt(llm, rank=1)
+    hits = prefix_cache_hits(llm)
     got = generate(llm, kill)
     assert kill.pid is not None
+    assert prefix_cache_hits(llm) > hits  # the prompts came from the cache before the kill
     assert_identical(hf_models["gqa"], got, reference)
     executor = llm.engine.executor
     assert executor.recoveries.restarts_by_stage[1] >= 1
     assert llm.engine.num_recomputed() > 0
     assert executor.launcher.procs[1].pid != kill.pid  # a new process, the old one gone
-    assert generate(llm) == got  # and the healed pipeline keeps serving
+    hits = prefix_cache_hits(llm)
+    assert generate(llm) == got  # and the healed pipeline keeps serving, from blocks cached since the recovery
+    assert prefix_cache_hits(llm) > hits
 
 
 def test_sigstopped_stage_is_caught_by_the_step_deadline(pp2, hf_models):

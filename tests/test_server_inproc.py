@@ -46,7 +46,8 @@ def _metrics(client) -> dict:
 def test_pp1_completion_stream_and_metrics(app_client):
     body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
     whole = app_client.post("/v1/completions", json=body).json()
-    assert whole["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+    assert whole["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
     events = []
     with app_client.stream("POST", "/v1/completions", json={**body, "stream": True,
                                                              "stream_options": {"include_usage": True}}) as r:
@@ -58,6 +59,25 @@ def test_pp1_completion_stream_and_metrics(app_client):
     m = _metrics(app_client)
     assert metric_sum(m, "pipeserve_stage_busy_seconds_total", stage="0") > 0  # PP=1 knows its busy time
     assert metric_sum(m, "pipeserve_kv_blocks_used") == 0
+
+
+def test_pp1_prefix_cache_in_usage_and_metrics(app_client):
+    prompt = [(7 + 13 * i) % 300 + 3 for i in range(40)]  # 2 full blocks of 16 can be reused
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    before = _metrics(app_client)
+    first = app_client.post("/v1/completions", json=body).json()
+    again = app_client.post("/v1/completions", json=body).json()
+    salted = app_client.post("/v1/completions", json={**body, "cache_salt": "tenant-b"}).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    assert salted["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # another tenant's cache
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    m = _metrics(app_client)
+    for name, grew in (("pipeserve_prefix_cache_queries_total", 3 * 40), ("pipeserve_prefix_cache_hits_total", 32)):
+        assert metric_sum(m, name) - metric_sum(before, name) == grew, name
+    assert metric_sum(m, "pipeserve_kv_blocks_used") == 0 and metric_sum(m, "pipeserve_kv_blocks_cached") > 0
+    bad = app_client.post("/v1/completions", json={**body, "cache_salt": ""})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
 
 
 def test_pp1_without_tokenizer_text_and_chat_are_400(app_client):

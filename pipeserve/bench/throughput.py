@@ -44,6 +44,7 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
     total_in = num_prompts * input_len
     result = {
         "elapsed_s": elapsed,
+        "wall_end": wall_start + elapsed,  # lets a caller line up runs of several engines at once
         "num_requests": num_prompts,
         "total_input_tokens": total_in,
         "total_output_tokens": total_out,

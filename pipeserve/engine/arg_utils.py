@@ -29,6 +29,7 @@ class EngineArgs:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_gb: float = 2.0
@@ -69,7 +70,8 @@ class EngineArgs:
         scheduler = self._scheduler_config(max_len, self.pipeline_parallel_size)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        cache = CacheConfig(self.block_size, self.num_kv_blocks, int(self.kv_cache_memory_gb * (1 << 30)))
+        cache = CacheConfig(self.block_size, self.num_kv_blocks, int(self.kv_cache_memory_gb * (1 << 30)),
+                            self.enable_prefix_caching)
         parallel = self._parallel_config(model)
         num_ve = parallel.pipeline_parallel_size if self.num_virtual_engines is None else self.num_virtual_engines
         if num_ve < 1:

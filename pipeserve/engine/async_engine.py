@@ -26,6 +26,7 @@ from typing import Any
 from pipeserve.config import EngineConfig
 from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.output_processor import OutputProcessor
+from pipeserve.engine.placement import choose_virtual_engine
 from pipeserve.engine.request import Request
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.engine.stats import BusyClock, VirtualEngineStats
@@ -89,7 +90,8 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig, executor: Executor, tokenizer: Any | None):
         self.config, self.executor, self.tokenizer = config, executor, tokenizer
         self.schedulers = [
-            Scheduler(config.scheduler, BlockManager(config.num_blocks_per_ve, config.cache.block_size),
+            Scheduler(config.scheduler, BlockManager(config.num_blocks_per_ve, config.cache.block_size,
+                                                     config.cache.enable_prefix_caching),
                       config.model.eos_token_ids, virtual_engine=i)
             for i in range(config.num_virtual_engines)
         ]
@@ -103,8 +105,10 @@ class AsyncEngine:
 
     # ---- requests ------------------------------------------------------------------------------------
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None) -> int:
         """Check a request against the engine's limits; returns its resolved max_tokens."""
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError("cache_salt must be a non-empty string")
         n, limit = len(prompt_token_ids), self.config.scheduler.max_model_len
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -122,15 +126,17 @@ class AsyncEngine:
         return max_tokens
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                    request_id: str | None = None, final_only: bool = False) -> RequestStream:
-        """Queue a request on the virtual engine with the fewest unfinished requests; iterate the result
-        (`final_only`: only the finished output, as offline generation needs)."""
-        max_tokens = self.validate(prompt_token_ids, params)
+                    request_id: str | None = None, final_only: bool = False,
+                    cache_salt: str | None = None) -> RequestStream:
+        """Queue a request on a virtual engine (`choose_virtual_engine`); iterate the result (`final_only`:
+        only the finished output, as offline generation needs). Requests with different `cache_salt`s never
+        share cached KV."""
+        max_tokens = self.validate(prompt_token_ids, params, cache_salt)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already in use")
-        req = Request(request_id, prompt_token_ids, params, max_tokens, prompt)
-        ve = min(range(len(self.schedulers)), key=lambda i: self.schedulers[i].num_unfinished)
+        req = Request(request_id, prompt_token_ids, params, max_tokens, prompt, cache_salt)
+        ve = choose_virtual_engine(self.schedulers, req)
         stream = RequestStream(req, self, final_only)
         self._tracked[request_id] = _Tracked(ve, stream)
         self.outputs.add(req)
@@ -235,6 +241,7 @@ class AsyncEngine:
         scheduler.forget_stage_state()  # the stages start the new generation knowing no request
         lost = self.executor.kv_lost_through(generation)
         if lost is not None:  # replaced stages lost their KV: catch up on stages 0..lost
+            scheduler.reset_prefix_cache()  # no cached prefix is whole on every stage any more
             scheduler.recompute_all(None if lost == self.config.parallel.pipeline_parallel_size - 1 else lost)
         return ready
 
@@ -275,7 +282,8 @@ class AsyncEngine:
     def stats(self) -> list[VirtualEngineStats]:
         """Requests running and waiting, and KV blocks in use, per virtual engine (cheap: no stage is asked)."""
         return [VirtualEngineStats(len(s.running), len(s.waiting), s.block_manager.num_used_blocks,
-                                   s.block_manager.num_blocks) for s in self.schedulers]
+                                   s.block_manager.num_blocks, s.block_manager.num_evictable_cached_blocks,
+                                   s.prefix_cache_queries, s.prefix_cache_hits) for s in self.schedulers]
 
     def check_health(self) -> None:
         """Raise if the engine can no longer run steps: a stage failed and could not be recovered."""

@@ -14,7 +14,7 @@ from pipeserve.outputs import RequestOutput
 from pipeserve.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
-_Prepared = tuple[list[int], str | None, SamplingParams]  # token ids, prompt text, sampling
+_Prepared = tuple[list[int], str | None, SamplingParams, str | None]  # token ids, text, sampling, cache salt
 
 
 class LLM:
@@ -53,11 +53,12 @@ class LLM:
         prepared = []
         for i, (prompt, p) in enumerate(zip(prompts, param_list, strict=True)):
             ids, text = self._token_ids(prompt)
+            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
             try:
-                self.engine.validate(ids, p)
+                self.engine.validate(ids, p, salt)
             except ValueError as exc:
                 raise ValueError(f"prompt {i}: {exc}") from None
-            prepared.append((ids, text, p))
+            prepared.append((ids, text, p, salt))
         return prepared
 
     # ---- generation ----------------------------------------------------------------------------------
@@ -74,7 +75,8 @@ class LLM:
     async def _run(self, prepared, on_output) -> list[RequestOutput]:
         async with self.engine.running():
             final_only = on_output is None  # nobody watches intermediate outputs: build only the last
-            streams = [self.engine.add_request(tok, p, text, final_only=final_only) for tok, text, p in prepared]
+            streams = [self.engine.add_request(tok, p, text, final_only=final_only, cache_salt=salt)
+                       for tok, text, p, salt in prepared]
             return list(await asyncio.gather(*(self._collect(i, s, on_output) for i, s in enumerate(streams))))
 
     async def _collect(self, index: int, stream: RequestStream, on_output) -> RequestOutput:

@@ -72,7 +72,8 @@ class OutputProcessor:
             completion.cumulative_logprob = sum(s.logprob for s in req.output_logprobs)
         if finished:
             self.remove(req.request_id)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], finished=finished)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], finished=finished,
+                             num_cached_tokens=req.num_cached_tokens)
 
     def _logprob_dict(self, sampled: SampledToken) -> dict[int, Logprob]:
         decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)

@@ -25,7 +25,7 @@ class Request:
     """Prompt plus outputs so far; `num_computed_tokens` of them have KV in the cache."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 max_tokens: int, prompt: str | None = None):
+                 max_tokens: int, prompt: str | None = None, cache_salt: str | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -47,6 +47,11 @@ class Request:
         self.kv_held_tokens = 0
         self.catch_up_stage: int | None = None
         self.arrival_time = time.monotonic()
+        # Prefix caching: hashes of the leading full blocks of prompt + outputs, extended as needed, and how
+        # many prompt tokens the cache supplied when the request was first admitted (None: not admitted yet).
+        self.cache_salt = cache_salt
+        self.block_hashes: list[bytes] = []
+        self.num_cached_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:

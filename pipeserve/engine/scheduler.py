@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import deque
 
 from pipeserve.config import SchedulerConfig
+from pipeserve.engine.block_hashing import extend_block_hashes
 from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.types import ScheduledRequest, SchedulerOutput, StepOutput
@@ -53,6 +54,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_recomputed = 0  # requests sent back to recompute by stage failures
         self.num_recomputed_tokens = 0  # tokens whose KV they had, computed again
+        # Prefix caching, counted in tokens as vLLM does: looked up at admission, and found cached.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     # ---- queue ---------------------------------------------------------------------------------------
 
@@ -131,18 +135,53 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_failed_steps and self._has_suspect(planned):
                 break  # one suspect per step: it gets the next one
-            n = req.num_tokens - req.num_computed_tokens
+            cached = self._take_cached_prefix(req)
+            n = req.num_tokens - cached
             if n > budget and not self.config.enable_chunked_prefill:
+                self.block_manager.free(req.request_id)
                 break  # without chunking a prompt runs whole, in a later step with more room
             n = min(n, budget)
-            if not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
+            if not self.block_manager.allocate(req.request_id, cached + n):
                 self.block_manager.free(req.request_id)
                 break
+            self._admitted(req, cached)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             planned[req.request_id] = n
             budget -= n
+
+    def _take_cached_prefix(self, req: Request) -> int:
+        """With prefix caching, start the request's blocks with the longest cached prefix of its tokens (all
+        but the last: the last is always computed, for its logits); returns the tokens that covers."""
+        if not self.block_manager.enable_prefix_caching:
+            return 0
+        limit = req.num_tokens - 1
+        hashes = extend_block_hashes(req.block_hashes, req.token_ids_from, limit, self.block_manager.block_size,
+                                     req.cache_salt)
+        return self.block_manager.take_cached_prefix(req.request_id, hashes, limit)
+
+    def _admitted(self, req: Request, cached: int) -> None:
+        req.num_computed_tokens = cached
+        if req.num_cached_tokens is None:  # as vLLM reports it: what the cache gave at first admission
+            req.num_cached_tokens = cached
+        if self.block_manager.enable_prefix_caching:
+            self.prefix_cache_queries += req.num_tokens
+            self.prefix_cache_hits += cached
+
+    def _cache_computed_blocks(self, req: Request) -> None:
+        """Register the request's blocks that are now full and computed on every stage."""
+        bm = self.block_manager
+        full = req.num_computed_tokens // bm.block_size
+        if full > bm.num_registered_blocks(req.request_id):
+            hashes = extend_block_hashes(req.block_hashes, req.token_ids_from, full * bm.block_size,
+                                         bm.block_size, req.cache_salt)
+            bm.cache_full_blocks(req.request_id, hashes[:full])
+
+    def reset_prefix_cache(self) -> None:
+        """Stages lost their KV: no cached prefix may be reused (blocks in use register again as their
+        requests recompute them)."""
+        self.block_manager.reset_prefix_cache()
 
     def _preempt(self, req: Request) -> None:
         self._send_back(req)
@@ -255,6 +294,8 @@ class Scheduler:
             req.num_failed_steps = 0
             if req.num_computed_tokens >= req.kv_held_tokens:
                 req.stop_catching_up()
+            if self.block_manager.enable_prefix_caching:
+                self._cache_computed_blocks(req)
             sampled = step.sampled.get(req_id)
             if sampled is None:
                 continue

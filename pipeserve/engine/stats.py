@@ -12,8 +12,11 @@ class VirtualEngineStats:
 
     running: int
     waiting: int
-    used_blocks: int
+    used_blocks: int  # referenced by requests (zero when idle)
     total_blocks: int
+    cached_blocks: int = 0  # free, but holding a cached prefix until evicted
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of those, tokens found cached
 
 
 class BusyClock:

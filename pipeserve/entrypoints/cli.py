@@ -29,6 +29,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=d.enable_chunked_prefill)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
+                   help="reuse the KV of prompt prefixes computed before (default: on, as in vLLM)")
     g.add_argument("--block-size", type=int, default=d.block_size)
     g.add_argument("--num-kv-blocks", type=int, default=d.num_kv_blocks)
     g.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb)

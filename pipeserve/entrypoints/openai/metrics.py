@@ -37,15 +37,22 @@ class EngineCollector(Collector):
                                     "engine", labels=["virtual_engine"])
         waiting = GaugeMetricFamily("pipeserve_num_requests_waiting", "Requests queued, per virtual engine",
                                     labels=["virtual_engine"])
-        used = GaugeMetricFamily("pipeserve_kv_blocks_used", "KV cache blocks in use, per virtual engine",
-                                 labels=["virtual_engine"])
+        used = GaugeMetricFamily("pipeserve_kv_blocks_used", "KV cache blocks referenced by requests, per virtual "
+                                 "engine (zero when idle)", labels=["virtual_engine"])
+        cached = GaugeMetricFamily("pipeserve_kv_blocks_cached", "Free KV cache blocks that keep a cached prefix "
+                                   "until evicted, per virtual engine", labels=["virtual_engine"])
+        queries = CounterMetricFamily("pipeserve_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache, per virtual engine", labels=["virtual_engine"])
+        hits = CounterMetricFamily("pipeserve_prefix_cache_hits", "Prompt tokens found in the prefix cache, per "
+                                   "virtual engine", labels=["virtual_engine"])
         total = GaugeMetricFamily("pipeserve_kv_blocks_total", "KV cache blocks, per virtual engine",
                                   labels=["virtual_engine"])
         for ve, s in enumerate(self.engine.stats()):
             for family, value in ((running, s.running), (waiting, s.waiting), (used, s.used_blocks),
-                                  (total, s.total_blocks)):
+                                  (total, s.total_blocks), (cached, s.cached_blocks),
+                                  (queries, s.prefix_cache_queries), (hits, s.prefix_cache_hits)):
                 family.add_metric([str(ve)], value)
-        yield from (running, waiting, used, total)
+        yield from (running, waiting, used, total, cached, queries, hits)
         yield CounterMetricFamily("pipeserve_pipeline_busy_seconds", "Seconds with at least one step in flight",
                                   value=self.engine.busy_clock.seconds())
         busy = self.engine.executor.busy_seconds()

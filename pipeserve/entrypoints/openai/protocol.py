@@ -49,6 +49,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    cache_salt: str | None = None  # vLLM's: only requests with the same salt share cached prompt KV
 
     def check_supported(self) -> None:
         """Reject what this server cannot do, rather than silently doing something else."""
@@ -188,12 +189,19 @@ class ChatCompletionRequest(SamplingFields):
 # OpenAI's chunks carry an explicit `"usage": null` when usage is asked for, which a model would drop or force.
 
 
+class PromptTokensDetails(BaseModel):
+    """`cached_tokens`: prompt tokens whose KV the prefix cache supplied."""
+
+    cached_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     """Exact token counts of a request: prompt, generated, and their sum."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

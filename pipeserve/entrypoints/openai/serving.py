@@ -13,11 +13,12 @@ from pipeserve.entrypoints.openai.errors import APIError, param_of
 from pipeserve.entrypoints.openai.metrics import RequestTimer, ServerMetrics
 from pipeserve.entrypoints.openai.protocol import SamplingFields
 from pipeserve.entrypoints.openai.streams import DEFAULT_SSE_KEEPALIVE_S, EngineRequest
+from pipeserve.outputs import RequestOutput
 from pipeserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_PARAM_NAMES = {f.name for f in fields(SamplingParams)} | {"prompt", "stop_token_ids", "max_tokens"}
+_PARAM_NAMES = {f.name for f in fields(SamplingParams)} | {"prompt", "stop_token_ids", "max_tokens", "cache_salt"}
 
 
 @dataclass
@@ -72,18 +73,19 @@ class OpenAIServing:
             raise APIError("this model ships no tokenizer: send the prompt as token ids", 400, "prompt")
         return Prompt(self.tokenizer.encode(prompt), prompt)
 
-    def submit(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
-               arrival: float) -> list[EngineRequest]:
+    def submit(self, request_id: str, prompts: list[Prompt], params: SamplingParams, arrival: float,
+               cache_salt: str | None = None) -> list[EngineRequest]:
         """Validate every prompt first (so a bad one starts nothing), then queue them all."""
         for i, p in enumerate(prompts):
             try:
-                self.engine.validate(p.token_ids, params)
+                self.engine.validate(p.token_ids, params, cache_salt)
             except ValueError as exc:
                 where = f"prompt {i}: " if len(prompts) > 1 else ""
                 raise APIError(f"{where}{exc}", 400, param_of(str(exc), _PARAM_NAMES)) from None
         requests = []
         for i, p in enumerate(prompts):
-            stream = self.engine.add_request(p.token_ids, params, p.text, request_id=f"{request_id}-{i}")
+            stream = self.engine.add_request(p.token_ids, params, p.text, request_id=f"{request_id}-{i}",
+                                             cache_salt=cache_salt)
             requests.append(EngineRequest(self.engine, stream, RequestTimer(self.metrics, arrival,
                                                                              len(p.token_ids))))
         return requests
@@ -98,6 +100,10 @@ def engine_failure(exc: Exception) -> APIError:
     return APIError(f"the engine failed while serving the request: {exc}", 503)
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage_dict(finals: list[RequestOutput]) -> dict[str, Any]:
+    """Token counts of the finished requests of one API request; `cached_tokens`: prompt tokens whose KV came
+    from the prefix cache."""
+    prompt = sum(len(o.prompt_token_ids) for o in finals)
+    completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens or 0 for o in finals)}}

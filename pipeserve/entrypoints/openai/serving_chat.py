@@ -32,7 +32,7 @@ class ChatServing(OpenAIServing):
         params = self.sampling_params(req, req.max_new_tokens(), req.num_logprobs())
         prompt = self.apply_template(req.messages)
         request_id = random_id("chatcmpl")
-        requests = self.submit(request_id, [prompt], params, arrival)
+        requests = self.submit(request_id, [prompt], params, arrival, req.cache_salt)
         if req.stream:
             return SSEResponse(self._stream(req, request_id, requests[0]), on_close=lambda: close_all(requests),
                                keepalive_s=self.sse_keepalive_s)
@@ -64,7 +64,7 @@ class ChatServing(OpenAIServing):
         choice = ChatChoice(index=0, message=ChatResponseMessage(content=c.text), logprobs=logprobs,
                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=[choice],
-                                      usage=usage_dict(len(final.prompt_token_ids), len(c.token_ids)))
+                                      usage=usage_dict([final]))
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str,
                       request: EngineRequest) -> AsyncIterator[str]:
@@ -86,7 +86,7 @@ class ChatServing(OpenAIServing):
                 text_len, num_tokens, final = len(c.text), len(c.token_ids), out
             if req.include_usage and final is not None:
                 body = self._chunk(req, request_id, created, None)
-                body["usage"] = usage_dict(len(final.prompt_token_ids), len(final.outputs[0].token_ids))
+                body["usage"] = usage_dict([final])
                 yield sse(body)
         except Exception as exc:  # the status line is long gone: report in-band
             yield sse(error_body(engine_failure(exc).message, 503))

@@ -36,7 +36,7 @@ class CompletionServing(OpenAIServing):
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
         prompts = [self.encode(p) for p in req.prompts()]
         request_id = random_id("cmpl")
-        requests = self.submit(request_id, prompts, params, arrival)
+        requests = self.submit(request_id, prompts, params, arrival, req.cache_salt)
         if req.stream:
             return SSEResponse(self._stream(req, request_id, requests), on_close=lambda: close_all(requests),
                                keepalive_s=self.sse_keepalive_s)
@@ -56,25 +56,23 @@ class CompletionServing(OpenAIServing):
                         if req.logprobs is not None else None)
             choices.append(CompletionChoice(index=i, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason,
                                             stop_reason=c.stop_reason))
-        usage = usage_dict(sum(len(o.prompt_token_ids) for o in finals),
-                           sum(len(o.outputs[0].token_ids) for o in finals))
+        usage = usage_dict(finals)
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
     async def _stream(self, req: CompletionRequest, request_id: str,
                       requests: list[EngineRequest]) -> AsyncIterator[str]:
         created, sent = int(time.time()), [_Sent() for _ in requests]
-        prompt_tokens = completion_tokens = 0
+        finals: list[RequestOutput] = []
         try:
             async for i, out in merge(requests):
                 chunk = self._chunk(req, out, sent[i], i)
                 if chunk is not None:
                     yield sse(self._envelope(req, request_id, created, [chunk]))
                 if out.finished:
-                    prompt_tokens += len(out.prompt_token_ids)
-                    completion_tokens += len(out.outputs[0].token_ids)
+                    finals.append(out)
             if req.include_usage:
                 body = self._envelope(req, request_id, created, [])
-                body["usage"] = usage_dict(prompt_tokens, completion_tokens)
+                body["usage"] = usage_dict(finals)
                 yield sse(body)
         except Exception as exc:  # the status line is long gone: report in-band, as OpenAI does
             yield sse(error_body(engine_failure(exc).message, 503))
