@@ -14,8 +14,13 @@ class SamplingParams:
     temperature 0 (or below 1e-5) is greedy. `seed` makes a request's samples independent of the rest of the batch.
     `stop` strings are cut from the returned text; `stop_token_ids` (and EOS unless `ignore_eos`) end it.
     `logprobs=N` returns, per generated token, its log-probability and the top-N alternatives.
+    `n` choices are generated for the prompt. Penalties, as in vLLM and OpenAI: `presence_penalty` is
+    subtracted from the logit of every token already generated, `frequency_penalty` times how often it was;
+    `repetition_penalty` (> 1 discourages) divides positive logits and multiplies negative ones of every
+    token in the prompt or the output. `logit_bias` adds to the logits of the given token ids.
     """
 
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -28,16 +33,26 @@ class SamplingParams:
     logprobs: int | None = None
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._stop_list = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} if self.logit_bias else None
         self.validate()
 
     @property
     def stop_strings(self) -> list[str]:
         return self._stop_list
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the tokens the request has seen (its prompt and outputs)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -46,6 +61,16 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0 ** 31:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for bias in (self.logit_bias or {}).values():
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

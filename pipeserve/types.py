@@ -35,6 +35,11 @@ class ScheduledRequest:
     last_stage: int | None = None
     new: bool = True
     samples: bool = False  # this step samples the request's next token
+    # Penalties need every token the request has seen. A `new` entry of a penalized request carries the tokens
+    # before `start_pos` (a cached prefix, or earlier outputs); the stages extend that with each entry's tokens,
+    # and a resolved entry that samples carries them all (`seen_token_ids`, up to `context_len`).
+    prefix_token_ids: list[int] | None = None
+    seen_token_ids: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:

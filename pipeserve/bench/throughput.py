@@ -31,9 +31,9 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
         sent_before = [s["bytes_sent"] for s in llm.engine.executor.collect_stats()]
-        wall_start, start = time.time(), time.perf_counter()
+        wall_start, start, cpu_start = time.time(), time.perf_counter(), time.process_time()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        elapsed = time.perf_counter() - start
+        elapsed, engine_cpu = time.perf_counter() - start, time.process_time() - cpu_start
         config = llm.config
         stats = llm.engine.executor.collect_stats()
         records = stage_records(stats)
@@ -52,6 +52,8 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         "output_tokens_per_s": total_out / elapsed,
         "total_tokens_per_s": (total_in + total_out) / elapsed,
         "stage_busy_fraction": busy,
+        # CPU seconds of the engine's own process during the run (at PP=1 that process also runs the model)
+        "engine_process_cpu_s": engine_cpu,
         "pipeline_bubble_fraction": bubble_fraction(busy),
         "num_steps": num_steps,
         "rank_bytes_sent": sent,  # activations each rank sent to the next stage

@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeserve.config import EngineConfig
@@ -28,10 +28,10 @@ from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.output_processor import OutputProcessor
 from pipeserve.engine.placement import choose_virtual_engine
 from pipeserve.engine.request import Request
+from pipeserve.engine.request_stream import RequestStream
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.engine.stats import BusyClock, VirtualEngineStats
 from pipeserve.executor.base import Executor, StepInterrupted
-from pipeserve.outputs import RequestOutput
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.timeline import Span, StepRecord, stage_records, write_trace
 from pipeserve.types import SchedulerOutput, StepOutput
@@ -41,47 +41,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Tracked:
-    """Engine-side state of a request: where it runs and who listens (the stream holds the request)."""
+    """Engine-side state of an engine request (one choice): where it runs and who listens."""
 
     virtual_engine: int
     stream: RequestStream
-
-
-class RequestStream:
-    """Cumulative outputs of one request as it advances; the last has `finished=True`.
-
-    An output is built when the listener asks for the next one, from the request's state at that moment:
-    a listener that falls behind gets one output covering every token since its last (as vLLM's streams
-    coalesce), and a `final_only` stream (offline generation) is woken, and builds an output, only once.
-    Leaving the iteration early (a client that went away) aborts the request and frees its blocks.
-    """
-
-    def __init__(self, request: Request, engine: AsyncEngine, final_only: bool = False):
-        self.request, self.request_id, self._engine = request, request.request_id, engine
-        self.final_only = final_only
-        self._ready = asyncio.Event()
-        self._error: BaseException | None = None
-
-    def wake(self) -> None:
-        self._ready.set()
-
-    def fail(self, exc: BaseException) -> None:
-        self._error = exc
-        self._ready.set()
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        try:
-            while True:
-                await self._ready.wait()
-                self._ready.clear()
-                if self._error is not None:
-                    raise self._error
-                out = self._engine.outputs.output(self.request)
-                yield out
-                if out.finished:
-                    return
-        finally:
-            self._engine.abort(self.request_id)
 
 
 class AsyncEngine:
@@ -95,7 +58,8 @@ class AsyncEngine:
                       config.model.eos_token_ids, virtual_engine=i)
             for i in range(config.num_virtual_engines)
         ]
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, _Tracked] = {}  # engine request id -> where it runs, who listens
+        self._streams: dict[str, RequestStream] = {}  # submitted request id -> its stream (all its choices)
         self.outputs = OutputProcessor(tokenizer)
         self._ids = itertools.count()
         self._wakeups: list[asyncio.Event] = []
@@ -117,6 +81,8 @@ class AsyncEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids or ()):  # the sampler indexes logits by them
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.logit_bias or ()):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
         if n + max_tokens > limit:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "
@@ -133,24 +99,29 @@ class AsyncEngine:
         share cached KV."""
         max_tokens = self.validate(prompt_token_ids, params, cache_salt)
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._tracked:
+        if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        req = Request(request_id, prompt_token_ids, params, max_tokens, prompt, cache_salt)
-        ve = choose_virtual_engine(self.schedulers, req)
-        stream = RequestStream(req, self, final_only)
-        self._tracked[request_id] = _Tracked(ve, stream)
-        self.outputs.add(req)
-        self.schedulers[ve].add_request(req)
+        children = [Request(child_id, prompt_token_ids, child_params, max_tokens, prompt, cache_salt)
+                    for child_id, child_params in _choices(request_id, params)]
+        ve = choose_virtual_engine(self.schedulers, children[0])  # the choices share the prompt: one VE
+        stream = self._streams[request_id] = RequestStream(request_id, children, self, final_only)
+        leader = children[0]
+        for req in children:
+            self._tracked[req.request_id] = _Tracked(ve, stream)
+            self.outputs.add(req)
+            self.schedulers[ve].add_request(req, after=None if req is leader else leader)
         if self._wakeups:
             self._wakeups[ve].set()
         return stream
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV blocks at once (no-op once finished)."""
-        tracked = self._tracked.pop(request_id, None)
-        self.outputs.remove(request_id)
-        if tracked is not None:
-            self.schedulers[tracked.virtual_engine].abort(request_id)
+        """Stop a submitted request (every choice) and free its KV blocks at once (no-op once finished)."""
+        stream = self._streams.pop(request_id, None)
+        for req in stream.children if stream is not None else ():
+            tracked = self._tracked.pop(req.request_id, None)
+            self.outputs.remove(req.request_id)
+            if tracked is not None:
+                self.schedulers[tracked.virtual_engine].abort(req.request_id)
 
     # ---- the loops -----------------------------------------------------------------------------------
 
@@ -254,24 +225,24 @@ class AsyncEngine:
             if stop is not None:
                 scheduler.finish_stopped(req, stop)
         # Otherwise nothing is detokenized or built here: the stream does it when its listener reads.
-        if req.status.finished:
+        finished = req.status.finished
+        if finished:
             self._tracked.pop(req.request_id, None)
-            tracked.stream.wake()
-        elif not tracked.stream.final_only:
-            tracked.stream.wake()
+        tracked.stream.wake(finished)
 
     def _fail_request(self, req: Request, exc: BaseException) -> None:
         logger.error("%s", exc)
         tracked = self._tracked.pop(req.request_id, None)
         self.outputs.remove(req.request_id)
         if tracked is not None:
-            tracked.stream.fail(exc)
+            tracked.stream.fail(exc)  # the listener's exit aborts the other choices
 
     def _fail_all(self, exc: BaseException) -> None:
         self._error = exc
-        for tracked in list(self._tracked.values()):
-            tracked.stream.fail(exc)
+        for stream in list(self._streams.values()):
+            stream.fail(exc)
         self._tracked.clear()
+        self._streams.clear()
         self.outputs = OutputProcessor(self.tokenizer)
 
     # ---- state ---------------------------------------------------------------------------------------
@@ -334,3 +305,12 @@ async def _interruptions(in_flight: collections.deque) -> list[bool]:
         except Exception:  # noqa: BLE001 - the recovery decides what a failed generation means
             lost.append(True)
     return lost
+
+
+def _choices(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
+    """(engine request id, params) of each of the `n` choices. As in vLLM, choice i of a seeded request uses
+    seed + i, so the choices differ from each other and each is still independent of the batch."""
+    if params.n == 1:
+        return [(request_id, params)]
+    return [(f"{i}_{request_id}", replace(params, n=1, seed=None if params.seed is None else params.seed + i))
+            for i in range(params.n)]

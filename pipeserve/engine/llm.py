@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeserve.engine.arg_utils import EngineArgs
-from pipeserve.engine.async_engine import RequestStream
+from pipeserve.engine.request_stream import RequestStream
 from pipeserve.engine.startup import build_async_engine
 from pipeserve.outputs import RequestOutput
 from pipeserve.sampling_params import SamplingParams

@@ -52,6 +52,7 @@ class Request:
         self.cache_salt = cache_salt
         self.block_hashes: list[bytes] = []
         self.num_cached_tokens: int | None = None
+        self.held_for: Request | None = None  # queued only once this sibling has computed the shared prompt
 
     @property
     def num_tokens(self) -> int:

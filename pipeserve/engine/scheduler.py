@@ -50,6 +50,7 @@ class Scheduler:
         self._in_flight: dict[int, dict[str, tuple[int, int]]] = {}
         self._next_step = 0
         self._finished_ids: list[str] = []  # requests the stages hold state for that ended: sent with the next step
+        self._held: list[Request] = []  # choices waiting for a sibling to compute their shared prompt
         self.max_steps_in_flight = 0  # the most steps this VE has had in flight at once (tests, benchmarks)
         self.num_preemptions = 0
         self.num_recomputed = 0  # requests sent back to recompute by stage failures
@@ -60,9 +61,26 @@ class Scheduler:
 
     # ---- queue ---------------------------------------------------------------------------------------
 
-    def add_request(self, req: Request) -> None:
+    def add_request(self, req: Request, after: Request | None = None) -> None:
+        """Queue a request. `after`: a sibling with the same prompt (another choice of an n > 1 request); with
+        prefix caching this one waits until the sibling has computed the prompt, then reuses its full blocks."""
         self.requests[req.request_id] = req
+        if after is not None and self.block_manager.enable_prefix_caching and \
+                len(req.prompt_token_ids) > self.block_manager.block_size:
+            req.held_for = after
+            self._held.append(req)
+            return
         self.waiting.append(req)
+
+    def _release_held(self) -> None:
+        """Queue (at the front: they arrived with their sibling) the held choices whose sibling has computed
+        its prompt, or ended."""
+        ready = [r for r in self._held if r.held_for.status.finished or
+                 r.held_for.num_computed_tokens >= len(r.held_for.prompt_token_ids)]
+        for req in reversed(ready):
+            self._held.remove(req)
+            req.held_for = None
+            self.waiting.appendleft(req)
 
     def abort(self, req_id: str) -> Request | None:
         """Finish a request now and free its blocks (a no-op for unknown or finished ids)."""
@@ -77,7 +95,7 @@ class Scheduler:
         return len(self.requests)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._held)
 
     # ---- planning ------------------------------------------------------------------------------------
 
@@ -88,6 +106,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plan the next step from what can run now, whether or not earlier steps are still in flight. An
         empty plan (nothing can run before a result arrives) takes no step id."""
+        if self._held:
+            self._release_held()
         budget = self.config.max_num_batched_tokens
         planned: dict[str, int] = {}
         budget = self._schedule_running(budget, planned)
@@ -251,6 +271,7 @@ class Scheduler:
         new = req.blocks_sent is None
         blocks = list(table) if new else table[req.blocks_sent:]
         req.blocks_sent = len(table)
+        prefix = req.token_ids_from(0, start) if new and req.sampling_params.penalized else None
         return ScheduledRequest(
             req_id=req.request_id,
             token_ids=req.token_ids_from(start, n),
@@ -261,6 +282,7 @@ class Scheduler:
             last_stage=req.catch_up_stage if catching_up else None,
             new=new,
             samples=start + n == req.num_tokens,
+            prefix_token_ids=prefix,
         )
 
     def _stages_forget(self, req: Request) -> None:
@@ -333,6 +355,8 @@ class Scheduler:
             self.running.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
+        if req in self._held:
+            self._held.remove(req)
         self.block_manager.free(req.request_id)
         self._stages_forget(req)
         self.requests.pop(req.request_id, None)

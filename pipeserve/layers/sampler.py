@@ -1,4 +1,5 @@
-"""Turns the last stage's logits into tokens: greedy, temperature, top-k, top-p, min-p, seeds, logprobs."""
+"""Turns the last stage's logits into tokens: logit bias, penalties, greedy, temperature, top-k, top-p, min-p,
+seeds, logprobs."""
 
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.eos_token_ids = list(eos_token_ids)
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 num_outputs: list[int]) -> list[SampledToken]:
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int],
+                 seen: list[list[int] | None] | None = None) -> list[SampledToken]:
+        """`seen[i]`: every token row i's request has seen (prompt, then its outputs), for penalties."""
         raw = logits.float().cpu()  # (S, V); sampling state (generators) lives on the CPU
-        logits = self._apply_min_tokens(raw, params, num_outputs)
+        logits = self._apply_bias_and_penalties(raw, params, num_outputs, seen or [None] * len(params))
+        logits = self._apply_min_tokens(logits, params, num_outputs)
         token_ids = logits.argmax(dim=-1)  # greedy rows keep this
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
@@ -35,6 +38,35 @@ class Sampler:
                 noise = torch.empty_like(probs[j]).exponential_(generator=self._generator(params[i], num_outputs[i]))
                 token_ids[i] = (probs[j] / noise).argmax()  # exponential race: a draw from probs
         return self._with_logprobs(raw, token_ids, params)  # logprobs of the model itself, before any ban
+
+    @staticmethod
+    def _apply_bias_and_penalties(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int],
+                                  seen: list[list[int] | None]) -> torch.Tensor:
+        """As vLLM orders them: logit bias, then the repetition penalty (prompt and output tokens), then the
+        frequency and presence penalties (output tokens only)."""
+        rows = [i for i, p in enumerate(params) if p.logit_bias or p.penalized]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            p, row = params[i], logits[i]
+            if p.logit_bias:
+                row[torch.tensor(list(p.logit_bias))] += torch.tensor(list(p.logit_bias.values()))
+            if not p.penalized:
+                continue
+            tokens = seen[i]
+            if tokens is None:
+                raise RuntimeError("a penalized request reached the sampler without the tokens it has seen")
+            if p.repetition_penalty != 1.0:
+                ids = torch.tensor(tokens, dtype=torch.long).unique()
+                x = row[ids]
+                row[ids] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            k = num_outputs[i]
+            if k and (p.frequency_penalty or p.presence_penalty):
+                counts = torch.bincount(torch.tensor(tokens[len(tokens) - k:], dtype=torch.long),
+                                        minlength=row.numel()).float()
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        return logits
 
     def _apply_min_tokens(self, logits: torch.Tensor, params: list[SamplingParams],
                           num_outputs: list[int]) -> torch.Tensor:

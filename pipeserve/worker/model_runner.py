@@ -60,6 +60,7 @@ class ModelRunner:
         if not self.samples:
             return step
         reqs = inp.sampled_requests
-        tokens = self.sampler(logits, [r.sampling_params for r in reqs], [r.num_output_tokens for r in reqs])
+        tokens = self.sampler(logits, [r.sampling_params for r in reqs], [r.num_output_tokens for r in reqs],
+                              [r.seen_token_ids for r in reqs])
         step.sampled = {r.req_id: t for r, t in zip(reqs, tokens, strict=True)}
         return step

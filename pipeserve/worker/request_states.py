@@ -15,11 +15,13 @@ from pipeserve.types import SchedulerOutput
 
 
 class RequestStates:
-    """Per request: the whole block table and the sampling params, from its `new` entry until it finishes."""
+    """Per request: the whole block table and the sampling params, from its `new` entry until it finishes;
+    for a penalized request also every token it has seen."""
 
     def __init__(self) -> None:
         self._tables: dict[str, list[int]] = {}
         self._params: dict[str, SamplingParams] = {}
+        self._seen: dict[str, list[int]] = {}
         self._generation: int | None = None
 
     def __len__(self) -> int:
@@ -30,20 +32,32 @@ class RequestStates:
         if generation != self._generation:  # a new group: nothing from the old one is valid
             self._tables.clear()
             self._params.clear()
+            self._seen.clear()
             self._generation = generation
         for req_id in sched.finished_req_ids:
             self._tables.pop(req_id, None)
             self._params.pop(req_id, None)
+            self._seen.pop(req_id, None)
         resolved = []
         for r in sched.requests:
+            seen = None
             if r.new:
                 table = self._tables[r.req_id] = list(r.block_table)
                 params = self._params[r.req_id] = r.sampling_params
+                if r.prefix_token_ids is not None:
+                    seen = self._seen[r.req_id] = list(r.prefix_token_ids)
+                else:
+                    self._seen.pop(r.req_id, None)
             else:
                 table, params = self._tables.get(r.req_id), self._params.get(r.req_id)
                 if table is None:
                     raise RuntimeError(f"step {sched.step_id} continues request {r.req_id}, which this stage "
                                        f"was never sent whole (generation {generation})")
                 table.extend(r.block_table)
-            resolved.append(replace(r, block_table=table, sampling_params=params if r.samples else None, new=False))
+                seen = self._seen.get(r.req_id)
+            if seen is not None:
+                del seen[r.start_pos:]  # chunks of a step abandoned after it reached this stage are redone
+                seen.extend(r.token_ids)
+            resolved.append(replace(r, block_table=table, sampling_params=params if r.samples else None, new=False,
+                                    prefix_token_ids=None, seen_token_ids=seen if r.samples else None))
         return SchedulerOutput(sched.step_id, sched.virtual_engine, resolved)

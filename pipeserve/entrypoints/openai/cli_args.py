@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from pipeserve.entrypoints.cli import add_engine_flags, engine_kwargs
+from pipeserve.entrypoints.engine_flags import add_engine_flags, engine_kwargs
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:

@@ -16,7 +16,8 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pipeserve.engine.async_engine import AsyncEngine, RequestStream
+from pipeserve.engine.async_engine import AsyncEngine
+from pipeserve.engine.request_stream import RequestStream
 from pipeserve.entrypoints.openai.errors import APIError
 from pipeserve.entrypoints.openai.metrics import RequestTimer
 from pipeserve.outputs import RequestOutput

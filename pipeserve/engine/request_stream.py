@@ -1,0 +1,82 @@
+"""What a caller iterates for one submitted request: its cumulative outputs, one choice per child request.
+
+A request with `n` choices runs as `n` engine requests (its children, as vLLM's ParentRequest fans out);
+the stream gathers them into one RequestOutput whose `outputs[i]` is choice i, finished once every choice
+is. With n = 1 the one child is the request itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from pipeserve.engine.request import Request
+from pipeserve.outputs import CompletionOutput, RequestOutput
+
+if TYPE_CHECKING:
+    from pipeserve.engine.async_engine import AsyncEngine
+
+
+class RequestStream:
+    """Cumulative outputs of one request as it advances; the last has `finished=True`.
+
+    An output is built when the listener asks for the next one, from the requests' state at that moment:
+    a listener that falls behind gets one output covering every token since its last (as vLLM's streams
+    coalesce), and a `final_only` stream (offline generation) is woken, and builds an output, only once
+    every choice has finished. Leaving the iteration early (a client that went away) aborts every choice
+    and frees their blocks.
+    """
+
+    def __init__(self, request_id: str, children: list[Request], engine: AsyncEngine, final_only: bool = False):
+        self.request_id, self.children, self._engine = request_id, children, engine
+        self.final_only = final_only
+        self._ready = asyncio.Event()
+        self._error: BaseException | None = None
+        self._done: dict[int, CompletionOutput] = {}  # choices already finished: their last output
+        self._unfinished = len(children)
+
+    @property
+    def request(self) -> Request:
+        """The first (with n = 1, the only) engine request."""
+        return self.children[0]
+
+    def wake(self, finished: bool = False) -> None:
+        """A choice advanced (`finished`: it ended). A final_only stream wakes only when the last one ends."""
+        if finished:
+            self._unfinished -= 1
+        if not self.final_only or self._unfinished == 0:
+            self._ready.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._ready.set()
+
+    def _build(self) -> RequestOutput:
+        completions = []
+        for i, req in enumerate(self.children):
+            c = self._done.get(i)
+            if c is None:
+                c = self._engine.outputs.output(req).outputs[0]
+                c.index = i
+                if c.finish_reason is not None:
+                    self._done[i] = c  # its detokenizer state is gone: keep the final output
+            completions.append(c)
+        first = self.children[0]
+        return RequestOutput(self.request_id, first.prompt, first.prompt_token_ids, completions,
+                             finished=len(self._done) == len(self.children),
+                             num_cached_tokens=first.num_cached_tokens)
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                if self._error is not None:
+                    raise self._error
+                out = self._build()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self._engine.abort(self.request_id)
