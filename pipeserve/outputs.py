@@ -40,3 +40,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache (None: not yet run)
+    # With SamplingParams.prompt_logprobs: per prompt token, its logprob given the tokens before it (None for
+    # the first), with the top alternatives.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -97,7 +97,7 @@ def test_min_tokens_delays_stop_token(llm):
 
 @pytest.mark.parametrize("prompts, params, match", [
     ([{"prompt_token_ids": []}], None, "empty"),
-    ([{"prompt_token_ids": ids(4)}, {"prompt_token_ids": []}], None, "prompt 1: the prompt is empty"),
+    ([{"prompt_token_ids": ids(4)}, {"prompt_token_ids": []}], None, "prompt 1: prompt must not be empty"),
     ([{"prompt_token_ids": ids(250)}], SamplingParams(max_tokens=10), "max_model_len"),
     ([{"prompt_token_ids": ids(256)}], SamplingParams(max_tokens=None), "max_model_len"),
     ([{"prompt_token_ids": [5, 320]}], None, r"\[0, 320\)"),

@@ -75,7 +75,7 @@ class AsyncEngine:
             raise ValueError("cache_salt must be a non-empty string")
         n, limit = len(prompt_token_ids), self.config.scheduler.max_model_len
         if n == 0:
-            raise ValueError("the prompt is empty")
+            raise ValueError("prompt must not be empty")
         vocab = self.config.model.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")

@@ -6,6 +6,7 @@ OpenAI API does, so that the official client raises its usual exception classes 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -54,12 +55,44 @@ def param_of(message: str, fields: set[str]) -> str | None:
     return first if first in fields else None
 
 
+_MESSAGE_ROLES = {"system", "developer", "user", "assistant", "tool"}
+_TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def field_path(loc: tuple | list) -> str:
+    """A pydantic error location as a path: ("body", "messages", 0, "user", "content") -> messages[0].content.
+    Dropped: the role a tagged union of messages adds after a list index, and the member labels a plain
+    union adds ("str", "list[str]")."""
+    path = ""
+    prev: Any = None
+    for x in loc:
+        if x == "body" and prev is None:
+            continue
+        if isinstance(x, int):
+            path += f"[{x}]"
+        elif not (isinstance(prev, int) and x in _MESSAGE_ROLES) and not _is_type_label(x):
+            path += f".{x}" if path else str(x)
+        prev = x
+    return path
+
+
+def _is_type_label(x: Any) -> bool:
+    return isinstance(x, str) and (x in _TYPE_LABELS or "[" in x)
+
+
 def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """One readable message (and the first offending field) from pydantic's error list."""
+    """One readable message (and the first offending field, as a path like `messages[0].content`) from
+    pydantic's error list."""
     parts, param = [], None
+    # A union reports one error per member; where one member got further into the value (a list whose
+    # element is wrong), the others' complaints about its type say less.
+    paths = [field_path(err.get("loc", ())) for err in errors]
+    deeper = [any(q != p and (q.startswith(p + ".") or q.startswith(p + "[")) for q in paths) if p else False
+              for p in paths]
+    errors = [err for err, d in zip(errors, deeper, strict=True) if not d]
     for err in errors[:3]:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        where = ".".join(loc)
+        loc = [x for x in err.get("loc", ()) if x != "body"]
+        where = field_path(loc)
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
             parts.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})")
@@ -69,10 +102,28 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
         if err.get("type") == "missing":
             msg = "field required" if where else "the request body is missing: send a JSON object"
         parts.append(f"{where}: {msg}" if where else msg)
-        param = param or (loc[0] if loc else None)
+        param = param or where or None
     if len(errors) > 3:
         parts.append(f"and {len(errors) - 3} more problems")
     return "; ".join(parts), param
+
+
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+
+
+def explain_unparsable_body(body: bytes) -> str:
+    """Why a body that FastAPI could not parse (and that is not plain malformed JSON) was refused."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"the request body is not valid UTF-8 (byte {exc.start})"
+    try:
+        json.loads(body)
+    except RecursionError:
+        return "the request body nests JSON arrays or objects too deeply"
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        return f"the request body is not valid JSON ({exc})"
+    return "the request body could not be parsed"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -88,7 +139,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(message, 400, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR:  # say what is wrong with the body
+            return error_response(explain_unparsable_body(await request.body()), 400)
         return error_response(str(exc.detail), exc.status_code)
 
     @app.exception_handler(Exception)

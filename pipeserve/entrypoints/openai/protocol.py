@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipeserve.entrypoints.openai.chat_messages import ChatMessage
 from pipeserve.entrypoints.openai.errors import APIError
 from pipeserve.sampling_params import SamplingParams
 
@@ -39,27 +40,22 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, **INT64)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, **INT64)
     skip_special_tokens: bool = True
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's extra
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprob tokens spelled `token_id:N`
     cache_salt: str | None = None  # vLLM's: only requests with the same salt share cached prompt KV
 
     def check_supported(self) -> None:
         """Reject what this server cannot do, rather than silently doing something else."""
-        if self.n != 1:
-            raise APIError(f"n must be 1 (one completion per prompt), got {self.n}", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(f"{name} is not supported (must be 0)", param=name)
-        if self.logit_bias:
-            raise APIError("logit_bias is not supported", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed with stream=true", param="stream_options")
 
@@ -72,8 +68,21 @@ class SamplingFields(BaseModel):
             top_k=0 if top_k == -1 else top_k,  # vLLM spells "disabled" as -1
             min_p=self.min_p or 0.0, max_tokens=max_tokens, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
+            min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens, n=self.n,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=self._logit_bias(),
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI sends token ids as JSON object keys, hence strings."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not key.isdecimal():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            bias[int(key)] = value
+        return bias
 
     @property
     def include_usage(self) -> bool:
@@ -88,7 +97,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: Any
     max_tokens: int | None = Field(16, **INT64)
-    logprobs: int | None = Field(None, **INT64)
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -100,12 +109,11 @@ class CompletionRequest(SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise APIError("echo=true is not supported", param="echo")
         if self.suffix:
             raise APIError("suffix is not supported", param="suffix")
-        if self.best_of not in (None, 1):
-            raise APIError(f"best_of must be 1, got {self.best_of}", param="best_of")
+        if self.best_of is not None and self.best_of != self.n:  # vLLM's current engine dropped best_of too
+            raise APIError(f"best_of must equal n ({self.n}): choosing the best of more samples is not supported",
+                           param="best_of")
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: one text or token-id list per prompt."""
@@ -131,31 +139,6 @@ def normalize_prompt(v: Any) -> PromptInput:
 
 def _is_token_id(t: Any) -> bool:
     return isinstance(t, int) and not isinstance(t, bool)
-
-
-class ContentPart(BaseModel):
-    """A part of a message's content; only text parts are supported."""
-
-    model_config = _REQUEST_CONFIG
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    """One message of a conversation."""
-
-    model_config = _REQUEST_CONFIG
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise APIError(f"only text content parts are supported, got type {part.type!r}", param="messages")
-        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):

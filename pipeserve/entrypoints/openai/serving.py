@@ -1,19 +1,39 @@
-"""What both generation endpoints share: model names, prompts to token ids, validation, submission."""
+"""The one request path both generation endpoints share: check, build sampling params, submit, then answer
+whole or as a stream of chunks. An endpoint says only what differs: its prompts, its limits, the shape of
+its response and of one choice's streamed delta (`serving_completion.py`, `serving_chat.py`).
+
+Choices are numbered as OpenAI does: with several prompts (completions) and `n` choices each, prompt p's
+choice j has index p * n + j.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from pipeserve.engine.async_engine import AsyncEngine
-from pipeserve.entrypoints.openai.errors import APIError, param_of
+from pipeserve.entrypoints.openai.errors import APIError, error_body, param_of
 from pipeserve.entrypoints.openai.metrics import RequestTimer, ServerMetrics
 from pipeserve.entrypoints.openai.protocol import SamplingFields
-from pipeserve.entrypoints.openai.streams import DEFAULT_SSE_KEEPALIVE_S, EngineRequest
-from pipeserve.outputs import RequestOutput
+from pipeserve.entrypoints.openai.streams import (
+    DEFAULT_SSE_KEEPALIVE_S,
+    SSE_DONE,
+    EngineRequest,
+    SSEResponse,
+    close_all,
+    collect,
+    merge,
+    sse,
+)
+from pipeserve.outputs import CompletionOutput, RequestOutput
 from pipeserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -29,12 +49,26 @@ class Prompt:
     text: str | None
 
 
+@dataclass
+class SentSoFar:
+    """How much of one choice a stream has sent."""
+
+    text_len: int = 0
+    num_tokens: int = 0
+    text_offset: int = 0  # completions logprobs: where the next token's text starts
+    finished: bool = False
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class OpenAIServing:
-    """Turns validated request bodies into engine requests; every check raises an APIError."""
+    """Turns validated request bodies into engine requests and their outputs into OpenAI bodies; every
+    check raises an APIError."""
+
+    id_prefix: ClassVar[str]
+    chunk_object: ClassVar[str]  # the `object` of a streamed chunk
 
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, served_model_names: list[str],
                  sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S):
@@ -46,6 +80,79 @@ class OpenAIServing:
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
+
+    # ---- what each endpoint says -----------------------------------------------------------------------
+
+    def prompts(self, req: Any) -> list[Prompt]:
+        raise NotImplementedError
+
+    def limits(self, req: Any) -> tuple[int | None, int | None]:
+        """(max_tokens, logprobs) as the engine takes them."""
+        raise NotImplementedError
+
+    def response(self, req: Any, request_id: str, prompts: list[Prompt], finals: list[RequestOutput]) -> BaseModel:
+        raise NotImplementedError
+
+    def first_choices(self, req: Any, num_choices: int) -> list[dict[str, Any]]:
+        """Choices of a first chunk sent before any token (chat: the assistant role)."""
+        return []
+
+    def choice_delta(self, req: Any, prompt: Prompt, out: RequestOutput, c: CompletionOutput, sent: SentSoFar,
+                     index: int) -> dict[str, Any] | None:
+        """One choice's new text since `sent` (updating it); None when nothing is new."""
+        raise NotImplementedError
+
+    # ---- the shared path -----------------------------------------------------------------------------
+
+    async def create(self, req: Any, raw: Request) -> Response:
+        arrival = self.now()
+        self.check_request(req)
+        params = self.sampling_params(req, *self.limits(req))
+        prompts = self.prompts(req)
+        request_id = random_id(self.id_prefix)
+        requests = self.submit(request_id, prompts, params, arrival, req.cache_salt)
+        if req.stream:
+            return SSEResponse(self._stream(req, request_id, prompts, requests, params.n),
+                               on_close=lambda: close_all(requests), keepalive_s=self.sse_keepalive_s)
+        try:
+            finals = await collect(requests, raw)
+        except APIError:
+            raise
+        except Exception as exc:
+            raise engine_failure(exc) from exc
+        return JSONResponse(self.response(req, request_id, prompts, finals).model_dump())
+
+    async def _stream(self, req: Any, request_id: str, prompts: list[Prompt], requests: list[EngineRequest],
+                      n: int) -> AsyncIterator[str]:
+        created = int(time.time())
+        sent = [[SentSoFar() for _ in range(n)] for _ in requests]
+        finals: list[RequestOutput] = []
+
+        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+            body = {"id": request_id, "object": self.chunk_object, "created": created, "model": self.model_name,
+                    "choices": choices}
+            if req.include_usage:  # OpenAI's chunks say `"usage": null` until the last one
+                body["usage"] = None
+            return body
+
+        try:
+            first = self.first_choices(req, len(requests) * n)
+            if first:
+                yield sse(chunk(first))
+            async for i, out in merge(requests):
+                choices = [d for c in out.outputs
+                           if (d := self.choice_delta(req, prompts[i], out, c, sent[i][c.index], i * n + c.index))]
+                if choices:
+                    yield sse(chunk(choices))
+                if out.finished:
+                    finals.append(out)
+            if req.include_usage:
+                body = chunk([])
+                body["usage"] = usage_dict(finals)
+                yield sse(body)
+        except Exception as exc:  # the status line is long gone: report in-band, as OpenAI does
+            yield sse(error_body(engine_failure(exc).message, 503))
+        yield SSE_DONE
 
     def check_request(self, req: SamplingFields) -> None:
         """Model name, supported fields, and a live engine."""

@@ -37,7 +37,7 @@ class EngineRequest:
         reason = "abort"
         try:
             async for out in self.stream:
-                self.timer.tokens(len(out.outputs[0].token_ids))
+                self.timer.tokens(sum(len(c.token_ids) for c in out.outputs))
                 if out.finished:
                     reason = out.outputs[0].finish_reason or "stop"
                 yield out
