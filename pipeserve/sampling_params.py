@@ -18,6 +18,8 @@ class SamplingParams:
     subtracted from the logit of every token already generated, `frequency_penalty` times how often it was;
     `repetition_penalty` (> 1 discourages) divides positive logits and multiplies negative ones of every
     token in the prompt or the output. `logit_bias` adds to the logits of the given token ids.
+    `prompt_logprobs=N` returns, per prompt token after the first, its log-probability given the tokens before
+    it and the top-N alternatives (a prompt that asks for them is computed whole, not taken from the cache).
     """
 
     n: int = 1
@@ -37,6 +39,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    prompt_logprobs: int | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +86,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

@@ -40,6 +40,10 @@ class ScheduledRequest:
     # and a resolved entry that samples carries them all (`seen_token_ids`, up to `context_len`).
     prefix_token_ids: list[int] | None = None
     seen_token_ids: list[int] | None = None
+    # Prompt logprobs need each prompt position's next token, which may lie in a later chunk: a `new` entry of
+    # a request that asks for them carries its whole prompt, and the stages keep it.
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None  # resolved: how many alternatives, when this chunk scores prompt tokens
 
     @property
     def num_tokens(self) -> int:
@@ -112,3 +116,6 @@ class StepOutput:
     step_id: int
     virtual_engine: int
     sampled: dict[str, SampledToken] = field(default_factory=dict)
+    # Requests that asked for prompt logprobs: (the prompt position of the first entry, one entry per prompt
+    # token from there, each scored given the tokens before it).
+    prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)

@@ -312,5 +312,6 @@ def _choices(request_id: str, params: SamplingParams) -> list[tuple[str, Samplin
     seed + i, so the choices differ from each other and each is still independent of the batch."""
     if params.n == 1:
         return [(request_id, params)]
-    return [(f"{i}_{request_id}", replace(params, n=1, seed=None if params.seed is None else params.seed + i))
-            for i in range(params.n)]
+    return [(f"{i}_{request_id}", replace(params, n=1, seed=None if params.seed is None else params.seed + i,
+                                          prompt_logprobs=params.prompt_logprobs if i == 0 else None))
+            for i in range(params.n)]  # (the prompt's logprobs are the same for every choice: scored once)

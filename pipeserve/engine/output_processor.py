@@ -73,7 +73,13 @@ class OutputProcessor:
         if finished:
             self.remove(req.request_id)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], finished=finished,
-                             num_cached_tokens=req.num_cached_tokens)
+                             num_cached_tokens=req.num_cached_tokens, prompt_logprobs=self._prompt_logprobs(req))
+
+    def _prompt_logprobs(self, req: Request) -> list[dict[int, Logprob] | None] | None:
+        """[None (the first token has none), then one dict per prompt token], once every one is scored."""
+        if req.sampling_params.prompt_logprobs is None or len(req.prompt_logprobs) < len(req.prompt_token_ids) - 1:
+            return None
+        return [None] + [self._logprob_dict(s) for s in req.prompt_logprobs]
 
     def _logprob_dict(self, sampled: SampledToken) -> dict[int, Logprob]:
         decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)

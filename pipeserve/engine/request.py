@@ -33,6 +33,8 @@ class Request:
         self.max_tokens = max_tokens  # resolved: never None here
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[SampledToken] = []
+        # With prompt_logprobs: entry i scores prompt token i + 1 (the first prompt token has none).
+        self.prompt_logprobs: list[SampledToken] = []
         self.num_computed_tokens = 0
         self.num_inflight_tokens = 0  # planned in steps still in flight: KV not counted as computed yet
         self.epoch = 0  # bumped whenever results of its steps in flight must no longer count

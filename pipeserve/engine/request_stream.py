@@ -35,6 +35,7 @@ class RequestStream:
         self._error: BaseException | None = None
         self._done: dict[int, CompletionOutput] = {}  # choices already finished: their last output
         self._unfinished = len(children)
+        self._prompt_logprobs = None  # the request's, once its first choice has them
 
     @property
     def request(self) -> Request:
@@ -57,15 +58,18 @@ class RequestStream:
         for i, req in enumerate(self.children):
             c = self._done.get(i)
             if c is None:
-                c = self._engine.outputs.output(req).outputs[0]
+                out = self._engine.outputs.output(req)
+                c = out.outputs[0]
                 c.index = i
+                if i == 0 and out.prompt_logprobs is not None:
+                    self._prompt_logprobs = out.prompt_logprobs
                 if c.finish_reason is not None:
                     self._done[i] = c  # its detokenizer state is gone: keep the final output
             completions.append(c)
         first = self.children[0]
         return RequestOutput(self.request_id, first.prompt, first.prompt_token_ids, completions,
                              finished=len(self._done) == len(self.children),
-                             num_cached_tokens=first.num_cached_tokens)
+                             num_cached_tokens=first.num_cached_tokens, prompt_logprobs=self._prompt_logprobs)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:

@@ -174,8 +174,8 @@ class Scheduler:
     def _take_cached_prefix(self, req: Request) -> int:
         """With prefix caching, start the request's blocks with the longest cached prefix of its tokens (all
         but the last: the last is always computed, for its logits); returns the tokens that covers."""
-        if not self.block_manager.enable_prefix_caching:
-            return 0
+        if not self.block_manager.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
+            return 0  # (cached blocks hold KV, not the logits prompt logprobs need)
         limit = req.num_tokens - 1
         hashes = extend_block_hashes(req.block_hashes, req.token_ids_from, limit, self.block_manager.block_size,
                                      req.cache_salt)
@@ -271,7 +271,9 @@ class Scheduler:
         new = req.blocks_sent is None
         blocks = list(table) if new else table[req.blocks_sent:]
         req.blocks_sent = len(table)
-        prefix = req.token_ids_from(0, start) if new and req.sampling_params.penalized else None
+        params = req.sampling_params
+        prefix = req.token_ids_from(0, start) if new and params.penalized else None
+        whole_prompt = req.prompt_token_ids if new and params.prompt_logprobs is not None else None
         return ScheduledRequest(
             req_id=req.request_id,
             token_ids=req.token_ids_from(start, n),
@@ -283,6 +285,7 @@ class Scheduler:
             new=new,
             samples=start + n == req.num_tokens,
             prefix_token_ids=prefix,
+            prompt_token_ids=whole_prompt,
         )
 
     def _stages_forget(self, req: Request) -> None:
@@ -318,6 +321,8 @@ class Scheduler:
                 req.stop_catching_up()
             if self.block_manager.enable_prefix_caching:
                 self._cache_computed_blocks(req)
+            if step.prompt_logprobs:
+                _record_prompt_logprobs(req, step.prompt_logprobs.get(req_id))
             sampled = step.sampled.get(req_id)
             if sampled is None:
                 continue
@@ -361,3 +366,12 @@ class Scheduler:
         self._stages_forget(req)
         self.requests.pop(req.request_id, None)
 
+
+def _record_prompt_logprobs(req: Request, chunk: tuple[int, list] | None) -> None:
+    """Keep a chunk's prompt logprobs; positions already kept (recomputed after a preemption) are skipped."""
+    if chunk is None:
+        return
+    first, entries = chunk
+    have = len(req.prompt_logprobs)
+    if first <= have:
+        req.prompt_logprobs.extend(entries[have - first:])

@@ -125,3 +125,15 @@ class Sampler:
             top = list(zip(top_ids[j, :k].tolist(), top_vals[j, :k].tolist(), strict=True))
             out[i] = SampledToken(out[i].token_id, float(chosen[j, 0]), int(ranks[j]), top)
         return out
+
+
+def score_tokens(logits: torch.Tensor, targets: list[int], num_top: int) -> list[SampledToken]:
+    """Row i's log-probability of targets[i], its rank, and the `num_top` most likely tokens (prompt logprobs)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    target = torch.tensor(targets, dtype=torch.long, device=logits.device).unsqueeze(1)
+    chosen = logprobs.gather(1, target)
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    top_vals, top_ids = logprobs.topk(max(num_top, 1), dim=-1)
+    top_vals, top_ids, chosen = top_vals[:, :num_top].tolist(), top_ids[:, :num_top].tolist(), chosen[:, 0].tolist()
+    return [SampledToken(t, c, r, list(zip(ids, vals, strict=True)))
+            for t, c, r, ids, vals in zip(targets, chosen, ranks, top_ids, top_vals, strict=True)]

@@ -23,6 +23,8 @@ class ModelInput:
     attn: AttentionMetadata
     sample_rows: torch.Tensor  # (S,) rows whose last hidden state is sampled
     sampled_requests: list[ScheduledRequest]  # same order as sample_rows
+    # Chunks that score prompt tokens (prompt logprobs): the entry and the row of its first token.
+    prompt_scored: list[tuple[ScheduledRequest, int]]
 
 
 def _slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -58,9 +60,11 @@ def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cp
     """Order the step's requests (decodes, then prefills) and derive every index tensor once per step."""
     decodes, prefills = _split(sched)
     ordered = decodes + prefills
-    ids, positions, slots, sample_rows, sampled = [], [], [], [], []
+    ids, positions, slots, sample_rows, sampled, scored = [], [], [], [], [], []
     row = 0
     for r in ordered:
+        if r.prompt_logprobs is not None:
+            scored.append((r, row))
         ids += r.token_ids
         positions += range(r.start_pos, r.context_len)
         slots += _slots(r.block_table, r.start_pos, r.context_len, block_size)
@@ -82,6 +86,7 @@ def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cp
         attn=attn,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
         sampled_requests=sampled,
+        prompt_scored=scored,
     )
 
 

@@ -10,7 +10,7 @@ from pipeserve.config import ModelConfig
 from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.linear import NO_TP
-from pipeserve.layers.sampler import Sampler
+from pipeserve.layers.sampler import Sampler, score_tokens
 from pipeserve.loader.model_loader import load_model
 from pipeserve.models.llama import kv_head_range
 from pipeserve.timeline import StepRecord
@@ -54,6 +54,8 @@ class ModelRunner:
         if not self.stage.is_last:
             return out
         step = StepOutput(step_id=sched.step_id, virtual_engine=sched.virtual_engine)
+        if inp.prompt_scored:
+            self._score_prompts(out, inp, step)
         if not inp.sampled_requests:
             return step
         logits = self.model.compute_logits(out[inp.sample_rows])  # (S, vocab)
@@ -64,3 +66,13 @@ class ModelRunner:
                               [r.seen_token_ids for r in reqs])
         step.sampled = {r.req_id: t for r, t in zip(reqs, tokens, strict=True)}
         return step
+
+    def _score_prompts(self, hidden: torch.Tensor, inp, step: StepOutput) -> None:
+        """Prompt logprobs: each row of a scored chunk predicts the next prompt token (up to the last one)."""
+        for r, row in inp.prompt_scored:
+            prompt = r.prompt_token_ids
+            n = min(r.num_tokens, len(prompt) - 1 - r.start_pos)  # rows whose next token is a prompt token
+            logits = self.model.compute_logits(hidden[row: row + n])  # every TP rank takes part
+            if self.samples:
+                targets = prompt[r.start_pos + 1: r.start_pos + 1 + n]
+                step.prompt_logprobs[r.req_id] = (r.start_pos, score_tokens(logits, targets, r.prompt_logprobs))

@@ -22,6 +22,7 @@ class RequestStates:
         self._tables: dict[str, list[int]] = {}
         self._params: dict[str, SamplingParams] = {}
         self._seen: dict[str, list[int]] = {}
+        self._prompts: dict[str, list[int]] = {}  # requests that asked for prompt logprobs
         self._generation: int | None = None
 
     def __len__(self) -> int:
@@ -33,11 +34,13 @@ class RequestStates:
             self._tables.clear()
             self._params.clear()
             self._seen.clear()
+            self._prompts.clear()
             self._generation = generation
         for req_id in sched.finished_req_ids:
             self._tables.pop(req_id, None)
             self._params.pop(req_id, None)
             self._seen.pop(req_id, None)
+            self._prompts.pop(req_id, None)
         resolved = []
         for r in sched.requests:
             seen = None
@@ -48,6 +51,10 @@ class RequestStates:
                     seen = self._seen[r.req_id] = list(r.prefix_token_ids)
                 else:
                     self._seen.pop(r.req_id, None)
+                if r.prompt_token_ids is not None:
+                    self._prompts[r.req_id] = r.prompt_token_ids
+                else:
+                    self._prompts.pop(r.req_id, None)
             else:
                 table, params = self._tables.get(r.req_id), self._params.get(r.req_id)
                 if table is None:
@@ -58,6 +65,10 @@ class RequestStates:
             if seen is not None:
                 del seen[r.start_pos:]  # chunks of a step abandoned after it reached this stage are redone
                 seen.extend(r.token_ids)
+            prompt = self._prompts.get(r.req_id)
+            scores_prompt = prompt is not None and r.start_pos < len(prompt) - 1
             resolved.append(replace(r, block_table=table, sampling_params=params if r.samples else None, new=False,
-                                    prefix_token_ids=None, seen_token_ids=seen if r.samples else None))
+                                    prefix_token_ids=None, seen_token_ids=seen if r.samples else None,
+                                    prompt_token_ids=prompt if scores_prompt else None,
+                                    prompt_logprobs=params.prompt_logprobs if scores_prompt else None))
         return SchedulerOutput(sched.step_id, sched.virtual_engine, resolved)

@@ -20,6 +20,13 @@ from pipeserve.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLi
 from pipeserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from pipeserve.entrypoints.openai.serving_chat import ChatServing
 from pipeserve.entrypoints.openai.serving_completion import CompletionServing
+from pipeserve.entrypoints.openai.serving_tokenization import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizationServing,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from pipeserve.entrypoints.openai.streams import DEFAULT_SSE_KEEPALIVE_S
 
 logger = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ def build_app(engine: AsyncEngine, settings: ServeSettings,
     chats = ChatServing(engine, metrics, settings.served_model_names, settings.sse_keepalive_s)
     install_error_handlers(app)
     _add_routes(app, engine, settings, metrics, completions, chats)
+    _add_tokenizer_routes(app, TokenizationServing(engine, settings.served_model_names))
     # Added last = outermost: the key is checked before the body is buffered.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:
@@ -111,6 +119,18 @@ def _add_routes(app: FastAPI, engine: AsyncEngine, settings: ServeSettings, metr
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": __version__}
+
+
+def _add_tokenizer_routes(app: FastAPI, serving: TokenizationServing) -> None:
+    """vLLM's extra endpoints (not under /v1, as in vLLM)."""
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return serving.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return serving.detokenize(body)
 
 
 ENGINE_WATCH_S = 0.5

@@ -115,6 +115,12 @@ class CompletionRequest(SamplingFields):
             raise APIError(f"best_of must equal n ({self.n}): choosing the best of more samples is not supported",
                            param="best_of")
 
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        params = super().sampling_params(max_tokens, logprobs)
+        if self.echo and logprobs is not None:  # echoed prompt tokens come with their logprobs too
+            params.prompt_logprobs = logprobs
+        return params
+
     def prompts(self) -> list[str | list[int]]:
         """The batch: one text or token-id list per prompt."""
         p = self.prompt
