@@ -100,6 +100,25 @@ def test_logit_bias_and_penalties(served):
     assert penalized.choices[0].text != plain.choices[0].text
 
 
+def test_prefix_cache_through_the_client(served):
+    _, client, _ = served
+    prompt = "You are a careful assistant. " * 12
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body={"cache_salt": "a"})
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body={"cache_salt": "a"})
+    other = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body={"cache_salt": "b"})
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_unsupported_fields_are_clear_errors(served):
+    _, client, _ = served
+    for kwargs, param in ((dict(suffix="end"), "suffix"), (dict(best_of=3), "best_of")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2, **kwargs)
+        assert err.value.body["param"] == param
+
+
 def test_tokenize_and_detokenize(served):
     http, _, tok = served
     r = http.post("/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()

@@ -134,6 +134,7 @@ def test_malformed_request(client, name, path, body, status, param, fragment):
     assert err["param"] == param, err
     assert fragment in err["message"], err
     assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert client.post(CMPL, json={**OK, "max_tokens": 1}).status_code == 200  # and the server goes on serving
 
 
 def test_good_requests_of_every_role_still_pass(client):

@@ -220,7 +220,7 @@ class AsyncEngine:
         tracked = self._tracked.get(req.request_id)
         if tracked is None:
             return
-        if req.sampling_params.stop_strings:  # the text is needed now: a stop string ends the request
+        if req.stop_strings:  # the text is needed now: a stop string ends the request
             stop = self.outputs.new_token(req)
             if stop is not None:
                 scheduler.finish_stopped(req, stop)

@@ -18,7 +18,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
 
 
 class Request:
@@ -31,7 +34,8 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.max_tokens = max_tokens  # resolved: never None here
-        self.output_token_ids: list[int] = []
+        self.output_token_ids: list[int] = []  # appended only through append_output (keeps num_tokens)
+        self.num_tokens = len(self.prompt_token_ids)  # prompt + outputs: read on every step, so kept, not counted
         self.output_logprobs: list[SampledToken] = []
         # With prompt_logprobs: entry i scores prompt token i + 1 (the first prompt token has none).
         self.prompt_logprobs: list[SampledToken] = []
@@ -55,10 +59,13 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.num_cached_tokens: int | None = None
         self.held_for: Request | None = None  # queued only once this sibling has computed the shared prompt
+        self.stop_ids: frozenset[int] = frozenset()  # set by the scheduler: tokens that may end it
+        self.length_limit = len(self.prompt_token_ids) + max_tokens  # (and max_model_len, by the scheduler)
+        self.stop_strings = sampling_params.stop_strings
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.num_tokens += 1
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -41,13 +41,13 @@ class Scheduler:
                  virtual_engine: int = 0):
         self.config = config
         self.block_manager = block_manager
-        self.eos_token_ids = set(eos_token_ids)
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.virtual_engine = virtual_engine
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        # step id -> {req_id: (tokens planned, request epoch when planned)}, for every step in flight
-        self._in_flight: dict[int, dict[str, tuple[int, int]]] = {}
+        # step id -> {req_id: (request, tokens planned, its epoch when planned)}, for every step in flight
+        self._in_flight: dict[int, dict[str, tuple[Request, int, int]]] = {}
         self._next_step = 0
         self._finished_ids: list[str] = []  # requests the stages hold state for that ended: sent with the next step
         self._held: list[Request] = []  # choices waiting for a sibling to compute their shared prompt
@@ -65,6 +65,10 @@ class Scheduler:
         """Queue a request. `after`: a sibling with the same prompt (another choice of an n > 1 request); with
         prefix caching this one waits until the sibling has computed the prompt, then reuses its full blocks."""
         self.requests[req.request_id] = req
+        # What update checks per token: ids that may stop it, and the length (max_tokens, max_model_len).
+        params = req.sampling_params
+        req.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        req.length_limit = min(len(req.prompt_token_ids) + req.max_tokens, self.config.max_model_len)
         if after is not None and self.block_manager.enable_prefix_caching and \
                 len(req.prompt_token_ids) > self.block_manager.block_size:
             req.held_for = after
@@ -109,7 +113,7 @@ class Scheduler:
         if self._held:
             self._release_held()
         budget = self.config.max_num_batched_tokens
-        planned: dict[str, int] = {}
+        planned: dict[str, tuple[Request, int]] = {}
         budget = self._schedule_running(budget, planned)
         self._schedule_waiting(budget, planned)
         out = SchedulerOutput(step_id=self._next_step, virtual_engine=self.virtual_engine)
@@ -117,40 +121,42 @@ class Scheduler:
             return out
         self._next_step += 1
         out.finished_req_ids, self._finished_ids = self._finished_ids, []
-        for req_id, n in planned.items():
-            req = self.requests[req_id]
-            out.requests.append(self._scheduled_request(req, n))
+        entries, in_flight = out.requests, {}
+        for req_id, (req, n) in planned.items():
+            entries.append(self._scheduled_request(req, n))
             req.num_inflight_tokens += n
-        self._in_flight[out.step_id] = {req_id: (n, self.requests[req_id].epoch) for req_id, n in planned.items()}
+            in_flight[req_id] = (req, n, req.epoch)
+        self._in_flight[out.step_id] = in_flight
         self.max_steps_in_flight = max(self.max_steps_in_flight, len(self._in_flight))
         return out
 
-    def _schedule_running(self, budget: int, planned: dict[str, int]) -> int:
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            start = req.num_planned_tokens
+    def _schedule_running(self, budget: int, planned: dict[str, tuple[Request, int]]) -> int:
+        i, running, allocate = 0, self.running, self.block_manager.allocate
+        while i < len(running) and budget > 0:
+            req = running[i]
+            start = req.num_computed_tokens + req.num_inflight_tokens
             if start >= req.num_tokens or (req.num_failed_steps and self._has_suspect(planned)):
                 i += 1  # waiting for its sampled token, or a suspect where the step already has one
                 continue
             n = min(req.num_tokens - start, budget)
             if start < req.kv_held_tokens:  # a catch-up chunk never runs past the held KV
                 n = min(n, req.kv_held_tokens - start)
-            while not self.block_manager.allocate(req.request_id, start + n):
-                victim = self.running[-1]
+            while not allocate(req.request_id, start + n):
+                victim = running[-1]
                 self._preempt(victim)  # the newest: never one already planned in this step (they come first)
                 if victim is req:
                     break
             else:
-                planned[req.request_id] = n
+                planned[req.request_id] = (req, n)
                 budget -= n
                 i += 1
         return budget
 
-    def _has_suspect(self, planned: dict[str, int]) -> bool:
-        return any(self.requests[r].num_failed_steps for r in planned)
+    @staticmethod
+    def _has_suspect(planned: dict[str, tuple[Request, int]]) -> bool:
+        return any(req.num_failed_steps for req, _ in planned.values())
 
-    def _schedule_waiting(self, budget: int, planned: dict[str, int]) -> None:
+    def _schedule_waiting(self, budget: int, planned: dict[str, tuple[Request, int]]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.num_failed_steps and self._has_suspect(planned):
@@ -168,7 +174,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            planned[req.request_id] = n
+            planned[req.request_id] = (req, n)
             budget -= n
 
     def _take_cached_prefix(self, req: Request) -> int:
@@ -230,7 +236,7 @@ class Scheduler:
         self._in_flight.clear()
         for req_id in in_flight:
             req = self.requests.get(req_id)
-            if req is None:
+            if req is None:  # finished or aborted since
                 continue
             req.forget_in_flight()
             if not lost:
@@ -265,27 +271,31 @@ class Scheduler:
 
     def _scheduled_request(self, req: Request, n: int) -> ScheduledRequest:
         """The request's plan entry: whole if the stages do not know it, else only its new blocks."""
-        start = req.num_planned_tokens
-        catching_up = start < req.kv_held_tokens
+        start = req.num_computed_tokens + req.num_inflight_tokens
         table = self.block_manager.block_tables[req.request_id]
+        num_outputs = req.num_tokens - len(req.prompt_token_ids)
+        if n == 1 and start == req.num_tokens - 1 and num_outputs and req.blocks_sent is not None \
+                and not req.kv_held_tokens:
+            # The common case, a decode of a request the stages know: its last output token, new blocks only.
+            sent, req.blocks_sent = req.blocks_sent, len(table)
+            return ScheduledRequest(req.request_id, [req.output_token_ids[-1]], start, table[sent:], None,
+                                    num_outputs, None, False, True)
         new = req.blocks_sent is None
         blocks = list(table) if new else table[req.blocks_sent:]
         req.blocks_sent = len(table)
         params = req.sampling_params
-        prefix = req.token_ids_from(0, start) if new and params.penalized else None
-        whole_prompt = req.prompt_token_ids if new and params.prompt_logprobs is not None else None
         return ScheduledRequest(
             req_id=req.request_id,
             token_ids=req.token_ids_from(start, n),
             start_pos=start,
             block_table=blocks,
-            sampling_params=req.sampling_params if new else None,
-            num_output_tokens=req.num_output_tokens,
-            last_stage=req.catch_up_stage if catching_up else None,
+            sampling_params=params if new else None,
+            num_output_tokens=num_outputs,
+            last_stage=req.catch_up_stage if start < req.kv_held_tokens else None,
             new=new,
             samples=start + n == req.num_tokens,
-            prefix_token_ids=prefix,
-            prompt_token_ids=whole_prompt,
+            prefix_token_ids=req.token_ids_from(0, start) if new and params.penalized else None,
+            prompt_token_ids=req.prompt_token_ids if new and params.prompt_logprobs is not None else None,
         )
 
     def _stages_forget(self, req: Request) -> None:
@@ -310,37 +320,43 @@ class Scheduler:
         that received a new token."""
         assert step.step_id == min(self._in_flight), "step results are applied in the order they were planned"
         advanced = []
-        for req_id, (n, epoch) in self._in_flight.pop(step.step_id).items():
-            req = self.requests.get(req_id)
-            if req is None or req.status != RequestStatus.RUNNING or req.epoch != epoch:
+        caching, block_size, sampled_tokens = self.block_manager.enable_prefix_caching, self.block_manager.block_size, \
+            step.sampled
+        for req_id, (req, n, epoch) in self._in_flight.pop(step.step_id).items():
+            if req.epoch != epoch or req.status is not RequestStatus.RUNNING:
                 continue  # aborted, or preempted (and perhaps planned afresh) while this step was in flight
             req.num_inflight_tokens -= n
-            req.num_computed_tokens += n
+            computed = req.num_computed_tokens = req.num_computed_tokens + n
             req.num_failed_steps = 0
-            if req.num_computed_tokens >= req.kv_held_tokens:
+            if req.kv_held_tokens and computed >= req.kv_held_tokens:
                 req.stop_catching_up()
-            if self.block_manager.enable_prefix_caching:
+            if caching and (n > 1 or computed % block_size == 0):  # a block may have filled up
                 self._cache_computed_blocks(req)
             if step.prompt_logprobs:
                 _record_prompt_logprobs(req, step.prompt_logprobs.get(req_id))
-            sampled = step.sampled.get(req_id)
+            sampled = sampled_tokens.get(req_id)
             if sampled is None:
                 continue
-            req.output_token_ids.append(sampled.token_id)
-            if req.sampling_params.logprobs is not None:  # kept only when asked: one object per token adds up
+            token = sampled.token_id
+            req.append_output(token)
+            params = req.sampling_params
+            if params.logprobs is not None:  # kept only when asked: one object per token adds up
                 req.output_logprobs.append(sampled)
-            self._check_stop(req, sampled.token_id)
+            if token in req.stop_ids or req.num_tokens >= req.length_limit:
+                self._check_stop(req, token)
             advanced.append(req)
         return advanced
 
     def _check_stop(self, req: Request, token: int) -> None:
+        """The token may end the request (update checks `stop_ids` and `length_limit` first, cheaply)."""
         params = req.sampling_params
-        if req.num_output_tokens >= params.min_tokens:
+        num_outputs = req.num_tokens - len(req.prompt_token_ids)
+        if num_outputs >= params.min_tokens:
             if token in params.stop_token_ids:
                 return self._finish(req, RequestStatus.FINISHED_STOPPED, token)
             if not params.ignore_eos and token in self.eos_token_ids:
                 return self._finish(req, RequestStatus.FINISHED_STOPPED, None)
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if req.num_tokens >= req.length_limit:
             self._finish(req, RequestStatus.FINISHED_LENGTH)
 
     def finish_stopped(self, req: Request, stop_reason: str) -> None:
