@@ -13,7 +13,7 @@ import torch
 from pipeserve.sampling_params import SamplingParams
 
 
-@dataclass(slots=True)  # one per request per step: slots make them cheaper to build and to pickle
+@dataclass
 class ScheduledRequest:
     """One request's share of a step: which tokens to compute, where their KV goes, whether to sample.
 

@@ -54,6 +54,8 @@ class RequestStream:
         self._ready.set()
 
     def _build(self) -> RequestOutput:
+        if len(self.children) == 1:  # the common case: the request's own output is the stream's (same id)
+            return self._engine.outputs.output(self.children[0])
         completions = []
         for i, req in enumerate(self.children):
             c = self._done.get(i)
