@@ -166,6 +166,9 @@ class ParallelConfig:
     max_stage_restarts: int = 3  # recoveries allowed within restart_window_s; past that a failure is final
     restart_window_s: float = 600.0
     node_rejoin_timeout_s: float = 60.0  # how long a recovery waits for a lost machine's `pipeserve worker`
+    distributed_executor_backend: str = "mp"  # mp: our own processes and node agents; ray: Ray actors
+    ray_address: str | None = None  # the Ray cluster to join (None: $RAY_ADDRESS, else a local one)
+    ray_cpus_per_rank: float = 1.0  # logical CPUs each rank's actor reserves
 
     @property
     def world_size(self) -> int:

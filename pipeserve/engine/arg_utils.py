@@ -52,6 +52,9 @@ class EngineArgs:
     restart_window_s: float = 600.0
     node_rejoin_timeout_s: float = 60.0
     trace_file: str | None = None
+    distributed_executor_backend: str = "mp"
+    ray_address: str | None = None
+    ray_cpus_per_rank: float = 1.0
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -102,12 +105,15 @@ class EngineArgs:
             raise ValueError(f"threads_per_worker must be >= 1, got {threads}")
         self._check_nodes(pp * tp, tp)
         self._check_recovery()
+        self._check_backend()
         return ParallelConfig(pipeline_parallel_size=pp, tensor_parallel_size=tp, stage_layers=tuple(sizes),
                               threads_per_worker=threads, device=device, master_addr=self.master_addr,
                               master_port=self.master_port, nnodes=self.nnodes, cluster_key=self.cluster_key,
                               join_timeout_s=self.join_timeout_s, step_timeout_s=self.step_timeout_s,
                               max_stage_restarts=self.max_stage_restarts, restart_window_s=self.restart_window_s,
-                              node_rejoin_timeout_s=self.node_rejoin_timeout_s)
+                              node_rejoin_timeout_s=self.node_rejoin_timeout_s,
+                              distributed_executor_backend=self.distributed_executor_backend,
+                              ray_address=self.ray_address, ray_cpus_per_rank=self.ray_cpus_per_rank)
 
     def _check_recovery(self) -> None:
         for name in ("step_timeout_s", "restart_window_s", "node_rejoin_timeout_s", "join_timeout_s"):
@@ -115,6 +121,20 @@ class EngineArgs:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_stage_restarts < 0:
             raise ValueError(f"max_stage_restarts must be >= 0, got {self.max_stage_restarts}")
+
+    def _check_backend(self) -> None:
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', got "
+                             f"{self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "mp":
+            if self.ray_address is not None:
+                raise ValueError("ray_address is only used with distributed_executor_backend='ray'")
+            return
+        if self.nnodes != 1 or self.node_rank != 0:
+            raise ValueError("--nnodes/--node-rank are not used with the ray backend: Ray places the ranks on "
+                             "the cluster's machines (start Ray on each machine instead of `pipeserve worker`)")
+        if self.ray_cpus_per_rank <= 0:
+            raise ValueError(f"ray_cpus_per_rank must be > 0, got {self.ray_cpus_per_rank}")
 
     def _check_nodes(self, world: int, tp: int) -> None:
         """Multi-machine layouts: the engine is node 0, ranks split evenly, and TP stays inside a node."""

@@ -45,6 +45,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                    help="steps one virtual engine may have in the pipeline at once (default: one per stage); "
                         "a long prompt's chunks fill the pipeline up to this")
     add_cluster_flags(p)
+    p.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=d.distributed_executor_backend,
+                   help="mp (default): pipeserve starts the stage processes (and `pipeserve worker` on other "
+                        "machines); ray: one Ray actor per rank on a Ray cluster (pip install 'pipeserve[ray]')")
+    p.add_argument("--ray-address", default=d.ray_address,
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, else a local one-machine cluster)")
+    p.add_argument("--ray-cpus-per-rank", type=float, default=d.ray_cpus_per_rank,
+                   help="logical CPUs each rank's Ray actor reserves (default 1)")
     r = parser.add_argument_group("failures")
     r.add_argument("--step-timeout-s", type=float, default=d.step_timeout_s,
                    help="a step without a result this long means a stuck stage, which is replaced (the first steps "

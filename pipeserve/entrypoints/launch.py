@@ -24,13 +24,14 @@ def local_ranks(argv: list[str]) -> int:
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", default="mp")
     p.add_argument("-h", "--help", action="store_true")
     try:
         args, _ = p.parse_known_args(argv[1:])
     except SystemExit:  # a malformed flag: let the CLI report it
         return 0
     world = args.pipeline_parallel_size * args.tensor_parallel_size
-    if args.help or args.nnodes != 1 or world < 2 or world > 64:
+    if args.help or args.nnodes != 1 or world < 2 or world > 64 or args.distributed_executor_backend != "mp":
         return 0
     return world
 

@@ -11,8 +11,9 @@ logger = logging.getLogger(__name__)
 
 
 def create_executor(config: EngineConfig, offload: bool = False) -> Executor:
-    """One process for PP=1 x TP=1; one process per (stage, TP rank) otherwise."""
-    if config.parallel.world_size == 1:
+    """One process for PP=1 x TP=1; one process per (stage, TP rank) otherwise, and always with Ray (whose
+    actors run where the cluster has room, not in this process)."""
+    if config.parallel.world_size == 1 and config.parallel.distributed_executor_backend == "mp":
         from pipeserve.executor.uniproc import UniProcExecutor
 
         return UniProcExecutor(config, offload=offload)

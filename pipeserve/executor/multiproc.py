@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import queue
 import secrets
+import socket
 import threading
 import time
 from multiprocessing.connection import Connection, wait
@@ -47,7 +49,7 @@ from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor, StepInterrupted
 from pipeserve.executor.control_listener import ControlListener, host_store
 from pipeserve.executor.formation import FormationInterrupted, GroupFormation, StageFailure
-from pipeserve.executor.rank_launcher import ClusterLauncher
+from pipeserve.executor.rank_launcher import ClusterLauncher, RankLauncher
 from pipeserve.executor.rank_table import RankTable
 from pipeserve.executor.recovery_log import RecoveryLog, RecoverySpan, RestartBudget
 from pipeserve.types import SchedulerOutput, StepOutput
@@ -68,8 +70,14 @@ class MultiprocExecutor(Executor):
         par = config.parallel
         self.config, self.tp_size = config, par.tensor_parallel_size
         world = len(stages) * self.tp_size
-        self.store = host_store(par.master_addr, par.master_port, par.distributed_timeout_s)
-        self.specs = [WorkerSpec(config, stages[r // self.tp_size], r, world, par.master_addr, self.store.port)
+        master_addr, listen = par.master_addr, control_address(par.master_addr, par.master_port, par.nnodes)
+        if par.distributed_executor_backend == "ray":
+            from pipeserve.executor.ray_launcher import connect_ray
+
+            master_addr = connect_ray(par.ray_address, par.master_addr)
+            listen = (master_addr, 0)  # the actors may run on other machines: listen where they can reach
+        self.store = host_store(master_addr, par.master_port, par.distributed_timeout_s)
+        self.specs = [WorkerSpec(config, stages[r // self.tp_size], r, world, master_addr, self.store.port)
                       for r in range(world)]
         self.table = RankTable(world)
         self.generation = 0
@@ -83,10 +91,8 @@ class MultiprocExecutor(Executor):
         self._busy: dict[int, float] = {}
         self._closed = False
         authkey = par.cluster_key.encode() if par.cluster_key else secrets.token_bytes(32)
-        self._listener = ControlListener(control_address(par.master_addr, par.master_port, par.nnodes), authkey,
-                                         world, self._rank_connected, self._agent_connected)
-        self.launcher = ClusterLauncher(self._listener.address, authkey, par.master_addr, world, par.nnodes,
-                                        par.node_rejoin_timeout_s)
+        self._listener = ControlListener(listen, authkey, world, self._rank_connected, self._agent_connected)
+        self.launcher = self._launcher(authkey, world)
         self.formation = GroupFormation(self.table, self.launcher, self.specs, self.who, par.join_timeout_s)
         threading.Thread(target=self._monitor_loop, name="pipeserve-monitor", daemon=True).start()
         try:
@@ -98,6 +104,19 @@ class MultiprocExecutor(Executor):
             self.shutdown()
             raise
         self.state = "running"
+
+    def _launcher(self, authkey: bytes, world: int) -> RankLauncher:
+        par = self.config.parallel
+        if par.distributed_executor_backend == "ray":
+            from pipeserve.executor.ray_launcher import RayLauncher
+
+            name = f"pipeserve-{socket.gethostname()}-{par.master_port or os.getpid()}"
+            return RayLauncher(self._listener.address, authkey, world, self.tp_size,
+                               cpus_per_rank=par.ray_cpus_per_rank,
+                               gpus_per_rank=1.0 if par.device.startswith("cuda") else 0.0,
+                               ready_timeout_s=par.join_timeout_s, name=name)
+        return ClusterLauncher(self._listener.address, authkey, par.master_addr, world, par.nnodes,
+                               par.node_rejoin_timeout_s)
 
     def who(self, rank: int) -> str:
         """A rank as a person reads it: its pipeline stage, and its TP rank where there is TP."""
