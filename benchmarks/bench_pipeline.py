@@ -22,7 +22,7 @@ import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import add_workload_flags, run_to_json, write_report
+from common import add_workload_flags, busy_cell, run_to_json, write_report
 
 CONFIGS = {  # name -> extra `pipeserve bench throughput` flags
     "pp1": ["-pp", "1", "--threads-per-worker", "1"],
@@ -110,7 +110,7 @@ def main() -> None:
     ]
     for n, rs in runs.items():
         last = rs[-1]
-        busy = " / ".join(f"{b:.0%}" for b in last["stage_busy_fraction"])
+        busy = busy_cell(last["stage_busy_fraction"])
         lines.append(f"| {n} ({' '.join(CONFIGS[n])}) | {median[n]:.1f} | {busy} | "
                      f"{last['pipeline_bubble_fraction']:.0%} |")
     lines += ["", "| comparison | ratio |", "|---|---:|"]

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from common import WORKER_RESULT, run_worker, write_report
+from common import WORKER_RESULT, busy_cell, run_worker, write_report
 
 CONFIGS = {"caching on": True, "caching off": False}
 
@@ -99,7 +99,7 @@ def main() -> None:
     ]
     for name, rs in runs.items():
         last = rs[-1]
-        busy = " / ".join(f"{b:.0%}" for b in last["stage_busy_fraction"])
+        busy = busy_cell(last["stage_busy_fraction"])
         lines.append(f"| {name} | {med[name]['output_tokens_per_s']:.1f} | {med[name]['ttft_median_s']:.1f} | "
                      f"{med[name]['ttft_p90_s']:.1f} | {last['cached_prompt_tokens']} of {last['prompt_tokens']} | "
                      f"{busy} |")

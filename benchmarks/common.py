@@ -48,6 +48,11 @@ def write_report(text: str, markdown: str | None, output_json: str | None, data:
             json.dump(data, f, indent=2)
 
 
+def busy_cell(fractions: list[float]) -> str:
+    """Each stage's busy fraction, as a table cell: "91% / 98%"."""
+    return " / ".join(f"{b:.0%}" for b in fractions)
+
+
 WORKER_RESULT = "BENCH_RESULT "  # a worker prints its JSON result on a line starting with this
 
 

@@ -50,9 +50,6 @@ class BlockManager:
         """Free blocks whose KV is cached for reuse; taken only when no other block is free."""
         return self._num_evictable
 
-    def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     def allocate(self, req_id: str, num_tokens: int) -> bool:
         """Grow the request's table to hold `num_tokens`; False (and no change) if the pool is short."""
         table = self.block_tables.setdefault(req_id, [])

@@ -23,12 +23,14 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any | None):
         self.tokenizer = tokenizer
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._prompt_lps: dict[str, list] = {}  # requests' prompt logprobs, once complete
 
     def add(self, req: Request) -> None:
         self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.sampling_params.skip_special_tokens)
 
     def remove(self, request_id: str) -> None:
         self._detok.pop(request_id, None)
+        self._prompt_lps.pop(request_id, None)
 
     def __len__(self) -> int:
         return len(self._detok)
@@ -70,16 +72,21 @@ class OutputProcessor:
         if params.logprobs is not None:
             completion.logprobs = [self._logprob_dict(s) for s in req.output_logprobs]
             completion.cumulative_logprob = sum(s.logprob for s in req.output_logprobs)
+        prompt_logprobs = self._prompt_logprobs(req)
         if finished:
             self.remove(req.request_id)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], finished=finished,
-                             num_cached_tokens=req.num_cached_tokens, prompt_logprobs=self._prompt_logprobs(req))
+                             num_cached_tokens=req.num_cached_tokens, prompt_logprobs=prompt_logprobs)
 
     def _prompt_logprobs(self, req: Request) -> list[dict[int, Logprob] | None] | None:
-        """[None (the first token has none), then one dict per prompt token], once every one is scored."""
+        """[None (the first token has none), then one dict per prompt token], once every one is scored (built
+        once: a streamed request is read every step)."""
         if req.sampling_params.prompt_logprobs is None or len(req.prompt_logprobs) < len(req.prompt_token_ids) - 1:
             return None
-        return [None] + [self._logprob_dict(s) for s in req.prompt_logprobs]
+        built = self._prompt_lps.get(req.request_id)
+        if built is None:
+            built = self._prompt_lps[req.request_id] = [None] + [self._logprob_dict(s) for s in req.prompt_logprobs]
+        return built
 
     def _logprob_dict(self, sampled: SampledToken) -> dict[int, Logprob]:
         decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)

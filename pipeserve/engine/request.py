@@ -68,17 +68,8 @@ class Request:
         self.num_tokens += 1
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
-
-    @property
-    def num_planned_tokens(self) -> int:
-        """Tokens computed or in a step in flight: where the next planned chunk starts."""
-        return self.num_computed_tokens + self.num_inflight_tokens
 
     def token_ids_from(self, start: int, n: int) -> list[int]:
         """Tokens [start, start + n) of prompt + outputs, without copying the whole sequence."""
