@@ -16,7 +16,8 @@ from pipeserve import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
-import ray  # noqa: E402 - the test extra pins it (pyproject.toml)
+# `make test` installs Ray (the test extra pins it); a machine without it skips these, as the issue asks.
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'pipeserve[ray]'")
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(3, 40)), [100], list(range(50, 120))]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -81,35 +82,6 @@ def test_placement_that_cannot_be_met_names_the_resources(tiny_models):
         LLM(tiny_models["gqa"], dtype="float32", pipeline_parallel_size=2, join_timeout_s=3,
             **{**RAY_KWARGS, "ray_cpus_per_rank": 64.0})
     assert leftovers() == ([], [])
-
-
-def test_ray_backend_flags_that_do_not_apply_are_errors(tiny_models):
-    with pytest.raises(ValueError, match="not used with the ray backend"):
-        LLM(tiny_models["gqa"], pipeline_parallel_size=2, nnodes=2, master_port=29999, cluster_key="k", **RAY_KWARGS)
-    with pytest.raises(ValueError, match="distributed_executor_backend must be"):
-        LLM(tiny_models["gqa"], distributed_executor_backend="slurm")
-
-
-def test_missing_ray_is_a_clear_error(monkeypatch):
-    from pipeserve.executor.ray_launcher import import_ray
-
-    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
-    with pytest.raises(RuntimeError, match=r"pip install 'pipeserve\[ray\]'"):
-        import_ray()
-
-
-def test_cli_flags_reach_the_engine_and_skip_prewarmed_processes():
-    from pipeserve.entrypoints.cli import build_parser
-    from pipeserve.entrypoints.engine_flags import engine_kwargs
-    from pipeserve.entrypoints.launch import local_ranks
-
-    argv = ["serve", "-pp", "2", "--distributed-executor-backend", "ray", "--ray-address", "auto",
-            "--ray-cpus-per-rank", "0.5"]
-    kwargs = engine_kwargs(build_parser().parse_args(argv))
-    assert (kwargs["distributed_executor_backend"], kwargs["ray_address"], kwargs["ray_cpus_per_rank"]) == \
-        ("ray", "auto", 0.5)
-    assert local_ranks(argv) == 0  # Ray starts the ranks: no stage process is forked here
-    assert local_ranks(argv[:3]) == 2
 
 
 def test_engine_starts_its_own_local_cluster_when_none_is_running(tiny_models):
