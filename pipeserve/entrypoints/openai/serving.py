@@ -8,6 +8,7 @@ choice j has index p * n + j.
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
 import uuid
@@ -63,7 +64,7 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class OpenAIServing:
+class OpenAIServing(abc.ABC):
     """Turns validated request bodies into engine requests and their outputs into OpenAI bodies; every
     check raises an APIError."""
 
@@ -83,24 +84,26 @@ class OpenAIServing:
 
     # ---- what each endpoint says -----------------------------------------------------------------------
 
+    @abc.abstractmethod
     def prompts(self, req: Any) -> list[Prompt]:
-        raise NotImplementedError
+        """The request's prompts, as token ids (and text where there is one)."""
 
+    @abc.abstractmethod
     def limits(self, req: Any) -> tuple[int | None, int | None]:
         """(max_tokens, logprobs) as the engine takes them."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def response(self, req: Any, request_id: str, prompts: list[Prompt], finals: list[RequestOutput]) -> BaseModel:
-        raise NotImplementedError
+        """The whole (non-streamed) answer."""
 
     def first_choices(self, req: Any, num_choices: int) -> list[dict[str, Any]]:
         """Choices of a first chunk sent before any token (chat: the assistant role)."""
         return []
 
+    @abc.abstractmethod
     def choice_delta(self, req: Any, prompt: Prompt, out: RequestOutput, c: CompletionOutput, sent: SentSoFar,
                      index: int) -> dict[str, Any] | None:
         """One choice's new text since `sent` (updating it); None when nothing is new."""
-        raise NotImplementedError
 
     # ---- the shared path -----------------------------------------------------------------------------
 
