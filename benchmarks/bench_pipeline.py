@@ -37,6 +37,8 @@ CONFIGS = {  # name -> extra `pipeserve bench throughput` flags
     "pp2_3ve": ["-pp", "2", "--threads-per-worker", "1", "--num-virtual-engines", "3"],
     # two PP=1 engines side by side, half the prompts each (see run_data_parallel)
     "dp2": ["-pp", "1", "--threads-per-worker", "1"],
+    # the stages as Ray actors on a local one-machine Ray cluster the engine starts
+    "pp2_ray": ["-pp", "2", "--threads-per-worker", "1", "--distributed-executor-backend", "ray"],
 }
 DATA_PARALLEL = {"dp2": 2}  # configuration -> how many independent engines share the prompts
 COMPARISONS = [  # (label, numerator, denominator)
@@ -50,6 +52,7 @@ COMPARISONS = [  # (label, numerator, denominator)
     ("PP=2: 3 virtual engines vs 2", "pp2_3ve", "pp2"),
     ("two independent PP=1 engines vs one (the machine's ceiling for two processes)", "dp2", "pp1"),
     ("PP=2 vs that ceiling", "pp2", "dp2"),
+    ("PP=2: Ray actors vs pipeserve's own processes", "pp2_ray", "pp2"),
 ]
 
 
