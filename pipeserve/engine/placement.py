@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeserve.engine.block_hashing import extend_block_hashes
-
 if TYPE_CHECKING:
     from pipeserve.engine.request import Request
     from pipeserve.engine.scheduler import Scheduler
@@ -32,7 +30,7 @@ def choose_virtual_engine(schedulers: list[Scheduler], req: Request) -> int:
     if len(schedulers) == 1 or not bm.enable_prefix_caching:
         return by_load
     limit = len(req.prompt_token_ids) - 1  # the last prompt token is always computed
-    hashes = extend_block_hashes(req.block_hashes, req.token_ids_from, limit, bm.block_size, req.cache_salt)
+    hashes = req.full_block_hashes(limit, bm.block_size)
     bound = max(least + AFFINITY_SLACK, least * AFFINITY_RATIO)
     best, best_hit = by_load, schedulers[by_load].block_manager.longest_cached_prefix(hashes, limit)
     for ve, s in enumerate(schedulers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from pipeserve.engine.block_hashing import extend_block_hashes
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import SampledToken
 
@@ -70,6 +71,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    def full_block_hashes(self, num_tokens: int, block_size: int) -> list[bytes]:
+        """The prefix-cache hashes of the full blocks among its first `num_tokens` tokens (computed once, kept)."""
+        return extend_block_hashes(self.block_hashes, self.token_ids_from, num_tokens, block_size, self.cache_salt)
 
     def token_ids_from(self, start: int, n: int) -> list[int]:
         """Tokens [start, start + n) of prompt + outputs, without copying the whole sequence."""

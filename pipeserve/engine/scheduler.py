@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections import deque
 
 from pipeserve.config import SchedulerConfig
-from pipeserve.engine.block_hashing import extend_block_hashes
 from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.types import ScheduledRequest, SchedulerOutput, StepOutput
@@ -183,8 +182,7 @@ class Scheduler:
         if not self.block_manager.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
             return 0  # (cached blocks hold KV, not the logits prompt logprobs need)
         limit = req.num_tokens - 1
-        hashes = extend_block_hashes(req.block_hashes, req.token_ids_from, limit, self.block_manager.block_size,
-                                     req.cache_salt)
+        hashes = req.full_block_hashes(limit, self.block_manager.block_size)
         return self.block_manager.take_cached_prefix(req.request_id, hashes, limit)
 
     def _admitted(self, req: Request, cached: int) -> None:
@@ -200,9 +198,7 @@ class Scheduler:
         bm = self.block_manager
         full = req.num_computed_tokens // bm.block_size
         if full > bm.num_registered_blocks(req.request_id):
-            hashes = extend_block_hashes(req.block_hashes, req.token_ids_from, full * bm.block_size,
-                                         bm.block_size, req.cache_salt)
-            bm.cache_full_blocks(req.request_id, hashes[:full])
+            bm.cache_full_blocks(req.request_id, req.full_block_hashes(full * bm.block_size, bm.block_size)[:full])
 
     def reset_prefix_cache(self) -> None:
         """Stages lost their KV: no cached prefix may be reused (blocks in use register again as their
