@@ -88,6 +88,12 @@ def run_data_parallel(name: str, args: argparse.Namespace) -> dict:
     }
 
 
+def cpu_per_step(runs: list[dict], key: str) -> str:
+    """Median CPU milliseconds per pipeline step over the runs, as a table cell ("-" where not measured)."""
+    per_step = [1e3 * r[key] / r["num_steps"] for r in runs if r.get(key) is not None and r.get("num_steps")]
+    return f"{statistics.median(per_step):.2f}" if per_step else "-"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_flags(p, num_prompts=32)
@@ -108,14 +114,16 @@ def main() -> None:
         f"Workload: {args.num_prompts} prompts of {args.input_len} random tokens, {args.output_len} output tokens "
         f"each, max model len {args.max_model_len}, dtype {args.dtype}; median of {args.repeats} alternating runs.",
         "",
-        "| configuration | output tok/s | stage busy | bubble |",
-        "|---|---:|---|---:|",
+        "| configuration | output tok/s | per run | stage busy | bubble | engine CPU ms/step | machine CPU ms/step |",
+        "|---|---:|---|---|---:|---:|---:|",
     ]
     for n, rs in runs.items():
         last = rs[-1]
         busy = busy_cell(last["stage_busy_fraction"])
-        lines.append(f"| {n} ({' '.join(CONFIGS[n])}) | {median[n]:.1f} | {busy} | "
-                     f"{last['pipeline_bubble_fraction']:.0%} |")
+        per_run = ", ".join(f"{x['output_tokens_per_s']:.1f}" for x in rs)
+        lines.append(f"| {n} ({' '.join(CONFIGS[n])}) | {median[n]:.1f} | {per_run} | {busy} | "
+                     f"{last['pipeline_bubble_fraction']:.0%} | {cpu_per_step(rs, 'engine_process_cpu_s')} | "
+                     f"{cpu_per_step(rs, 'machine_cpu_s')} |")
     lines += ["", "| comparison | ratio |", "|---|---:|"]
     for label, a, b in COMPARISONS:
         if a in median and b in median:

@@ -85,6 +85,12 @@ class NetnsCluster:
         return prefix + (["taskset", "-c", cpus] if cpus is not None else []) + argv
 
     def close(self) -> None:
+        for name in self.names:
+            # A namespace outlives its deletion while processes run in it (daemons such as Ray's detach from
+            # whoever started them), so whatever still runs there goes first.
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            if pids:
+                subprocess.run(["kill", "-9", *pids], capture_output=True)
         for name in self.names:  # deleting a namespace removes its veth ends (and their peers) too
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         self.names = []

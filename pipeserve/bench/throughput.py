@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from typing import Any
 
@@ -20,6 +21,21 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> lis
     return torch.randint(100, vocab_size, (num, length), generator=g).tolist()
 
 
+def machine_busy_cpu_s() -> float | None:
+    """CPU seconds every process on this machine has used since boot (Linux's /proc/stat), or None elsewhere.
+
+    The difference over a run counts what no per-process figure shows: stage processes, and the daemons of
+    an executor backend (Ray's raylet, GCS and agents) that run beside the engine."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    guest = sum(fields[8:10])  # guest time is already counted in user time
+    return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
 def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: int, output_len: int,
                    num_prompts: int, output_json: str | None = None) -> dict[str, Any]:
     """Run the workload once after a short warm-up; print a summary and return (and optionally save) it."""
@@ -31,9 +47,11 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
         sent_before = [s["bytes_sent"] for s in llm.engine.executor.collect_stats()]
+        machine_start = machine_busy_cpu_s()
         wall_start, start, cpu_start = time.time(), time.perf_counter(), time.process_time()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         elapsed, engine_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        machine_end = machine_busy_cpu_s()
         config = llm.config
         stats = llm.engine.executor.collect_stats()
         records = stage_records(stats)
@@ -54,6 +72,7 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         "stage_busy_fraction": busy,
         # CPU seconds of the engine's own process during the run (at PP=1 that process also runs the model)
         "engine_process_cpu_s": engine_cpu,
+        "machine_cpu_s": None if machine_start is None else machine_end - machine_start,
         "pipeline_bubble_fraction": bubble_fraction(busy),
         "num_steps": num_steps,
         "rank_bytes_sent": sent,  # activations each rank sent to the next stage

@@ -49,8 +49,14 @@ class _RankActor:
     """One rank: runs the stage code until the engine stops it (or its connection goes)."""
 
     def serve(self, engine: str, rank: int, key: str) -> int:
+        from pipeserve.distributed.launcher import interface_towards
         from pipeserve.worker.main import serve
 
+        # As for the mp backend's spawned ranks: gloo binds to the hostname's address unless told which
+        # interface reaches the engine's machine, and on a multi-homed node that address may be unreachable.
+        iface = interface_towards(engine.rsplit(":", 1)[0])
+        if iface:
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
         serve(engine, rank, key)
         return 0
 
@@ -88,7 +94,6 @@ class RayLauncher(RankLauncher):
         self._actor_cls = self.ray.remote(max_concurrency=2)(_RankActor)
         self.actors: dict[int, Any] = {}
         self.runs: dict[int, Any] = {}  # rank -> ObjectRef of its `serve` call
-        self.nodes: dict[int, str] = {}
         self.pg = self._placement_group(ready_timeout_s)
 
     @property
@@ -179,4 +184,8 @@ class RayLauncher(RankLauncher):
 
     def pid(self, rank: int, timeout_s: float = 10.0) -> int:
         """The process id of a rank's actor (tests kill it to play a failure)."""
-        return self.ray.get(self.actors[rank].pid_and_node.remote(), timeout=timeout_s)[0]
+        return self.pid_and_node(rank, timeout_s)[0]
+
+    def pid_and_node(self, rank: int, timeout_s: float = 10.0) -> tuple[int, str]:
+        """A rank's process id and the id of the Ray node it runs on (where the placement put it)."""
+        return tuple(self.ray.get(self.actors[rank].pid_and_node.remote(), timeout=timeout_s))
