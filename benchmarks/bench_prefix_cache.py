@@ -37,7 +37,7 @@ def worker(args: argparse.Namespace) -> None:
                for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     with LLM(None, pipeline_parallel_size=args.pp, threads_per_worker=1, max_model_len=4096,
-             max_num_seqs=args.num_prompts, enable_prefix_caching=args.caching == "on") as llm:
+             max_num_seqs=args.num_prompts, enable_prefix_caching=args.caching == "on", record_steps=True) as llm:
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2))  # warm-up, shares nothing
         first_token: dict[int, float] = {}
 

@@ -187,6 +187,9 @@ class EngineConfig:
     num_virtual_engines: int = 1
     num_blocks_per_ve: int = 0  # resolved from CacheConfig by EngineArgs
     trace_file: str | None = None  # write a Chrome trace (and a PNG Gantt chart) of every stage's steps
+    # Stages keep a record of each step (for the trace, or a benchmark's timeline) only when asked: kept for
+    # a server that runs for weeks they would be memory spent on nothing.
+    record_steps: bool = False
 
     @property
     def tokens_per_ve(self) -> int:

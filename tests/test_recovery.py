@@ -58,7 +58,7 @@ def assert_no_process_left(llm: LLM) -> None:
 @pytest.fixture(scope="module")
 def pp2(tiny_models):
     llm = LLM(tiny_models["gqa"], dtype="float32", pipeline_parallel_size=2, threads_per_worker=1,
-              max_model_len=256, step_timeout_s=4, max_stage_restarts=10)
+              max_model_len=256, step_timeout_s=4, max_stage_restarts=10, record_steps=True)
     yield llm, generate(llm)  # the fault-free reference, from the same engine
     llm.shutdown()
 

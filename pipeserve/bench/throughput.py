@@ -42,7 +42,7 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
     for name, value in (("num_prompts", num_prompts), ("input_len", input_len), ("output_len", output_len)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    with LLM(model, **engine_kwargs) as llm:
+    with LLM(model, **{**engine_kwargs, "record_steps": True}) as llm:  # busy fractions come from the records
         prompts = random_prompts(num_prompts, input_len, llm.config.model.vocab_size)
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up

@@ -52,6 +52,7 @@ class EngineArgs:
     restart_window_s: float = 600.0
     node_rejoin_timeout_s: float = 60.0
     trace_file: str | None = None
+    record_steps: bool = False  # keep step records for timelines without writing a trace (benchmarks)
     distributed_executor_backend: str = "mp"
     ray_address: str | None = None
     ray_cpus_per_rank: float = 1.0
@@ -85,7 +86,8 @@ class EngineArgs:
             raise ValueError(f"the KV cache holds {blocks * self.block_size} tokens per virtual engine, fewer than "
                              f"max_model_len={max_len}: raise num_kv_blocks / kv_cache_memory_gb or lower "
                              f"max_model_len")
-        return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks, self.trace_file)
+        return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks, self.trace_file,
+                            self.record_steps or self.trace_file is not None)
 
     def _parallel_config(self, model: ModelConfig) -> ParallelConfig:
         pp, tp = self.pipeline_parallel_size, self.tensor_parallel_size

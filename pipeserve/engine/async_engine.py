@@ -19,6 +19,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -122,6 +123,8 @@ class AsyncEngine:
             self.outputs.remove(req.request_id)
             if tracked is not None:
                 self.schedulers[tracked.virtual_engine].abort(req.request_id)
+                if self._wakeups:  # an idle VE wakes to tell the stages (see Scheduler.owes_release)
+                    self._wakeups[tracked.virtual_engine].set()
 
     # ---- the loops -----------------------------------------------------------------------------------
 
@@ -135,11 +138,29 @@ class AsyncEngine:
         tasks = [asyncio.create_task(self._ve_loop(ve)) for ve in range(len(self.schedulers))]
         try:
             yield self
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except BaseException:
+            await self._settle(tasks)  # the caller failed and aborted its requests: release them too
+            raise
+        else:
+            await self._settle(tasks)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._wakeups = []
+
+    async def _settle(self, tasks: list[asyncio.Task]) -> None:
+        """With every request ended, let the loops apply the steps still in flight and tell the stages which
+        requests ended (`Scheduler.owes_release`), so an engine that stops running (offline `generate`
+        returning) holds nothing for them anywhere. Skipped while requests still run (a server shutting down);
+        bounded by the step deadline, and cut short by a failed loop, so it never hangs."""
+        deadline = time.monotonic() + self.config.parallel.step_timeout_s
+        while (not any(s.has_work() for s in self.schedulers)
+               and any(s.num_steps_in_flight or s.owes_release for s in self.schedulers)
+               and not any(t.done() for t in tasks) and time.monotonic() < deadline):
+            await asyncio.sleep(0.001)
 
     async def _ve_loop(self, ve: int) -> None:
         scheduler, wakeup = self.schedulers[ve], self._wakeups[ve]
@@ -149,7 +170,7 @@ class AsyncEngine:
             while True:
                 try:
                     if not in_flight:
-                        if not scheduler.has_work():
+                        if not scheduler.has_work() and not scheduler.owes_release:
                             wakeup.clear()
                             await wakeup.wait()
                             continue
@@ -195,7 +216,7 @@ class AsyncEngine:
         """Plan and issue steps while this VE has room and something can run without waiting for a result."""
         while len(in_flight) < self.steps_in_flight_per_ve and generation == self.executor.generation:
             sched = scheduler.schedule()
-            if sched.is_empty:
+            if sched.is_empty and not sched.finished_req_ids:
                 return
             in_flight.append(asyncio.ensure_future(self._run_step(sched, generation)))
 
@@ -270,6 +291,20 @@ class AsyncEngine:
     def num_recomputed(self) -> int:
         """Requests sent back to recompute by stage failures, over the engine's life."""
         return sum(s.num_recomputed for s in self.schedulers)
+
+    def bookkeeping(self, stages: bool = False) -> dict[str, int]:
+        """How many entries every per-request (and per-step) structure holds, summed over virtual engines:
+        the engine's, the schedulers' and block managers', the executor's and, with `stages`, the request
+        state each stage process keeps (asks them: call while no step is in flight). All zero once every
+        request has ended, however it ended: nothing grows with the number of requests served."""
+        counts = {"tracked": len(self._tracked), "streams": len(self._streams), **self.outputs.bookkeeping(),
+                  "executor_steps_pending": self.executor.num_steps_pending()}
+        for scheduler in self.schedulers:
+            for name, n in scheduler.bookkeeping().items():
+                counts[name] = counts.get(name, 0) + n
+        if stages:
+            counts["stage_requests_held"] = sum(s["requests_held"] for s in self.executor.collect_stats())
+        return counts
 
     def step_records(self) -> list[StepRecord]:
         """Every stage's step records so far (call while no step is in flight)."""

@@ -118,6 +118,10 @@ class BlockManager:
                 self._cached[h], self._hash_of[block] = block, h
         self._registered[req_id] = len(hashes)
 
+    def bookkeeping(self) -> dict[str, int]:
+        """Entries held per request (zero once every request has ended: see AsyncEngine.bookkeeping)."""
+        return {"block_tables": len(self.block_tables), "registered_prefixes": len(self._registered)}
+
     def num_registered_blocks(self, req_id: str) -> int:
         return self._registered.get(req_id, 0)
 

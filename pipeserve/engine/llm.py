@@ -77,7 +77,12 @@ class LLM:
             final_only = on_output is None  # nobody watches intermediate outputs: build only the last
             streams = [self.engine.add_request(tok, p, text, final_only=final_only, cache_salt=salt)
                        for tok, text, p, salt in prepared]
-            return list(await asyncio.gather(*(self._collect(i, s, on_output) for i, s in enumerate(streams))))
+            try:
+                return list(await asyncio.gather(*(self._collect(i, s, on_output) for i, s in enumerate(streams))))
+            except BaseException:
+                for stream in streams:  # the others stop now, not whenever their iterations are collected
+                    self.engine.abort(stream.request_id)
+                raise
 
     async def _collect(self, index: int, stream: RequestStream, on_output) -> RequestOutput:
         final = None

@@ -35,6 +35,9 @@ class OutputProcessor:
     def __len__(self) -> int:
         return len(self._detok)
 
+    def bookkeeping(self) -> dict[str, int]:
+        return {"detokenizers": len(self._detok), "prompt_logprobs": len(self._prompt_lps)}
+
     def new_token(self, req: Request) -> str | None:
         """Take the request's new tokens into its text now; returns the stop string they completed, if any
         (already cut from the text), for the scheduler to finish the request with."""

@@ -100,6 +100,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._held)
 
+    def bookkeeping(self) -> dict[str, int]:
+        """Entries held per request or step, this VE's and its block manager's (all zero when it is idle)."""
+        return {"waiting": len(self.waiting), "running": len(self.running), "requests": len(self.requests),
+                "steps_in_flight": len(self._in_flight), "ended_unreleased": len(self._finished_ids),
+                "held_choices": len(self._held), **self.block_manager.bookkeeping()}
+
+    @property
+    def owes_release(self) -> bool:
+        """Requests ended whose state the stages still hold, and no step in flight will carry their ids."""
+        return bool(self._finished_ids) and not self._in_flight
+
     # ---- planning ------------------------------------------------------------------------------------
 
     @property
@@ -108,7 +119,10 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Plan the next step from what can run now, whether or not earlier steps are still in flight. An
-        empty plan (nothing can run before a result arrives) takes no step id."""
+        empty plan (nothing can run before a result arrives) takes no step id.
+
+        With nothing to run, a step with no requests still goes out when the stages hold the state of ended
+        requests (`owes_release`): an idle engine keeps nothing anywhere for the requests it served."""
         if self._held:
             self._release_held()
         budget = self.config.max_num_batched_tokens
@@ -116,7 +130,7 @@ class Scheduler:
         budget = self._schedule_running(budget, planned)
         self._schedule_waiting(budget, planned)
         out = SchedulerOutput(step_id=self._next_step, virtual_engine=self.virtual_engine)
-        if not planned:
+        if not planned and not self.owes_release:
             return out
         self._next_step += 1
         out.finished_req_ids, self._finished_ids = self._finished_ids, []

@@ -62,6 +62,10 @@ class Executor(abc.ABC):
         """Cumulative compute seconds per stage, if this executor can tell without asking the stages."""
         return None
 
+    def num_steps_pending(self) -> int:
+        """Steps sent to the stages whose results have not come back (per-step bookkeeping)."""
+        return 0
+
     @abc.abstractmethod
     def collect_stats(self) -> list[dict[str, Any]]:
         """Per stage: rank, step records, bytes sent to the next stage, parameter count."""

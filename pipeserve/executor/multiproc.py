@@ -315,6 +315,10 @@ class MultiprocExecutor(Executor):
         """Compute seconds per pipeline stage (its TP rank 0), as last reported by the stage processes."""
         return [self._busy.get(stage * self.tp_size, 0.0) for stage in range(len(self.specs) // self.tp_size)]
 
+    def num_steps_pending(self) -> int:
+        with self.table.cv:
+            return len(self._pending)
+
     def collect_stats(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Per-stage step records, bytes sent and parameter counts; call while no step is in flight."""
         ranks = range(self.table.world_size)

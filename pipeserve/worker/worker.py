@@ -19,11 +19,12 @@ from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.linear import NO_TP
 from pipeserve.timeline import StepRecord
 from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
+from pipeserve.worker.allocator import fix_mmap_threshold
 from pipeserve.worker.input_batch import rows_for
 from pipeserve.worker.model_runner import ModelRunner
 from pipeserve.worker.request_states import RequestStates
 
-MAX_RECORDS = 200_000  # step records kept for traces: bounded, so a long-running server does not grow
+MAX_RECORDS = 200_000  # step records kept for a trace or benchmark (EngineConfig.record_steps): bounded all the same
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class StageWorker:
 
     def __init__(self, config: EngineConfig, stage: StageInfo, rank: int = 0, tp: TPGroup = NO_TP):
         self.config, self.stage, self.rank, self.tp = config, stage, rank, tp
+        # Before any tensor exists: per-step tensors of ever-changing sizes must not grow the heap (allocator.py).
+        self.mmap_threshold = fix_mmap_threshold()
         self.runner = ModelRunner(
             config.model, stage, num_blocks_per_ve=config.num_blocks_per_ve, block_size=config.cache.block_size,
             num_virtual_engines=config.num_virtual_engines, max_model_len=config.scheduler.max_model_len,
@@ -51,7 +54,7 @@ class StageWorker:
         step = tp.size  # pipeline peers are one TP group apart
         self.link = StageLink(None if stage.is_first else rank - step, None if stage.is_last else rank + step, tp)
         self.requests = RequestStates()
-        self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS)
+        self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS if config.record_steps else 0)
         self.busy_s = 0.0  # cumulative compute seconds (records are bounded; this is not)
 
     def weights_summary(self) -> str:
@@ -90,7 +93,8 @@ class StageWorker:
     def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank,
                 "records": list(self.records), "bytes_sent": self.link.bytes_sent,
-                "num_params": self.num_params(), "requests_held": len(self.requests), **self.memory()}
+                "num_params": self.num_params(), "requests_held": len(self.requests),
+                "malloc_mmap_threshold": self.mmap_threshold, **self.memory()}
 
     def memory(self) -> dict[str, int]:
         """Bytes of this process: its weights, its KV pool, resident now and at peak (Linux accounting)."""
