@@ -77,6 +77,8 @@ def test_kill_stage1_at_pp2_loses_nothing(pp2, hf_models):
     assert kill.pid is not None
     assert prefix_cache_hits(llm) > hits  # the prompts came from the cache before the kill
     assert_identical(hf_models["gqa"], got, reference)
+    # Nothing of the requests that lived through the recovery stays behind, in the engine or either stage.
+    assert {k: v for k, v in llm.engine.bookkeeping(stages=True).items() if v} == {}
     executor = llm.engine.executor
     assert executor.recoveries.restarts_by_stage[1] >= 1
     assert llm.engine.num_recomputed() > 0

@@ -45,6 +45,17 @@ def import_ray() -> Any:
     return ray
 
 
+def _normal_priority() -> None:
+    """Run this thread (the stage's, and the threads it starts: gloo's) at normal priority, if allowed.
+
+    Ray starts its workers at niceness 15 so that its own daemons come first. A stage is the job's main
+    work, and on a node whose cores the stages keep busy every daemon and the engine would preempt it: the
+    measured cost was about 2% of throughput at PP=2 on 2 cores. Raising priority needs CAP_SYS_NICE (or
+    RLIMIT_NICE); without it the stage keeps Ray's niceness."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, 0, 0)  # on Linux, 0 means the calling thread
+
+
 class _RankActor:
     """One rank: runs the stage code until the engine stops it (or its connection goes)."""
 
@@ -57,6 +68,7 @@ class _RankActor:
         iface = interface_towards(engine.rsplit(":", 1)[0])
         if iface:
             os.environ["GLOO_SOCKET_IFNAME"] = iface
+        _normal_priority()
         serve(engine, rank, key)
         return 0
 
