@@ -203,8 +203,8 @@ def plot(samples: list[dict], warmup: int, path: str, title: str) -> None:
     mem.set_ylabel("resident memory (MB)")
     mem.axvline(warmup, color="grey", linestyle=":", label="end of warm-up")
     mem.legend(loc="center right")
-    mem.set_title(title)
-    pts = [s for s in samples if s["latencies_s"]]
+    mem.set_title(title, fontsize=10)
+    pts = [s for s in samples if s["served"] > 0]  # the first sample is taken before any request
     lat.plot([s["served"] for s in pts], [s["p50_s"] for s in pts], marker=".", label="p50")
     lat.plot([s["served"] for s in pts], [s["p99_s"] for s in pts], marker=".", label="p99")
     lat.set_ylabel("request latency (s)")
@@ -253,11 +253,15 @@ def main() -> None:
               "latency": latency_drift(samples, args.warmup),
               "kv_blocks_used_at_samples": sorted({s["kv_blocks_used"] for s in samples}), "samples": samples}
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
-    if args.json:
+    if args.json:  # per-request latencies are summarized per sample; the file keeps the summaries
+        kept = [{k: v for k, v in s.items() if k != "latencies_s"} | {"requests": len(s["latencies_s"])}
+                for s in samples]
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump({**report, "samples": kept}, f, indent=1)
     if args.png:
-        plot(samples, args.warmup, args.png, f"pipeserve serve {' '.join(serve[3:])}: {args.requests} requests")
+        model = "a random-weight model" if args.random_model else " ".join(args.server_args) or "the embedded model"
+        plot(samples, args.warmup, args.png, f"{args.requests} requests to pipeserve serve -pp 2 ({model}); "
+                                             f"after {args.warmup} to warm up, sampled every {args.sample_every}")
 
 
 if __name__ == "__main__":

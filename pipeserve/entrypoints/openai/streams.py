@@ -158,6 +158,8 @@ async def with_keepalive(content: AsyncIterator[str], interval_s: float) -> Asyn
             pending.cancel()
             with contextlib.suppress(BaseException):  # the cancelled read ends however it ends
                 await pending
+        elif pending is not None and not pending.cancelled():
+            pending.exception()  # a read that ended as the client left: seen, so asyncio does not log it
         with contextlib.suppress(Exception):
             await it.aclose()  # type: ignore[attr-defined]
 
