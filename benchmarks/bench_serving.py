@@ -49,11 +49,16 @@ def measure(pp: int, args: argparse.Namespace) -> dict:
                             "--output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
                             "--vocab-size", "49152", *rate])
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
+
+
+def stop_server(server: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Stop a `pipeserve serve` as an operator would (SIGINT), killing it if it does not exit in time."""
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def table(results: dict[int, dict], args: argparse.Namespace) -> str:

@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import tempfile
 import time
 
 import httpx
-from bench_serving import wait_healthy
+from bench_serving import stop_server, wait_healthy
 from common import CLI
 
 from pipeserve.distributed.launcher import free_port
@@ -242,11 +241,7 @@ def main() -> None:
         started = time.time()
         samples = asyncio.run(drive(url, args))
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
         tmp.cleanup()
     report = {"command": "python benchmarks/bench_soak.py " + " ".join(sys.argv[1:]), "serve_args": serve[2:],
               "duration_s": time.time() - started, "growth_after_warmup": growth(samples, args.warmup),
