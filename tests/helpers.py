@@ -78,3 +78,9 @@ def tiny_with_tokenizer(tmp_path_factory) -> str:
         tok.save_pretrained(str(folder))
         (folder / "READY").write_text("ok")
     return str(folder)
+
+
+def leftover_bookkeeping(engine) -> dict[str, int]:
+    """The per-request structures of `engine` and its stages that are not empty (`AsyncEngine.bookkeeping`;
+    asks the stage processes, so call while no step is in flight)."""
+    return {name: n for name, n in engine.bookkeeping(stages=True).items() if n}

@@ -7,14 +7,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from helpers import leftover_bookkeeping
 
 from pipeserve import LLM, SamplingParams
 from pipeserve.engine.block_manager import BlockManager
-
-
-def empty(llm: LLM) -> dict[str, int]:
-    """The bookkeeping entries that are not zero (the stage processes asked too)."""
-    return {k: v for k, v in llm.engine.bookkeeping(stages=True).items() if v}
 
 
 def mixed_requests(rng: random.Random, count: int, shared: list[int]) -> list[tuple[dict, SamplingParams]]:
@@ -62,9 +58,9 @@ def check_returns_to_empty(llm: LLM, seed: int) -> None:
     shared = [rng.randrange(3, 300) for _ in range(40)]
     for _ in range(3):
         run(llm, mixed_requests(rng, 30, shared))
-        assert empty(llm) == {}
+        assert leftover_bookkeeping(llm.engine) == {}
         run_and_abort(llm, mixed_requests(rng, 30, shared))
-        assert empty(llm) == {}
+        assert leftover_bookkeeping(llm.engine) == {}
     for s in llm.engine.schedulers:
         assert s.block_manager.num_used_blocks == 0
 

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import assert_greedy_match
+from helpers import assert_greedy_match, leftover_bookkeeping
 
 from pipeserve import LLM, SamplingParams
 from pipeserve.executor.formation import StageFailure
@@ -78,7 +78,7 @@ def test_kill_stage1_at_pp2_loses_nothing(pp2, hf_models):
     assert prefix_cache_hits(llm) > hits  # the prompts came from the cache before the kill
     assert_identical(hf_models["gqa"], got, reference)
     # Nothing of the requests that lived through the recovery stays behind, in the engine or either stage.
-    assert {k: v for k, v in llm.engine.bookkeeping(stages=True).items() if v} == {}
+    assert leftover_bookkeeping(llm.engine) == {}
     executor = llm.engine.executor
     assert executor.recoveries.restarts_by_stage[1] >= 1
     assert llm.engine.num_recomputed() > 0

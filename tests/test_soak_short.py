@@ -13,8 +13,8 @@ import time
 import httpx
 import pytest
 import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
-from server_utils import metric_sum
+from helpers import leftover_bookkeeping
+from server_utils import metric_sum, read_metrics
 
 from pipeserve.distributed.launcher import free_port
 from pipeserve.engine.arg_utils import EngineArgs
@@ -86,8 +86,7 @@ def test_bookkeeping_returns_to_empty_after_a_short_soak(server):
     deadline = time.monotonic() + 30  # the server notices the last hung-up clients as it writes to them
     while any(engine.bookkeeping().values()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert {k: v for k, v in engine.bookkeeping(stages=True).items() if v} == {}
-    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text) for s in f.samples}
+    assert leftover_bookkeeping(engine) == {}
+    metrics = read_metrics(url)
     assert metric_sum(metrics, "pipeserve_kv_blocks_used") == 0
     assert metric_sum(metrics, "pipeserve_request_success_total", finished_reason="abort") > 0  # hang-ups seen

@@ -1,14 +1,14 @@
-"""The C allocator's settings for stage processes (glibc on Linux).
+"""The C allocator's settings wherever a stage runs (glibc on Linux): its own process, or the engine's at PP=1.
 
 Why: a stage allocates its per-step tensors (activations, attention workspace, logits) with sizes that change
 every step, from a few KiB to tens of MiB. glibc serves a request above its mmap threshold with its own
 mapping, returned to the system on free, but it raises that threshold (up to 32 MiB) every time such a
 mapping is freed. After the first large step nearly every tensor comes from the heap instead, and a heap
-cut up by ever-changing sizes keeps growing: a soak of 2,600 requests grew each stage by about 200 MB
-(issue 13), and the growth did not stop. Fixing the threshold turns the adjustment off, so tensors of
+cut up by ever-changing sizes keeps growing: in issue 13's soak each stage grew by +94, +37, +32 MB per
+600 requests after warm-up, and did not stop. Fixing the threshold turns the adjustment off, so tensors of
 STAGE_MMAP_THRESHOLD bytes or more always get their own mapping and go back to the system when freed;
-smaller ones reuse the heap, whose size the small sizes bound. The cost is the page faults of fresh
-mappings, measured in the README's soak section.
+smaller ones reuse the heap, whose size the small sizes bound. The price is the page faults of fresh
+mappings; it was not measured on its own (the soak and Ray benchmarks ran with it on).
 
 Set in the stage process itself (a `mallopt` call at start), not through MALLOC_MMAP_THRESHOLD_ in the
 environment, so it holds however the process started (spawned, forked from a prewarmed process, a Ray actor).
