@@ -12,7 +12,7 @@ from pipeserve.engine.async_engine import AsyncEngine
 from pipeserve.executor.base import Executor, StepInterrupted
 from pipeserve.executor.recovery_log import RecoveryLog, RecoverySpan
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.types import SampledToken, SchedulerOutput, StepOutput
+from pipeserve.types import SchedulerOutput, StepOutput
 
 MODEL = ModelConfig(path="fake", vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4,
@@ -32,15 +32,14 @@ class FlakyExecutor(Executor):
         await asyncio.sleep(0)
         if generation not in (None, self.generation):
             raise StepInterrupted("planned before a failure", lost=False)
-        if self.fail_next or any(r.token_ids and r.token_ids[0] in self.poison for r in sched.requests):
+        if self.fail_next or any(r.token_ids and r.token_ids[0] in self.poison for r in sched.all_requests()):
             self.fail_next = False
             self.failures += 1
             self.generation += 1  # recovered instantly, stage 1 replaced: the next generation is ready
             self.recoveries.record(RecoverySpan(0.0, 0.0, "stage 1 died", [1], self.generation))
             raise StepInterrupted("stage 1 died")
         return StepOutput(sched.step_id, sched.virtual_engine,
-                          {r.req_id: SampledToken(r.context_len % 100) for r in sched.requests
-                           if r.samples})
+                          {r.req_id: r.context_len % 100 for r in sched.all_requests() if r.samples})
 
     def collect_stats(self):
         return []

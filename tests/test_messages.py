@@ -18,7 +18,7 @@ EXAMPLES = [
     m.StartStage(spec={"stand-in": "WorkerSpec"}, generation=1), m.RunStep(sched=SCHED, generation=1),
     m.Release(generation=2), m.Join(generation=2), m.Ping(nonce=5, generation=2), m.StatsRequest(generation=2),
     m.Stop(generation=2), m.Loaded(rank=1, generation=2, num_params=10), m.Ready(rank=1, generation=2, num_params=10),
-    m.StepResult(output=StepOutput(3, 1, {"r": SampledToken(7, -0.5)}), generation=2),
+    m.StepResult(output=StepOutput(3, 1, {"r": 7}, {"r": SampledToken(7, -0.5)}), generation=2),
     m.Released(rank=1, generation=2), m.GroupLost(rank=1, generation=2, cause="Connection closed by peer"),
     m.StageError(rank=1, generation=2, cause="IndexError: x", details="Traceback ..."),
     m.Pong(rank=1, nonce=5, generation=2), m.BusyReport(rank=1, seconds=1.5, generation=2),

@@ -88,6 +88,20 @@ def test_kill_stage1_at_pp2_loses_nothing(pp2, hf_models):
     assert prefix_cache_hits(llm) > hits
 
 
+def test_a_stage_interrupted_on_its_own_keeps_serving(pp2, hf_models):
+    """SIGINT reaching a stage alone (`pkill -INT` matching it, say) is not a failure: the engine stops its
+    stages itself, so they ignore it, and nothing is recovered."""
+    llm, reference = pp2
+    before = len(llm.engine.executor.recoveries.spans)
+    interrupt = SignalAt(llm, rank=1, sig=signal.SIGINT)
+    got = generate(llm, interrupt)
+    assert interrupt.pid is not None
+    assert_identical(hf_models["gqa"], got, reference)
+    assert len(llm.engine.executor.recoveries.spans) == before
+    assert llm.engine.executor.launcher.procs[1].pid == interrupt.pid  # the same process, still serving
+    assert llm.engine.executor.launcher.procs[1].poll() is None
+
+
 def test_sigstopped_stage_is_caught_by_the_step_deadline(pp2, hf_models):
     llm, reference = pp2
     before = len(llm.engine.executor.recoveries.spans)

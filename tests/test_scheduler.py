@@ -9,7 +9,7 @@ from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.types import SampledToken, ScheduledRequest, SchedulerOutput, StepOutput
+from pipeserve.types import ScheduledRequest, SchedulerOutput, StepOutput
 from pipeserve.worker.request_states import RequestStates
 
 EOS = 2
@@ -29,7 +29,7 @@ def request(rid: str, prompt_len: int, max_tokens: int = 4, **params) -> Request
 def fake_step(sched: SchedulerOutput, token: int = 7) -> StepOutput:
     """What a model would return: one token for each request that samples this step."""
     return StepOutput(sched.step_id, sched.virtual_engine,
-                      {r.req_id: SampledToken(token) for r in sched.requests if r.samples})
+                      {r.req_id: token for r in sched.all_requests() if r.samples})
 
 
 def run_to_completion(s: Scheduler, max_steps: int = 500) -> list[SchedulerOutput]:
@@ -71,7 +71,7 @@ def test_decodes_and_prefill_chunks_share_a_step():
     s.update(fake_step(s.schedule()))  # a's prefill
     s.add_request(request("b", 30))
     step = s.schedule()
-    kinds = {r.req_id: r.num_tokens for r in step.requests}
+    kinds = {r.req_id: r.num_tokens for r in step.all_requests()}
     assert kinds == {"a": 1, "b": 15} and step.kind == "mixed"
 
 
@@ -116,7 +116,7 @@ def test_preemption_recomputes_and_loses_no_tokens():
     assert s.num_preemptions >= 1 and b.num_preemptions >= 1
     assert a.output_token_ids == [7] * 8 and b.output_token_ids == [7] * 8
     # After preemption b recomputes prompt + outputs so far in one prefill, then samples the next token.
-    recompute = [r for st in steps for r in st.requests if r.req_id == "b" and r.start_pos == 0][-1]
+    recompute = [r for st in steps for r in st.all_requests() if r.req_id == "b" and r.start_pos == 0][-1]
     assert recompute.token_ids[8:] == [7] * (len(recompute.token_ids) - 8)
     assert s.block_manager.num_free_blocks == 6
 
@@ -145,8 +145,10 @@ def test_prefill_chunks_are_planned_while_earlier_ones_are_in_flight():
         s.update(fake_step(c))
     req = s.requests["a"]
     assert req.num_computed_tokens == 40 and req.output_token_ids == [7] and req.num_inflight_tokens == 0
-    decode = s.schedule()
-    assert decode.requests[0].start_pos == 40 and decode.requests[0].token_ids == [7]
+    decode = s.schedule()  # a decode of a request the stages know: a row of the columnar decodes
+    assert not decode.requests and decode.decodes.req_ids == ["a"] and decode.kind == "decode"
+    (entry,) = decode.all_requests()
+    assert (entry.start_pos, entry.token_ids, entry.samples, entry.new) == (40, [7], True, False)
     assert s.schedule().is_empty  # the decode waits for its token
 
 
@@ -186,9 +188,9 @@ def test_block_tables_cover_every_computed_token():
     stage = RequestStates()
     while s.has_work():
         step = s.schedule()
-        for r in step.requests:
+        for r in step.all_requests():
             assert r.new or len(r.block_table) <= 2  # only the blocks an 8-token step appends
-        for r, whole in zip(step.requests, stage.resolve(step).requests, strict=True):
+        for r, whole in zip(step.all_requests(), stage.resolve(step).requests, strict=True):
             assert whole.block_table == s.block_manager.block_tables[r.req_id]
             assert len(whole.block_table) * 4 >= whole.context_len
             assert (whole.sampling_params is not None) == r.samples
@@ -205,7 +207,7 @@ def test_a_new_generation_resends_every_request_whole():
     s.add_request(request("a", 4, max_tokens=5))
     stage = RequestStates()
     s.update(fake_step(stage.resolve(s.schedule(), generation=0)))
-    assert not s.schedule().requests[0].new
+    assert not s.schedule().all_requests()[0].new
     s.abandon_steps(lost=False)
     s.forget_stage_state()  # what the engine does when the group's generation changes
     step = s.schedule()
@@ -240,7 +242,7 @@ def test_recompute_all_catches_up_only_the_stages_that_lost_their_kv():
     assert catch_up.for_stage(1).is_empty and catch_up.for_stage(0) is catch_up
     s.update(fake_step(catch_up))
     resume = s.schedule()  # then the decode of the token already produced, on every stage
-    assert [(r.token_ids, r.start_pos, r.last_stage) for r in resume.requests] == [([7], 5, None)] * 3
+    assert [(r.token_ids, r.start_pos, r.last_stage) for r in resume.all_requests()] == [([7], 5, None)] * 3
     s.update(fake_step(resume))
     run_to_completion(s)
     assert all(r.output_token_ids == [7] * 6 for r in reqs)  # nothing lost, nothing repeated

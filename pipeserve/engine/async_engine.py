@@ -1,10 +1,10 @@
 """The engine: virtual engines driven concurrently by asyncio over one executor.
 
 Each virtual engine (VE) is a Scheduler over its own KV pool. A VE loop plans steps, awaits the
-executor, applies the sampled tokens in planning order, and publishes outputs. A VE keeps up to P steps
-in flight (P pipeline stages) when it has work that needs no pending result: the chunks of a long prompt
-flow through all stages at once. Decodes wait for their previous token, so with P VEs of decodes about P
-steps are in flight, one per VE, which is what keeps every pipeline stage busy.
+executor, applies the sampled tokens in planning order, and publishes outputs. Decodes wait for their
+previous token, so with P VEs busy (P pipeline stages) about P steps are in flight, one per VE, which is
+what keeps every stage busy. While the pipeline holds fewer than P steps, a VE with work that needs no
+pending result plans more, up to P: the chunks of a long prompt flow through all stages at once.
 
 When a stage fails and the executor recovers, each VE's step in flight is interrupted; the VE waits for
 the new generation of the group and has every running request compute its prompt and outputs again on the
@@ -28,7 +28,7 @@ from pipeserve.config import EngineConfig
 from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.output_processor import OutputProcessor
 from pipeserve.engine.placement import choose_virtual_engine
-from pipeserve.engine.request import Request
+from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.engine.request_stream import RequestStream
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.engine.stats import BusyClock, VirtualEngineStats
@@ -66,6 +66,7 @@ class AsyncEngine:
         self._wakeups: list[asyncio.Event] = []
         self._error: BaseException | None = None
         self.busy_clock = BusyClock()
+        self._num_stages = config.parallel.pipeline_parallel_size
         self._shut_down = False
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -189,8 +190,7 @@ class AsyncEngine:
                         if not in_flight[0].done():
                             continue
                     step = await in_flight.popleft()
-                    for req in scheduler.update(step):
-                        self._publish(scheduler, req)
+                    self._publish(scheduler, scheduler.update(step))
                 except StepInterrupted as exc:  # a stage failed; the executor is recovering
                     lost = exc.lost or any(await _interruptions(in_flight))
                     for req in scheduler.abandon_steps(lost=lost):
@@ -213,8 +213,18 @@ class AsyncEngine:
         return self.config.scheduler.max_steps_in_flight_per_ve
 
     def _plan_steps(self, scheduler: Scheduler, in_flight: collections.deque, generation: int) -> None:
-        """Plan and issue steps while this VE has room and something can run without waiting for a result."""
+        """Plan and issue steps while this VE has room and something can run without waiting for a result.
+
+        A VE's first step in flight is always planned. More (the next chunks of a prompt) only while fewer
+        steps that compute prompt chunks are in flight than the pipeline has stages: a chunk planned ahead
+        cannot carry the VE's decodes (they wait for their tokens), which then run later in decode-only
+        steps, where a token costs several times what it costs riding along a chunk. So a lone long prompt
+        fills every stage; with as many VEs computing prompts as stages, each keeps one step, decodes
+        included, in flight (32 x 1k-in/128-out at PP=2: 152 s against 177 s when every VE kept a chunk
+        ahead); and a VE still computing prompts fills what VEs with only short decode steps leave empty."""
         while len(in_flight) < self.steps_in_flight_per_ve and generation == self.executor.generation:
+            if in_flight and sum(s.num_chunk_steps_in_flight for s in self.schedulers) >= self._num_stages:
+                return
             sched = scheduler.schedule()
             if sched.is_empty and not sched.finished_req_ids:
                 return
@@ -237,19 +247,25 @@ class AsyncEngine:
             scheduler.recompute_all(None if lost == self.config.parallel.pipeline_parallel_size - 1 else lost)
         return ready
 
-    def _publish(self, scheduler: Scheduler, req: Request) -> None:
-        tracked = self._tracked.get(req.request_id)
-        if tracked is None:
-            return
-        if req.stop_strings:  # the text is needed now: a stop string ends the request
-            stop = self.outputs.new_token(req)
-            if stop is not None:
-                scheduler.finish_stopped(req, stop)
-        # Otherwise nothing is detokenized or built here: the stream does it when its listener reads.
-        finished = req.status.finished
-        if finished:
-            self._tracked.pop(req.request_id, None)
-        tracked.stream.wake(finished)
+    def _publish(self, scheduler: Scheduler, advanced: list[Request]) -> None:
+        """Tell the listeners of requests that got a token. Nothing is detokenized or built here (the stream
+        does it when its listener reads) unless a stop string may end the request; a `final_only` listener
+        (offline generation) hears only of the end."""
+        tracked_of, running = self._tracked, RequestStatus.RUNNING
+        for req in advanced:
+            tracked = tracked_of.get(req.request_id)
+            if tracked is None:
+                continue
+            if req.stop_strings:  # the text is needed now: a stop string ends the request
+                stop = self.outputs.new_token(req)
+                if stop is not None:
+                    scheduler.finish_stopped(req, stop)
+            if req.status is running:
+                if not tracked.stream.final_only:
+                    tracked.stream.wake()
+            else:
+                del tracked_of[req.request_id]
+                tracked.stream.wake(finished=True)
 
     def _fail_request(self, req: Request, exc: BaseException) -> None:
         logger.error("%s", exc)

@@ -47,6 +47,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         # step id -> {req_id: (request, tokens planned, its epoch when planned)}, for every step in flight
         self._in_flight: dict[int, dict[str, tuple[Request, int, int]]] = {}
+        self._chunk_steps: set[int] = set()  # steps in flight that compute prompt chunks (not only decodes)
         self._next_step = 0
         self._finished_ids: list[str] = []  # requests the stages hold state for that ended: sent with the next step
         self._held: list[Request] = []  # choices waiting for a sibling to compute their shared prompt
@@ -117,6 +118,11 @@ class Scheduler:
     def num_steps_in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def num_chunk_steps_in_flight(self) -> int:
+        """Steps in flight that compute prompt chunks: the long ones (a decode-only step is short)."""
+        return len(self._chunk_steps)
+
     def schedule(self) -> SchedulerOutput:
         """Plan the next step from what can run now, whether or not earlier steps are still in flight. An
         empty plan (nothing can run before a result arrives) takes no step id.
@@ -125,54 +131,80 @@ class Scheduler:
         requests (`owes_release`): an idle engine keeps nothing anywhere for the requests it served."""
         if self._held:
             self._release_held()
-        budget = self.config.max_num_batched_tokens
-        planned: dict[str, tuple[Request, int]] = {}
-        budget = self._schedule_running(budget, planned)
-        self._schedule_waiting(budget, planned)
         out = SchedulerOutput(step_id=self._next_step, virtual_engine=self.virtual_engine)
-        if not planned and not self.owes_release:
+        in_flight: dict[str, tuple[Request, int, int]] = {}  # request id -> (request, tokens, its epoch)
+        budget = self._schedule_running(self.config.max_num_batched_tokens, out, in_flight)
+        self._schedule_waiting(budget, out, in_flight)
+        if not in_flight and not self.owes_release:
             return out
         self._next_step += 1
         out.finished_req_ids, self._finished_ids = self._finished_ids, []
-        entries, in_flight = out.requests, {}
-        for req_id, (req, n) in planned.items():
-            entries.append(self._scheduled_request(req, n))
-            req.num_inflight_tokens += n
-            in_flight[req_id] = (req, n, req.epoch)
         self._in_flight[out.step_id] = in_flight
+        if any(not r.is_decode for r in out.requests):
+            self._chunk_steps.add(out.step_id)
         self.max_steps_in_flight = max(self.max_steps_in_flight, len(self._in_flight))
         return out
 
-    def _schedule_running(self, budget: int, planned: dict[str, tuple[Request, int]]) -> int:
-        i, running, allocate = 0, self.running, self.block_manager.allocate
+    def _schedule_running(self, budget: int, out: SchedulerOutput, in_flight: dict) -> int:
+        i, running = 0, self.running
+        tables, block_size = self.block_manager.block_tables, self.block_manager.block_size
+        d = out.decodes
+        ids, tokens, starts, num_outputs, new_blocks = d.req_ids, d.token_ids, d.start_pos, d.num_output_tokens, \
+            d.new_blocks
         while i < len(running) and budget > 0:
             req = running[i]
             start = req.num_computed_tokens + req.num_inflight_tokens
-            if start >= req.num_tokens or (req.num_failed_steps and self._has_suspect(planned)):
+            if start >= req.num_tokens or (req.num_failed_steps and _has_suspect(in_flight)):
                 i += 1  # waiting for its sampled token, or a suspect where the step already has one
+                continue
+            if start == req.num_tokens - 1 and req.blocks_sent is not None and req.output_token_ids \
+                    and not req.kv_held_tokens:
+                # The common case, a decode of a request the stages know: a row of the columnar decodes, planned
+                # here without a call per request (this loop is most of the engine's work per step).
+                req_id, table = req.request_id, tables[req.request_id]
+                if start >= len(table) * block_size and not self._grow(req, start + 1):
+                    continue  # the pool was short and it was the newest: preempted
+                ids.append(req_id)
+                tokens.append(req.output_token_ids[-1])
+                starts.append(start)
+                num_outputs.append(len(req.output_token_ids))
+                if len(table) > req.blocks_sent:
+                    new_blocks[req_id] = table[req.blocks_sent:]
+                    req.blocks_sent = len(table)
+                req.num_inflight_tokens += 1
+                in_flight[req_id] = (req, 1, req.epoch)
+                budget -= 1
+                i += 1
                 continue
             n = min(req.num_tokens - start, budget)
             if start < req.kv_held_tokens:  # a catch-up chunk never runs past the held KV
                 n = min(n, req.kv_held_tokens - start)
-            while not allocate(req.request_id, start + n):
-                victim = running[-1]
-                self._preempt(victim)  # the newest: never one already planned in this step (they come first)
-                if victim is req:
-                    break
-            else:
-                planned[req.request_id] = (req, n)
+            if self._grow(req, start + n):
+                self._plan_entry(out, in_flight, req, n, start)
                 budget -= n
                 i += 1
         return budget
 
-    @staticmethod
-    def _has_suspect(planned: dict[str, tuple[Request, int]]) -> bool:
-        return any(req.num_failed_steps for req, _ in planned.values())
+    def _plan_entry(self, out: SchedulerOutput, in_flight: dict, req: Request, n: int, start: int) -> None:
+        out.requests.append(self._scheduled_request(req, n, start))
+        req.num_inflight_tokens += n
+        in_flight[req.request_id] = (req, n, req.epoch)
 
-    def _schedule_waiting(self, budget: int, planned: dict[str, tuple[Request, int]]) -> None:
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Give a running request blocks for `num_tokens`, preempting the newest running requests while the
+        pool is short (never one already planned in this step: those come first); False if that preempted
+        the request itself."""
+        while not self.block_manager.allocate(req.request_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _schedule_waiting(self, budget: int, out: SchedulerOutput, in_flight: dict) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if req.num_failed_steps and self._has_suspect(planned):
+            if req.num_failed_steps and _has_suspect(in_flight):
                 break  # one suspect per step: it gets the next one
             cached = self._take_cached_prefix(req)
             n = req.num_tokens - cached
@@ -187,7 +219,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            planned[req.request_id] = (req, n)
+            self._plan_entry(out, in_flight, req, n, cached)
             budget -= n
 
     def _take_cached_prefix(self, req: Request) -> int:
@@ -244,6 +276,7 @@ class Scheduler:
         crashed = []
         in_flight = {req_id for step in self._in_flight.values() for req_id in step}
         self._in_flight.clear()
+        self._chunk_steps.clear()
         for req_id in in_flight:
             req = self.requests.get(req_id)
             if req is None:  # finished or aborted since
@@ -279,17 +312,11 @@ class Scheduler:
         self.num_recomputed += len(catching_up)
         return len(catching_up)
 
-    def _scheduled_request(self, req: Request, n: int) -> ScheduledRequest:
-        """The request's plan entry: whole if the stages do not know it, else only its new blocks."""
-        start = req.num_computed_tokens + req.num_inflight_tokens
+    def _scheduled_request(self, req: Request, n: int, start: int) -> ScheduledRequest:
+        """The request's plan entry, from token `start`: whole if the stages do not know it, else only its new
+        blocks."""
         table = self.block_manager.block_tables[req.request_id]
         num_outputs = req.num_tokens - len(req.prompt_token_ids)
-        if n == 1 and start == req.num_tokens - 1 and num_outputs and req.blocks_sent is not None \
-                and not req.kv_held_tokens:
-            # The common case, a decode of a request the stages know: its last output token, new blocks only.
-            sent, req.blocks_sent = req.blocks_sent, len(table)
-            return ScheduledRequest(req.request_id, [req.output_token_ids[-1]], start, table[sent:], None,
-                                    num_outputs, None, False, True)
         new = req.blocks_sent is None
         blocks = list(table) if new else table[req.blocks_sent:]
         req.blocks_sent = len(table)
@@ -330,28 +357,32 @@ class Scheduler:
         that received a new token."""
         assert step.step_id == min(self._in_flight), "step results are applied in the order they were planned"
         advanced = []
-        caching, block_size, sampled_tokens = self.block_manager.enable_prefix_caching, self.block_manager.block_size, \
-            step.sampled
+        caching, block_size = self.block_manager.enable_prefix_caching, self.block_manager.block_size
+        sampled_tokens, logprobs, prompt_logprobs = step.sampled, step.logprobs, step.prompt_logprobs
+        running = RequestStatus.RUNNING
+        self._chunk_steps.discard(step.step_id)
         for req_id, (req, n, epoch) in self._in_flight.pop(step.step_id).items():
-            if req.epoch != epoch or req.status is not RequestStatus.RUNNING:
+            if req.epoch != epoch or req.status is not running:
                 continue  # aborted, or preempted (and perhaps planned afresh) while this step was in flight
             req.num_inflight_tokens -= n
             computed = req.num_computed_tokens = req.num_computed_tokens + n
-            req.num_failed_steps = 0
+            if req.num_failed_steps:
+                req.num_failed_steps = 0
             if req.kv_held_tokens and computed >= req.kv_held_tokens:
                 req.stop_catching_up()
             if caching and (n > 1 or computed % block_size == 0):  # a block may have filled up
                 self._cache_computed_blocks(req)
-            if step.prompt_logprobs:
-                _record_prompt_logprobs(req, step.prompt_logprobs.get(req_id))
-            sampled = sampled_tokens.get(req_id)
-            if sampled is None:
+            if prompt_logprobs:
+                _record_prompt_logprobs(req, prompt_logprobs.get(req_id))
+            token = sampled_tokens.get(req_id)
+            if token is None:
                 continue
-            token = sampled.token_id
-            req.append_output(token)
-            params = req.sampling_params
-            if params.logprobs is not None:  # kept only when asked: one object per token adds up
-                req.output_logprobs.append(sampled)
+            req.output_token_ids.append(token)
+            req.num_tokens += 1
+            if logprobs:  # kept only when asked: one object per token adds up
+                lp = logprobs.get(req_id)
+                if lp is not None:
+                    req.output_logprobs.append(lp)
             if token in req.stop_ids or req.num_tokens >= req.length_limit:
                 self._check_stop(req, token)
             advanced.append(req)
@@ -391,6 +422,10 @@ class Scheduler:
         self.block_manager.free(req.request_id)
         self._stages_forget(req)
         self.requests.pop(req.request_id, None)
+
+
+def _has_suspect(in_flight: dict[str, tuple[Request, int, int]]) -> bool:
+    return any(req.num_failed_steps for req, _, _ in in_flight.values())
 
 
 def _record_prompt_logprobs(req: Request, chunk: tuple[int, list] | None) -> None:

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from pipeserve.config import EngineConfig
@@ -137,13 +138,13 @@ class MultiprocExecutor(Executor):
                 raise StepInterrupted("planned before a stage failure", lost=False)
             self._pending[(sched.virtual_engine, sched.step_id)] = (loop, future, time.monotonic(),
                                                                     next(self._steps_issued))
-            msg = RunStep(sched, self.generation)
+            msg = ForkingPickler.dumps(RunStep(sched, self.generation))  # once, whatever the number of ranks
             conns = [self.table.conns.get(r) for r in range(self.table.world_size)]
         with self.table.send_lock:  # one global order to every rank: that is what keeps send/recv pairs matched
             for conn in conns:
                 if conn is not None:
                     with contextlib.suppress(OSError, ValueError):  # a dead rank: the monitor starts recovery
-                        conn.send(msg)
+                        conn.send_bytes(msg)  # what conn.send(RunStep) sends: the rank's recv() unpickles it
         return await future
 
     async def wait_ready(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 from multiprocessing.connection import Client
@@ -52,6 +53,10 @@ def serve_assignment(source: TextIO) -> None:
 
 def serve(engine: str, rank: int, key: str) -> None:
     name_process(f"pipeserve-r{rank}")  # what `ps` and the tests look for, however the process started
+    # The engine stops its stages (Stop, or its connection closing). A SIGINT of their own, from a Ctrl-C
+    # that reaches the whole process group or a `pkill -INT` that matches them too, would end a stage before
+    # the engine begins its shutdown, and the engine would take that for a failure and replace it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     host, port = engine.rsplit(":", 1)
     conn = Client((host, int(port)), authkey=bytes.fromhex(key))
 

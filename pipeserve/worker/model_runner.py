@@ -64,7 +64,9 @@ class ModelRunner:
         reqs = inp.sampled_requests
         tokens = self.sampler(logits, [r.sampling_params for r in reqs], [r.num_output_tokens for r in reqs],
                               [r.seen_token_ids for r in reqs])
-        step.sampled = {r.req_id: t for r, t in zip(reqs, tokens, strict=True)}
+        step.sampled = {r.req_id: t.token_id for r, t in zip(reqs, tokens, strict=True)}
+        step.logprobs = {r.req_id: t for r, t in zip(reqs, tokens, strict=True)
+                         if r.sampling_params.logprobs is not None}
         return step
 
     def _score_prompts(self, hidden: torch.Tensor, inp, step: StepOutput) -> None:

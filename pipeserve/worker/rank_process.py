@@ -183,7 +183,7 @@ def run_rank(conn: Connection, rank: int) -> None:
             raise TypeError(f"expected StartStage, got {type(start).__name__}")
         RankProcess(channel, start).serve()
     except KeyboardInterrupt:
-        pass  # Ctrl-C reaches the whole process group: the engine is stopping its stages itself
+        pass  # (a Ray actor's process; pipeserve's own stage processes ignore SIGINT): the engine stops it
     except BaseException as exc:  # report, never die silently
         cause = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         with contextlib.suppress(OSError, EOFError, ValueError):  # the engine may already be gone

@@ -8,10 +8,8 @@ and the engine, which forgets what it sent when the generation changes, sends ev
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.types import SchedulerOutput
+from pipeserve.types import ScheduledRequest, SchedulerOutput
 
 
 class RequestStates:
@@ -41,7 +39,7 @@ class RequestStates:
             self._params.pop(req_id, None)
             self._seen.pop(req_id, None)
             self._prompts.pop(req_id, None)
-        resolved = []
+        resolved = self._resolve_decodes(sched) if sched.decodes else []
         for r in sched.requests:
             seen = None
             if r.new:
@@ -56,10 +54,7 @@ class RequestStates:
                 else:
                     self._prompts.pop(r.req_id, None)
             else:
-                table, params = self._tables.get(r.req_id), self._params.get(r.req_id)
-                if table is None:
-                    raise RuntimeError(f"step {sched.step_id} continues request {r.req_id}, which this stage "
-                                       f"was never sent whole (generation {generation})")
+                table, params = self._known(sched, r.req_id, generation)
                 table.extend(r.block_table)
                 seen = self._seen.get(r.req_id)
             if seen is not None:
@@ -67,8 +62,32 @@ class RequestStates:
                 seen.extend(r.token_ids)
             prompt = self._prompts.get(r.req_id)
             scores_prompt = prompt is not None and r.start_pos < len(prompt) - 1
-            resolved.append(replace(r, block_table=table, sampling_params=params if r.samples else None, new=False,
-                                    prefix_token_ids=None, seen_token_ids=seen if r.samples else None,
-                                    prompt_token_ids=prompt if scores_prompt else None,
-                                    prompt_logprobs=params.prompt_logprobs if scores_prompt else None))
+            resolved.append(ScheduledRequest(
+                r.req_id, r.token_ids, r.start_pos, table, params if r.samples else None, r.num_output_tokens,
+                r.last_stage, False, r.samples, None, seen if r.samples else None,
+                prompt if scores_prompt else None, params.prompt_logprobs if scores_prompt else None))
         return SchedulerOutput(sched.step_id, sched.virtual_engine, resolved)
+
+    def _resolve_decodes(self, sched: SchedulerOutput) -> list[ScheduledRequest]:
+        """Whole entries of the columnar decodes (each samples; none scores prompt tokens)."""
+        d, seen_of, out = sched.decodes, self._seen, []
+        for req_id, token, start, num_outputs in zip(d.req_ids, d.token_ids, d.start_pos, d.num_output_tokens,
+                                                      strict=True):
+            table, params = self._known(sched, req_id, self._generation)
+            blocks = d.new_blocks.get(req_id)
+            if blocks:
+                table.extend(blocks)
+            seen = seen_of.get(req_id)
+            if seen is not None:
+                del seen[start:]
+                seen.append(token)
+            out.append(ScheduledRequest(req_id, [token], start, table, params, num_outputs, None, False, True,
+                                        None, seen))
+        return out
+
+    def _known(self, sched: SchedulerOutput, req_id: str, generation: int | None) -> tuple[list[int], SamplingParams]:
+        table = self._tables.get(req_id)
+        if table is None:
+            raise RuntimeError(f"step {sched.step_id} continues request {req_id}, which this stage "
+                               f"was never sent whole (generation {generation})")
+        return table, self._params[req_id]
