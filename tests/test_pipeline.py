@@ -22,16 +22,11 @@ LAYOUTS = {  # family (layer count) -> layout kwargs
     "pp2_preempting": ("gqa", dict(pipeline_parallel_size=2, num_kv_blocks=34, block_size=8, max_model_len=128,
                                    max_num_batched_tokens=32)),
     "pp2_one_virtual_engine": ("head_dim_bias", dict(pipeline_parallel_size=2, num_virtual_engines=1)),
-    # Prompts up to 12 chunks long, their chunks in flight in all three stages at once, under preemption. One
-    # virtual engine, so that the pipeline has room for them (busy VEs keep one step each in flight).
-    "pp3_long_prompts_preempting": ("gqa", dict(pipeline_parallel_size=3, num_kv_blocks=17, block_size=8,
-                                                max_model_len=128, max_num_batched_tokens=8,
-                                                num_virtual_engines=1)),
-    "pp2_chunks_in_flight_preempting": ("gqa", dict(pipeline_parallel_size=2, num_kv_blocks=17, block_size=8,
-                                                    max_model_len=128, max_num_batched_tokens=16,
-                                                    num_virtual_engines=1)),
+    # Prompts up to 12 chunks long, their chunks in flight in all three stages at once, under preemption.
+    "pp3_long_prompts_preempting": ("gqa", dict(pipeline_parallel_size=3, num_kv_blocks=51, block_size=8,
+                                                max_model_len=128, max_num_batched_tokens=8)),
 }
-PIPELINED = ("pp3_long_prompts_preempting", "pp2_chunks_in_flight_preempting")  # chunks of a prompt in flight
+PIPELINED = ("pp2_chunked", "pp3_uneven_5_layers", "pp2_preempting", "pp3_long_prompts_preempting")
 
 
 def run(path: str, **kwargs) -> tuple[list[list[int]], LLM]:

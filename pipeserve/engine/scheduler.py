@@ -47,7 +47,6 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         # step id -> {req_id: (request, tokens planned, its epoch when planned)}, for every step in flight
         self._in_flight: dict[int, dict[str, tuple[Request, int, int]]] = {}
-        self._chunk_steps: set[int] = set()  # steps in flight that compute prompt chunks (not only decodes)
         self._next_step = 0
         self._finished_ids: list[str] = []  # requests the stages hold state for that ended: sent with the next step
         self._held: list[Request] = []  # choices waiting for a sibling to compute their shared prompt
@@ -118,11 +117,6 @@ class Scheduler:
     def num_steps_in_flight(self) -> int:
         return len(self._in_flight)
 
-    @property
-    def num_chunk_steps_in_flight(self) -> int:
-        """Steps in flight that compute prompt chunks: the long ones (a decode-only step is short)."""
-        return len(self._chunk_steps)
-
     def schedule(self) -> SchedulerOutput:
         """Plan the next step from what can run now, whether or not earlier steps are still in flight. An
         empty plan (nothing can run before a result arrives) takes no step id.
@@ -140,8 +134,6 @@ class Scheduler:
         self._next_step += 1
         out.finished_req_ids, self._finished_ids = self._finished_ids, []
         self._in_flight[out.step_id] = in_flight
-        if any(not r.is_decode for r in out.requests):
-            self._chunk_steps.add(out.step_id)
         self.max_steps_in_flight = max(self.max_steps_in_flight, len(self._in_flight))
         return out
 
@@ -276,7 +268,6 @@ class Scheduler:
         crashed = []
         in_flight = {req_id for step in self._in_flight.values() for req_id in step}
         self._in_flight.clear()
-        self._chunk_steps.clear()
         for req_id in in_flight:
             req = self.requests.get(req_id)
             if req is None:  # finished or aborted since
@@ -360,7 +351,6 @@ class Scheduler:
         caching, block_size = self.block_manager.enable_prefix_caching, self.block_manager.block_size
         sampled_tokens, logprobs, prompt_logprobs = step.sampled, step.logprobs, step.prompt_logprobs
         running = RequestStatus.RUNNING
-        self._chunk_steps.discard(step.step_id)
         for req_id, (req, n, epoch) in self._in_flight.pop(step.step_id).items():
             if req.epoch != epoch or req.status is not running:
                 continue  # aborted, or preempted (and perhaps planned afresh) while this step was in flight
