@@ -8,7 +8,9 @@ only the final output (offline `LLM.generate`) and listeners that read every ste
 without and with the wire costs of a 2-stage pipeline (the plan pickled as the multi-process executor sends
 it, the result pickled and unpickled: see ZeroCostExecutor).
 Reported: engine CPU ms per decode step (process time between consecutive decode steps, steady state) at
-32 and 256 running requests.
+32 and 256 running requests: only steps in which every request decodes count (after the last prompt is
+prefilled, before the first request finishes), so building the final outputs (detokenizing each request's
+whole text once) is not spread over them.
 
     python benchmarks/bench_engine_overhead.py --markdown results/engine_overhead.md
 
@@ -37,6 +39,7 @@ from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import SampledToken, SchedulerOutput, StepOutput
 
 TEXT_TOKENS = list(range(1000, 1600))  # ordinary word pieces of the embedded vocabulary, cycled
+PROMPT_LEN = 128
 
 
 def _samples(r) -> bool:
@@ -58,6 +61,10 @@ def _sampled(sched: SchedulerOutput) -> dict:
     return sampled
 
 
+def _num_decodes(sched: SchedulerOutput) -> int:
+    return len(getattr(sched, "decodes", ())) + sum(r.is_decode for r in sched.requests)
+
+
 class ZeroCostExecutor(Executor):
     """Returns a token for every sampling request at once; notes the process time of every decode step.
 
@@ -66,12 +73,12 @@ class ZeroCostExecutor(Executor):
     unpickling the result (the unpickling happens in the engine's monitor thread; the pickling is the last
     stage's, counted here as well)."""
 
-    def __init__(self, wire: bool):
-        self.wire = wire
+    def __init__(self, wire: bool, num_requests: int):
+        self.wire, self.num_requests = wire, num_requests
         self.decode_cpu: list[float] = []
 
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
-        if sched.kind == "decode":
+        if sched.kind == "decode" and _num_decodes(sched) == self.num_requests:  # every request decoding
             self.decode_cpu.append(time.process_time())
         out = StepOutput(sched.step_id, sched.virtual_engine, _sampled(sched))
         if self.wire:
@@ -91,16 +98,21 @@ class ZeroCostExecutor(Executor):
 
 
 async def measure(num_requests: int, steps: int, wire: bool, tokenizer: Any, final_only: bool) -> float:
-    config = EngineArgs(max_num_seqs=num_requests, max_num_batched_tokens=max(512, num_requests),
-                        num_kv_blocks=num_requests * (128 + steps) // 16 + num_requests, max_model_len=2048,
-                        num_virtual_engines=1).create_engine_config()
-    executor = ZeroCostExecutor(wire)
+    budget = max(512, num_requests)
+    # The prompts take this many steps to prefill (the first requests decode meanwhile); with that many more
+    # tokens each, every request is still running for `steps` decode steps after the last prefill.
+    prefill_steps = -(-num_requests * PROMPT_LEN // budget)
+    max_tokens = steps + prefill_steps + 1
+    config = EngineArgs(max_num_seqs=num_requests, max_num_batched_tokens=budget,
+                        num_kv_blocks=num_requests * (PROMPT_LEN + max_tokens) // 16 + num_requests,
+                        max_model_len=2048, num_virtual_engines=1).create_engine_config()
+    executor = ZeroCostExecutor(wire, num_requests)
     engine = AsyncEngine(config, executor, tokenizer)
-    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     async with engine.running():
         # `--engine-src` may point at an older pipeserve, before streams had final_only
         extra = {"final_only": final_only} if "final_only" in inspect.signature(engine.add_request).parameters else {}
-        streams = [engine.add_request([TEXT_TOKENS[(i + j) % 600] for j in range(128)], params, **extra)
+        streams = [engine.add_request([TEXT_TOKENS[(i + j) % 600] for j in range(PROMPT_LEN)], params, **extra)
                    for i in range(num_requests)]
 
         async def consume(stream) -> int:
@@ -110,15 +122,16 @@ async def measure(num_requests: int, steps: int, wire: bool, tokenizer: Any, fin
             return n
 
         counts = await asyncio.gather(*(consume(s) for s in streams))
-    assert counts == [steps] * num_requests
+    assert counts == [max_tokens] * num_requests
     marks = executor.decode_cpu[len(executor.decode_cpu) // 4:]  # steady state: past the first quarter
+    assert len(marks) >= steps // 2, len(marks)
     return (marks[-1] - marks[0]) / (len(marks) - 1) * 1e3
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", default="32,256")
-    p.add_argument("--steps", type=int, default=200, help="decode steps per request")
+    p.add_argument("--steps", type=int, default=200, help="decode steps with every request running")
     p.add_argument("--repeats", type=int, default=3, help="runs per cell; the least is reported (this VM's "
                                                              "CPU time per step varies up to 2x from run to run)")
     p.add_argument("--markdown", default=None)
