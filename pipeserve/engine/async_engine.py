@@ -217,7 +217,7 @@ class AsyncEngine:
         Measured and not adopted: planning a VE's chunk ahead only while fewer chunk steps are in flight than
         stages, so that with every VE computing prompts each keeps one step, its decodes riding along. The
         bubbles that left (step lengths differ between VEs) cost more than the decode-only steps it saved:
-        0.92x this schedule on 32 x 1k-in/128-out at PP=2 (README, "Steps in flight")."""
+        0.92x this schedule on 32 x 1k-in/128-out at PP=2 (`results/pipeline_chunk_cap.md`)."""
         while len(in_flight) < self.steps_in_flight_per_ve and generation == self.executor.generation:
             sched = scheduler.schedule()
             if sched.is_empty and not sched.finished_req_ids:
