@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--await-assignment", action="store_true",
                         help="import everything, then read 'HOST:PORT RANK KEY' from stdin")
     args = parser.parse_args()
+    ignore_interrupts()
     if args.await_assignment:
         serve_assignment(sys.stdin)
         return
@@ -38,11 +39,20 @@ def main() -> None:
     serve(args.engine, args.rank, sys.stdin.readline().strip())
 
 
+def ignore_interrupts() -> None:
+    """The engine stops its stages (Stop, or its connection closing). A SIGINT of their own, from a Ctrl-C
+    that reaches the whole process group or a `pkill -INT` that matches them too, would end a stage before
+    the engine begins its shutdown, and the engine would take that for a failure and replace it. Called on
+    a stage process's main thread (a Ray actor runs `serve` on a thread of Ray's, and keeps Ray's handling)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def serve_assignment(source: TextIO) -> None:
     """A prewarmed stage process: import torch and the model code first (the slow part, done while the
     engine starts), then take 'HOST:PORT RANK KEY' from `source` and serve. Nothing arrives when the engine
     did not need this process: then it just ends."""
     die_with_parent()
+    ignore_interrupts()  # (again: a rank forked from the `pipeserve` command starts here)
     import pipeserve.worker.rank_process  # noqa: F401
 
     assignment = source.readline().split()
@@ -53,10 +63,6 @@ def serve_assignment(source: TextIO) -> None:
 
 def serve(engine: str, rank: int, key: str) -> None:
     name_process(f"pipeserve-r{rank}")  # what `ps` and the tests look for, however the process started
-    # The engine stops its stages (Stop, or its connection closing). A SIGINT of their own, from a Ctrl-C
-    # that reaches the whole process group or a `pkill -INT` that matches them too, would end a stage before
-    # the engine begins its shutdown, and the engine would take that for a failure and replace it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     host, port = engine.rsplit(":", 1)
     conn = Client((host, int(port)), authkey=bytes.fromhex(key))
 
