@@ -254,12 +254,10 @@ class AsyncEngine:
                 stop = self.outputs.new_token(req)
                 if stop is not None:
                     scheduler.finish_stopped(req, stop)
-            if req.status is running:
-                if not tracked.stream.final_only:
-                    tracked.stream.wake()
-            else:
+            finished = req.status is not running
+            if finished:
                 del tracked_of[req.request_id]
-                tracked.stream.wake(finished=True)
+            tracked.stream.wake(finished)  # (a final_only stream wakes only at the end)
 
     def _fail_request(self, req: Request, exc: BaseException) -> None:
         logger.error("%s", exc)

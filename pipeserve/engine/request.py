@@ -35,7 +35,7 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.max_tokens = max_tokens  # resolved: never None here
-        self.output_token_ids: list[int] = []  # grows with num_tokens (append_output; Scheduler.update inlines it)
+        self.output_token_ids: list[int] = []  # appended only through append_output (keeps num_tokens)
         self.num_tokens = len(self.prompt_token_ids)  # prompt + outputs: read on every step, so kept, not counted
         self.output_logprobs: list[SampledToken] = []
         # With prompt_logprobs: entry i scores prompt token i + 1 (the first prompt token has none).

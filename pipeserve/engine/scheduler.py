@@ -367,8 +367,7 @@ class Scheduler:
             token = sampled_tokens.get(req_id)
             if token is None:
                 continue
-            req.output_token_ids.append(token)
-            req.num_tokens += 1
+            req.append_output(token)
             if logprobs:  # kept only when asked: one object per token adds up
                 lp = logprobs.get(req_id)
                 if lp is not None:

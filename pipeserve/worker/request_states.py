@@ -54,7 +54,7 @@ class RequestStates:
                 else:
                     self._prompts.pop(r.req_id, None)
             else:
-                table, params = self._known(sched, r.req_id, generation)
+                table, params = self._known(sched, r.req_id)
                 table.extend(r.block_table)
                 seen = self._seen.get(r.req_id)
             if seen is not None:
@@ -73,7 +73,7 @@ class RequestStates:
         d, seen_of, out = sched.decodes, self._seen, []
         for req_id, token, start, num_outputs in zip(d.req_ids, d.token_ids, d.start_pos, d.num_output_tokens,
                                                       strict=True):
-            table, params = self._known(sched, req_id, self._generation)
+            table, params = self._known(sched, req_id)
             blocks = d.new_blocks.get(req_id)
             if blocks:
                 table.extend(blocks)
@@ -85,9 +85,9 @@ class RequestStates:
                                         None, seen))
         return out
 
-    def _known(self, sched: SchedulerOutput, req_id: str, generation: int | None) -> tuple[list[int], SamplingParams]:
+    def _known(self, sched: SchedulerOutput, req_id: str) -> tuple[list[int], SamplingParams]:
         table = self._tables.get(req_id)
         if table is None:
             raise RuntimeError(f"step {sched.step_id} continues request {req_id}, which this stage "
-                               f"was never sent whole (generation {generation})")
+                               f"was never sent whole (generation {self._generation})")
         return table, self._params[req_id]
