@@ -26,6 +26,7 @@ run: install
 	@echo "  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{\"model\": \"smollm2-135m-instruct\", \"prompt\": \"The capital of France is\", \"max_tokens\": 32, \"temperature\": 0}'"
 	$(BIN)/pipeserve serve -pp 2
 
+# Lint, then the whole suite (about 13 minutes on 2 cores); `make test-fast` skips the slow tests.
 test: install
 	$(BIN)/ruff check pipeserve tests benchmarks
 	$(BIN)/python -m pytest -q tests
