@@ -14,8 +14,9 @@ whole text once) is not spread over them.
 
     python benchmarks/bench_engine_overhead.py --markdown results/engine_overhead.md
 
-To measure an older revision with the same benchmark, run it with that revision's package first on the path
-(`git worktree add /tmp/old REV; PYTHONPATH=/tmp/old python benchmarks/bench_engine_overhead.py`).
+To measure another commit's engine with the same benchmark, put that commit's package first on the path
+(`git worktree add /tmp/other REV; PYTHONPATH=/tmp/other python benchmarks/bench_engine_overhead.py`);
+step plans with one entry per decode and engines without `final_only` streams are handled too.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _sampled(sched: SchedulerOutput) -> dict:
     """The step's tokens, in the form the stages send back. Built at C speed where the form allows (every
     decode of a step gets the same token; steps differ), so that what is measured is the engine's work, not
     this stand-in's: the stages build the real ones, and the engine only unpickles them (`wire`)."""
-    if not hasattr(sched, "decodes"):  # an older revision: one SampledToken per request, decodes as entries
+    if not hasattr(sched, "decodes"):  # plans without DecodeBatch: one SampledToken per request, decodes as entries
         return {r.req_id: SampledToken(_token(r.context_len)) for r in sched.requests if _samples(r)}
     sampled = dict.fromkeys(sched.decodes.req_ids, _token(sched.step_id))
     sampled.update((r.req_id, _token(r.context_len)) for r in sched.requests if r.samples)
@@ -68,8 +69,8 @@ def _num_decodes(sched: SchedulerOutput) -> int:
 class ZeroCostExecutor(Executor):
     """Returns a token for every sampling request at once; notes the process time of every decode step.
 
-    With `wire`, it also pays what the multi-process executor pays for a 2-stage pipeline (each revision its
-    own way: this one pickles the plan once for every rank, older ones once per rank), plus pickling and
+    With `wire`, it also pays what the multi-process executor pays for a 2-stage pipeline (the plan pickled
+    once for every rank; plans without DecodeBatch once per rank, as the executor that sent them did), plus pickling and
     unpickling the result (the unpickling happens in the engine's monitor thread; the pickling is the last
     stage's, counted here as well)."""
 
@@ -110,7 +111,7 @@ async def measure(num_requests: int, steps: int, wire: bool, tokenizer: Any, fin
     engine = AsyncEngine(config, executor, tokenizer)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     async with engine.running():
-        # `--engine-src` may point at an older pipeserve, before streams had final_only
+        # the pipeserve on the path may predate `final_only` streams
         extra = {"final_only": final_only} if "final_only" in inspect.signature(engine.add_request).parameters else {}
         streams = [engine.add_request([TEXT_TOKENS[(i + j) % 600] for j in range(PROMPT_LEN)], params, **extra)
                    for i in range(num_requests)]

@@ -1,4 +1,4 @@
-"""Prefix caching on a shared-prefix workload, on vs off in one run (issue 11's figure).
+"""Prefix caching on a shared-prefix workload, on vs off in one run.
 
 Every request is one shared "system prompt" of --prefix-len random tokens plus --suffix-len tokens of its
 own, and asks for --output-len tokens (ignore_eos); all arrive at once, on the embedded model at PP=2 (one

@@ -16,7 +16,7 @@ from pipeserve import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
-# `make test` installs Ray (the test extra pins it); a machine without it skips these, as the issue asks.
+# `make test` installs Ray (the test extra pins it); Ray is optional, so a machine without it skips these.
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'pipeserve[ray]'")
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(3, 40)), [100], list(range(50, 120))]

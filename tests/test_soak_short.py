@@ -1,7 +1,7 @@
-"""A shortened soak (issue 13): a few hundred mixed requests through the HTTP server at PP=2, a share of them
-streams whose client hangs up after the first chunk, some malformed. Afterwards every per-request structure
-of the engine, the executor and both stage processes is empty and every KV block is back. Memory is not
-checked here (too noisy for a test): `benchmarks/bench_soak.py` measures it."""
+"""A shortened soak: a few hundred mixed requests through the HTTP server at PP=2, a share of them streams
+whose client hangs up after the first chunk, some malformed. Afterwards every per-request structure of the
+engine, the executor and both stage processes is empty and every KV block is back. Memory is not checked
+here (too noisy for a test): `benchmarks/bench_soak.py` measures it."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ Why: a stage allocates its per-step tensors (activations, attention workspace, l
 every step, from a few KiB to tens of MiB. glibc serves a request above its mmap threshold with its own
 mapping, returned to the system on free, but it raises that threshold (up to 32 MiB) every time such a
 mapping is freed. After the first large step nearly every tensor comes from the heap instead, and a heap
-cut up by ever-changing sizes keeps growing: in issue 13's soak each stage grew by +94, +37, +32 MB per
-600 requests after warm-up, and did not stop. Fixing the threshold turns the adjustment off, so tensors of
+cut up by ever-changing sizes keeps growing: in a soak of the embedded model at PP=2 without this setting
+each stage grew by +94, +37, +32 MB per 600 requests after warm-up, and did not stop (docs/benchmarks.md,
+"A server that runs for weeks"). Fixing the threshold turns the adjustment off, so tensors of
 STAGE_MMAP_THRESHOLD bytes or more always get their own mapping and go back to the system when freed;
 smaller ones reuse the heap, whose size the small sizes bound. The price is the page faults of fresh
 mappings; it was not measured on its own (the soak and Ray benchmarks ran with it on).
