@@ -1,5 +1,5 @@
 """A two-node Ray cluster on this machine: the head in one network-namespace host, a second Ray node in
-another, joined over their private link, with token authentication on (as the README asks of real clusters).
+another, joined over their private link, with token authentication on (as docs/distributed.md asks of real clusters).
 
 Each node declares one CPU, so together they claim what this 2-core machine has; tests ask for fractions.
 """
