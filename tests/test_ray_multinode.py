@@ -16,7 +16,7 @@ import pytest
 from helpers import assert_greedy_match, hf_greedy
 
 from pipeserve import LLM, SamplingParams
-from pipeserve.distributed.launcher import free_port
+from pipeserve.control.process import free_port
 from pipeserve.testing_netns import NetnsCluster, netns_available
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'pipeserve[ray]'")

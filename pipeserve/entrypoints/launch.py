@@ -40,7 +40,7 @@ def main() -> None:
     ranks = local_ranks(sys.argv[1:])
     if ranks:
         import pipeserve.worker.rank_process  # noqa: F401 - torch and the model code, shared with forked ranks
-        from pipeserve.distributed.launcher import prewarm_ranks
+        from pipeserve.control.launcher import prewarm_ranks
 
         prewarm_ranks(ranks)
     from pipeserve.entrypoints.cli import main as cli_main

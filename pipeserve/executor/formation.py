@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from pipeserve.distributed.messages import Join, Ping, Release, StartStage
+from pipeserve.control.messages import Join, Ping, Release, StartStage
 from pipeserve.executor.rank_launcher import ClusterLauncher, NodeAgentMissing
 from pipeserve.executor.rank_table import RankTable
 

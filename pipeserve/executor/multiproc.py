@@ -29,8 +29,8 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from pipeserve.config import EngineConfig
-from pipeserve.distributed.launcher import control_address, discard_warm_ranks
-from pipeserve.distributed.messages import (
+from pipeserve.control.launcher import control_address, discard_warm_ranks
+from pipeserve.control.messages import (
     BusyReport,
     GroupLost,
     Loaded,

@@ -14,8 +14,8 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-from pipeserve.distributed.launcher import spawn_rank
-from pipeserve.distributed.messages import KillRanks, StartRanks
+from pipeserve.control.launcher import spawn_rank
+from pipeserve.control.messages import KillRanks, StartRanks
 
 
 class NodeAgentMissing(RuntimeError):

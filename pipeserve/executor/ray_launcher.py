@@ -60,7 +60,7 @@ class _RankActor:
     """One rank: runs the stage code until the engine stops it (or its connection goes)."""
 
     def serve(self, engine: str, rank: int, key: str) -> int:
-        from pipeserve.distributed.launcher import interface_towards
+        from pipeserve.control.process import interface_towards
         from pipeserve.worker.main import serve
 
         # As for the mp backend's spawned ranks: gloo binds to the hostname's address unless told which

@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 import torch
 import torch.distributed as dist
 
-from pipeserve.distributed.messages import (
+from pipeserve.control.messages import (
     BusyReport,
     GroupLost,
     Join,
