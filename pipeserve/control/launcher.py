@@ -5,9 +5,7 @@ listener (an authenticated multiprocessing connection; the key travels on stdin)
 starts its node's ranks itself. On another machine a node agent (`pipeserve worker --node-rank K`, see
 node_agent.py) stays connected for the engine's whole life and starts (or kills) ranks whenever asked.
 Every child is started from one long-lived thread and dies with its parent (`process.die_with_parent`).
-
-Ranks are placed by "TP inside a node, PP across nodes": node k hosts ranks [k*W/N, (k+1)*W/N), and
-since TP groups are consecutive ranks, a TP group never spans machines when T divides W/N.
+Which machine hosts which rank is `distributed/rank_layout.RankLayout.node_of`.
 """
 
 from __future__ import annotations
