@@ -150,10 +150,6 @@ class ParallelConfig:
     ray_address: str | None = None  # the Ray cluster to join (None: $RAY_ADDRESS, else a local one)
     ray_cpus_per_rank: float = 1.0  # logical CPUs each rank's actor reserves
 
-    @property
-    def world_size(self) -> int:
-        return self.pipeline_parallel_size * self.tensor_parallel_size
-
 
 @dataclass(frozen=True)
 class EngineConfig:
