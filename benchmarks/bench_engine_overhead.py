@@ -31,7 +31,7 @@ import time
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from pipeserve.distributed.messages import RunStep
+from pipeserve.control.messages import RunStep
 from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.engine.async_engine import AsyncEngine
 from pipeserve.executor.base import Executor

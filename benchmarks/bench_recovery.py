@@ -47,7 +47,7 @@ class KillHalfway:
             self.arrivals_after.append(time.time())
         elif sum(self.counts.values()) >= self.half:
             self.kill_time = time.time()
-            os.kill(self.llm.engine.executor.launcher.procs[self.rank].pid, signal.SIGKILL)
+            os.kill(self.llm.engine.executor.launcher.pid(self.rank), signal.SIGKILL)
 
 
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, kill: KillHalfway | None) -> dict:

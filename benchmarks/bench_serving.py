@@ -19,7 +19,7 @@ import urllib.request
 
 from common import CLI, add_workload_flags, run_to_json, write_report
 
-from pipeserve.distributed.launcher import free_port
+from pipeserve.control.process import free_port
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:

@@ -35,7 +35,7 @@ import httpx
 from bench_serving import stop_server, wait_healthy
 from common import CLI
 
-from pipeserve.distributed.launcher import free_port
+from pipeserve.control.process import free_port
 
 
 def rss_mb(pid: int) -> float:

@@ -1,9 +1,10 @@
-"""Frozen configuration records. Each component takes only the one it needs."""
+"""Frozen configuration records. Each component takes only the one it needs.
+
+Reading a checkpoint's config (HF folder or GGUF file) is the loader's job: `loader/model_config.py`.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,27 +81,6 @@ class ModelConfig:
             dtype=dtype,
         )
 
-    @staticmethod
-    def load(path: str, dtype: str = "auto", quantization: str = "none") -> ModelConfig:
-        """Read the config of an HF folder or a GGUF file at `path` (already resolved to exist)."""
-        if path.endswith(".gguf"):
-            from pipeserve.loader.gguf_loader import gguf_hf_config
-
-            cfg = gguf_hf_config(path)
-        else:
-            cfg_file = os.path.join(path, "config.json")
-            if not os.path.isfile(cfg_file):
-                raise ValueError(f"model folder {path!r} has no config.json")
-            with open(cfg_file) as f:
-                cfg = json.load(f)
-        from dataclasses import replace
-
-        from pipeserve.layers.quantization import QUANTIZATION_METHODS
-
-        if quantization not in QUANTIZATION_METHODS:
-            raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATION_METHODS)}")
-        return replace(ModelConfig.from_hf_dict(path, cfg, resolve_dtype(dtype)), quantization=quantization)
-
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX)."""
@@ -169,10 +149,6 @@ class ParallelConfig:
     distributed_executor_backend: str = "mp"  # mp: our own processes and node agents; ray: Ray actors
     ray_address: str | None = None  # the Ray cluster to join (None: $RAY_ADDRESS, else a local one)
     ray_cpus_per_rank: float = 1.0  # logical CPUs each rank's actor reserves
-
-    @property
-    def world_size(self) -> int:
-        return self.pipeline_parallel_size * self.tensor_parallel_size
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeserve.distributed.launcher import free_port
+from pipeserve.control.process import free_port
 
 
 @dataclass

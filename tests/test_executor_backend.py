@@ -38,3 +38,14 @@ def test_cli_flags_reach_the_engine_and_skip_prewarmed_processes():
         ("ray", "auto", 0.5)
     assert local_ranks(argv) == 0  # Ray starts the ranks: no stage process is forked here
     assert local_ranks(argv[:3]) == 2
+
+
+def test_bundles_that_fit_counts_whole_bundles_per_node():
+    from pipeserve.executor.ray_launcher import bundles_that_fit
+
+    two_cpus = {"CPU": 2.0, "memory": 1e9}
+    assert bundles_that_fit({"CPU": 2.0}, [two_cpus]) == 1  # -pp 2 -tp 2 at 1 CPU per rank on 2 cores: short
+    assert bundles_that_fit({"CPU": 1.0}, [two_cpus]) == 2
+    assert bundles_that_fit({"CPU": 1.5}, [two_cpus, two_cpus]) == 2  # one per node: halves do not add up
+    assert bundles_that_fit({"CPU": 0.3}, [{"CPU": 0.9}]) == 3  # not rounded down by float error
+    assert bundles_that_fit({"CPU": 1.0, "GPU": 1.0}, [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0}]) == 2

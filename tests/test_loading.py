@@ -9,9 +9,9 @@ from helpers import make_tiny_llama
 from transformers import LlamaForCausalLM as HFLlama
 
 from pipeserve import LLM, SamplingParams
-from pipeserve.config import ModelConfig
 from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.stage import StageInfo
+from pipeserve.loader.model_config import load_model_config
 from pipeserve.models.llama import LlamaForCausalLM
 
 
@@ -46,7 +46,7 @@ class RecordingTensor:
 
 def test_tensor_parallel_rank_reads_only_its_shard(tmp_path):
     path = make_tiny_llama(str(tmp_path / "m"), num_attention_heads=4, num_key_value_heads=2)
-    cfg = ModelConfig.load(path, "float32")
+    cfg = load_model_config(path, "float32")
     state = HFLlama.from_pretrained(path).state_dict()
     model = LlamaForCausalLM(cfg, StageInfo.whole_model(cfg.num_hidden_layers), 64, TPGroup(rank=1, size=2))
     tensors = {name: RecordingTensor(t) for name, t in state.items()}

@@ -7,7 +7,7 @@ from multiprocessing import Pipe
 
 import pytest
 
-from pipeserve.distributed import messages as m
+from pipeserve.control import messages as m
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import SampledToken, ScheduledRequest, SchedulerOutput, StepOutput
 

@@ -16,6 +16,7 @@ from pipeserve.config import ModelConfig
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.quantization import Int4Codes, QuantizedWeight
 from pipeserve.loader.gguf_quant import int4_codes
+from pipeserve.loader.model_config import load_model_config
 from pipeserve.loader.model_loader import load_model
 from pipeserve.types import ScheduledRequest, SchedulerOutput
 from pipeserve.worker.input_batch import build_model_input
@@ -88,14 +89,14 @@ def test_quantized_layouts_match_dequantized_hf(layout, tiny_models, hf_models):
 
 
 def test_hf_checkpoints_stay_dense_under_auto(tiny_model):
-    cfg = ModelConfig.load(tiny_model, "float32", "auto")
+    cfg = load_model_config(tiny_model, "float32", "auto")
     model = load_model(cfg, StageInfo(0, 1, 0, cfg.num_hidden_layers), 64)
     assert all(getattr(m, "quantized", None) is None for m in model.modules())
 
 
 def test_unknown_quantization_is_refused(tiny_model):
     with pytest.raises(ValueError, match="quantization 'fp4' is not one of auto, none, int8, int4"):
-        ModelConfig.load(tiny_model, "float32", "fp4")
+        load_model_config(tiny_model, "float32", "fp4")
 
 
 def _all_logits(model, cfg: ModelConfig, ids: list[int]) -> torch.Tensor:
@@ -111,7 +112,7 @@ def _all_logits(model, cfg: ModelConfig, ids: list[int]) -> torch.Tensor:
 def test_embedded_model_logits_stay_near_its_dense_path(monkeypatch):
     """SmolLM2's GGUF under `auto`: Q4_1 layers exact int4, the Q8_0 head int8. The quantized kernels'
     logits (bfloat16 activations) against the same weights dequantized, multiplied densely in float32."""
-    cfg = ModelConfig.load(_default_path(), "float32", "auto")
+    cfg = load_model_config(_default_path(), "float32", "auto")
     model = load_model(cfg, StageInfo(0, 1, 0, cfg.num_hidden_layers), 64, disable_progress=True)
     ids = [1, 504, 3458, 282, 4649, 314, 2088, 30, 378, 3458, 282, 4649, 314]
     monkeypatch.setattr(linear_mod, "QUANT_MAX_ROWS", 0)

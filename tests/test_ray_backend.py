@@ -77,10 +77,29 @@ def test_ray_backend_matches_hf_and_survives_a_killed_actor(tiny_models, hf_mode
     assert actors == [] and groups == []
 
 
-def test_placement_that_cannot_be_met_names_the_resources(tiny_models):
-    with pytest.raises(RuntimeError, match=r"need 2 bundle\(s\) of \{'CPU': 64\.0\}.*the cluster has"):
-        LLM(tiny_models["gqa"], dtype="float32", pipeline_parallel_size=2, join_timeout_s=3,
-            **{**RAY_KWARGS, "ray_cpus_per_rank": 64.0})
+def test_placement_the_cluster_cannot_hold_fails_at_once_with_the_numbers(tiny_models):
+    """-pp 2 -tp 2 at one CPU per rank needs two bundles of 2 CPUs; the 2-CPU cluster holds one. That is
+    known before any wait: the error comes at once (the join timeout is the default 120 s), not after it."""
+    with pytest.raises(RuntimeError, match=r"need 2 bundle\(s\) of \{'CPU': 2\.0\}.*2 TP rank\(s\) x "
+                                           r"--ray-cpus-per-rank 1\.0.*the cluster has \{'CPU': 2\.0\} on 1 node"
+                                           r"\(s\), room for 1 such bundle"):
+        LLM(tiny_models["gqa"], dtype="float32", pipeline_parallel_size=2, tensor_parallel_size=2,
+            **{**RAY_KWARGS, "ray_cpus_per_rank": 1.0})
+    assert leftovers() == ([], [])
+
+
+def test_placement_that_waits_on_busy_resources_names_them(tiny_models):
+    """A placement the cluster could hold, but whose CPUs another job holds now, waits up to the join timeout."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    other_job = placement_group([{"CPU": 2.0}])
+    ray.get(other_job.ready(), timeout=60)
+    try:
+        with pytest.raises(RuntimeError, match=r"within 3 s: they need 2 bundle\(s\) of \{'CPU': 0\.5\}.*the "
+                                               r"cluster has .*free"):
+            LLM(tiny_models["gqa"], dtype="float32", pipeline_parallel_size=2, join_timeout_s=3, **RAY_KWARGS)
+    finally:
+        remove_placement_group(other_job)
     assert leftovers() == ([], [])
 
 

@@ -16,7 +16,7 @@ import pytest
 from helpers import assert_greedy_match, hf_greedy
 
 from pipeserve import LLM, SamplingParams
-from pipeserve.distributed.launcher import free_port
+from pipeserve.control.process import free_port
 from pipeserve.testing_netns import NetnsCluster, netns_available
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'pipeserve[ray]'")
@@ -37,7 +37,7 @@ DRIVER = textwrap.dedent("""
              distributed_executor_backend="ray", ray_address=address, ray_cpus_per_rank=0.5, **kwargs) as llm:
         launcher = llm.engine.executor.launcher
         ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        placed = {r: launcher.pid_and_node(r) for r in range(launcher.world_size)}
+        placed = {r: launcher.pid_and_node(r) for r in range(launcher.layout.world_size)}
         run = lambda cb=None: [o.outputs[0].token_ids for o in llm.generate(
             [{"prompt_token_ids": p} for p in prompts], greedy, on_output=cb)]
         tokens, after_kill = run(), None
@@ -48,7 +48,7 @@ DRIVER = textwrap.dedent("""
             after_kill = run(kill)
         restarts = dict(llm.engine.executor.recoveries.restarts_by_stage)
     print("RESULT " + json.dumps({"tokens": tokens, "after_kill": after_kill, "restarts": restarts,
-                                  "node_of_rank": {r: ips[placed[r][1]] for r in range(launcher.world_size)}}))
+                                  "node_of_rank": {r: ips[placed[r][1]] for r in range(launcher.layout.world_size)}}))
 """).replace("MAX_TOKENS", str(MAX_TOKENS))
 
 

@@ -16,7 +16,7 @@ import uvicorn
 from helpers import leftover_bookkeeping
 from server_utils import metric_sum, read_metrics
 
-from pipeserve.distributed.launcher import free_port
+from pipeserve.control.process import free_port
 from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.entrypoints.openai.api_server import ServeSettings, build_app
 from pipeserve.entrypoints.openai.launcher import build_engine

@@ -1,9 +1,4 @@
-"""Who this process is in the P x T grid, and its tensor-parallel collectives.
-
-Ranks are laid out TP-major: TP groups are consecutive ranks (they share a machine: fast links), PP
-peers are T apart (they may sit on different machines: slow links). With T=2, P=2: TP groups [0,1]
-and [2,3], pipeline chains [0,2] and [1,3].
-"""
+"""A rank's tensor-parallel group and its collectives (the grid's arithmetic is in rank_layout.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from pipeserve.distributed.rank_layout import RankLayout
 
 
 class PeerLost(RuntimeError):
@@ -89,31 +86,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-@dataclass(frozen=True)
-class RankLayout:
-    """Rank arithmetic of the grid."""
-
-    pp_size: int
-    tp_size: int
-
-    @property
-    def world_size(self) -> int:
-        return self.pp_size * self.tp_size
-
-    def pp_rank(self, rank: int) -> int:
-        return rank // self.tp_size
-
-    def tp_rank(self, rank: int) -> int:
-        return rank % self.tp_size
-
-    def tp_group_ranks(self, pp_rank: int) -> list[int]:
-        return [pp_rank * self.tp_size + t for t in range(self.tp_size)]
-
-    def result_rank(self) -> int:
-        """The rank that returns sampled tokens: TP rank 0 of the last stage."""
-        return (self.pp_size - 1) * self.tp_size
-
-
 def tp_group_of(layout: RankLayout, rank: int) -> TPGroup:
     """This rank's TP group, not yet bound to a process group (enough to load its shard of the weights)."""
     return TPGroup(layout.tp_rank(rank), layout.tp_size) if layout.tp_size > 1 else TPGroup()
@@ -123,8 +95,8 @@ def init_tp_groups(layout: RankLayout, rank: int, into: TPGroup | None = None) -
     """Create every TP group of the current process group (all ranks must create all groups, in the same
     order) and bind ours to `into` (a new TPGroup when None)."""
     mine = into or tp_group_of(layout, rank)
-    for pp in range(layout.pp_size):
-        ranks = layout.tp_group_ranks(pp)
+    for stage in range(layout.pp_size):
+        ranks = layout.stage_ranks(stage)
         group = dist.new_group(ranks) if layout.tp_size > 1 else None
         if rank in ranks:
             mine.group = group

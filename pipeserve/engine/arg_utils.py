@@ -12,6 +12,7 @@ from pipeserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelCon
 from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.partition import parse_partition
 from pipeserve.loader.default_model import resolve_model_path
+from pipeserve.loader.model_config import load_model_config
 from pipeserve.models.llama import kv_head_range
 from pipeserve.worker.kv_cache import kv_bytes_per_block
 
@@ -64,7 +65,7 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         """Resolve defaults and check every limit, raising ValueError that names the bad setting."""
         path = resolve_model_path(self.model)
-        model = ModelConfig.load(path, self.dtype, self.quantization)
+        model = load_model_config(path, self.dtype, self.quantization)
         max_len = self.max_model_len or min(model.max_position_embeddings, 4096)
         if max_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_len}")

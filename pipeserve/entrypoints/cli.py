@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from pipeserve.distributed.node_agent import run_node_agent
+    from pipeserve.control.node_agent import run_node_agent
 
     if args.node_rank < 1 or args.nnodes < 2 or args.master_port is None or not args.cluster_key:
         raise ValueError("pipeserve worker needs --nnodes >= 2, --node-rank >= 1, --master-addr, --master-port "

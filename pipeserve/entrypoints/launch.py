@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeserve.distributed.rank_layout import RankLayout  # plain integers: imports no torch
+
 _ENGINE_COMMANDS = ("serve", "generate", "bench")
 
 
@@ -30,7 +32,7 @@ def local_ranks(argv: list[str]) -> int:
         args, _ = p.parse_known_args(argv[1:])
     except SystemExit:  # a malformed flag: let the CLI report it
         return 0
-    world = args.pipeline_parallel_size * args.tensor_parallel_size
+    world = RankLayout(args.pipeline_parallel_size, args.tensor_parallel_size).world_size
     if args.help or args.nnodes != 1 or world < 2 or world > 64 or args.distributed_executor_backend != "mp":
         return 0
     return world
@@ -40,7 +42,7 @@ def main() -> None:
     ranks = local_ranks(sys.argv[1:])
     if ranks:
         import pipeserve.worker.rank_process  # noqa: F401 - torch and the model code, shared with forked ranks
-        from pipeserve.distributed.launcher import prewarm_ranks
+        from pipeserve.control.launcher import prewarm_ranks
 
         prewarm_ranks(ranks)
     from pipeserve.entrypoints.cli import main as cli_main

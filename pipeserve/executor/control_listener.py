@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection, Listener
 
 import torch.distributed as dist
 
-from pipeserve.distributed.messages import NodeHello, RankHello
+from pipeserve.control.messages import NodeHello, RankHello
 
 HELLO_TIMEOUT_S = 10.0  # a connection that does not introduce itself by then is dropped
 

@@ -14,8 +14,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from pipeserve.distributed.messages import Join, Ping, Release, StartStage
-from pipeserve.executor.rank_launcher import ClusterLauncher, NodeAgentMissing
+from pipeserve.control.messages import Join, Ping, Release, StartStage
+from pipeserve.executor.rank_launcher import NodeAgentMissing, RankLauncher
 from pipeserve.executor.rank_table import RankTable
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class FormationInterrupted(RuntimeError):
 class GroupFormation:
     """Brings every rank into one generation of the group."""
 
-    def __init__(self, table: RankTable, launcher: ClusterLauncher, specs: list, who: Callable[[int], str],
+    def __init__(self, table: RankTable, launcher: RankLauncher, specs: list, who: Callable[[int], str],
                  join_timeout_s: float):
         self.table, self.launcher, self.specs, self.who = table, launcher, specs, who
         self.join_timeout_s = join_timeout_s
@@ -145,11 +145,7 @@ class GroupFormation:
                 t.wait_for(lambda: any(r in t.hellos for r in waiting), deadline, lambda: self._check_exits(waiting))
                 arrived = [r for r in waiting if r in t.hellos]
                 if not arrived:
-                    missing = sorted(waiting)
-                    nodes = sorted({self.launcher.node_of(r) for r in missing})
-                    hint = ": start `pipeserve worker` there" if nodes != [0] else ""
-                    raise StageFailure(f"ranks {missing} (node {', '.join(map(str, nodes))}) did not join within "
-                                       f"{self.join_timeout_s:.0f} s{hint}")
+                    raise StageFailure(self.launcher.not_joined(sorted(waiting), self.join_timeout_s))
                 for r in arrived:
                     t.conns[r] = t.hellos.pop(r)
             for r in arrived:

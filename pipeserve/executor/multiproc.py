@@ -29,8 +29,8 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from pipeserve.config import EngineConfig
-from pipeserve.distributed.launcher import control_address, discard_warm_ranks
-from pipeserve.distributed.messages import (
+from pipeserve.control.launcher import control_address, discard_warm_ranks
+from pipeserve.control.messages import (
     BusyReport,
     GroupLost,
     Loaded,
@@ -46,6 +46,7 @@ from pipeserve.distributed.messages import (
     StepResult,
     Stop,
 )
+from pipeserve.distributed.rank_layout import RankLayout
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor, StepInterrupted
 from pipeserve.executor.control_listener import ControlListener, host_store
@@ -69,8 +70,8 @@ class MultiprocExecutor(Executor):
 
     def __init__(self, config: EngineConfig, stages: list[StageInfo]):
         par = config.parallel
-        self.config, self.tp_size = config, par.tensor_parallel_size
-        world = len(stages) * self.tp_size
+        self.config, self.layout = config, RankLayout(len(stages), par.tensor_parallel_size, par.nnodes)
+        world = self.layout.world_size
         master_addr, listen = par.master_addr, control_address(par.master_addr, par.master_port, par.nnodes)
         if par.distributed_executor_backend == "ray":
             from pipeserve.executor.ray_launcher import connect_ray
@@ -78,8 +79,8 @@ class MultiprocExecutor(Executor):
             master_addr = connect_ray(par.ray_address, par.master_addr)
             listen = (master_addr, 0)  # the actors may run on other machines: listen where they can reach
         self.store = host_store(master_addr, par.master_port, par.distributed_timeout_s)
-        self.specs = [WorkerSpec(config, stages[r // self.tp_size], r, world, master_addr, self.store.port)
-                      for r in range(world)]
+        self.specs = [WorkerSpec(config, stages[self.layout.stage_of(r)], r, self.layout, master_addr,
+                                 self.store.port) for r in range(world)]
         self.table = RankTable(world)
         self.generation = 0
         self.state = "starting"  # starting, running, recovering, failed, closed
@@ -93,7 +94,7 @@ class MultiprocExecutor(Executor):
         self._closed = False
         authkey = par.cluster_key.encode() if par.cluster_key else secrets.token_bytes(32)
         self._listener = ControlListener(listen, authkey, world, self._rank_connected, self._agent_connected)
-        self.launcher = self._launcher(authkey, world)
+        self.launcher = self._launcher(authkey)
         self.formation = GroupFormation(self.table, self.launcher, self.specs, self.who, par.join_timeout_s)
         threading.Thread(target=self._monitor_loop, name="pipeserve-monitor", daemon=True).start()
         try:
@@ -106,25 +107,25 @@ class MultiprocExecutor(Executor):
             raise
         self.state = "running"
 
-    def _launcher(self, authkey: bytes, world: int) -> RankLauncher:
+    def _launcher(self, authkey: bytes) -> RankLauncher:
         par = self.config.parallel
         if par.distributed_executor_backend == "ray":
             from pipeserve.executor.ray_launcher import RayLauncher
 
             name = f"pipeserve-{socket.gethostname()}-{par.master_port or os.getpid()}"
-            return RayLauncher(self._listener.address, authkey, world, self.tp_size,
+            return RayLauncher(self._listener.address, authkey, self.layout,
                                cpus_per_rank=par.ray_cpus_per_rank,
                                gpus_per_rank=1.0 if par.device.startswith("cuda") else 0.0,
                                ready_timeout_s=par.join_timeout_s, name=name)
-        return ClusterLauncher(self._listener.address, authkey, par.master_addr, world, par.nnodes,
+        return ClusterLauncher(self._listener.address, authkey, par.master_addr, self.layout,
                                par.node_rejoin_timeout_s)
 
     def who(self, rank: int) -> str:
         """A rank as a person reads it: its pipeline stage, and its TP rank where there is TP."""
-        stage = self.specs[rank].stage.rank
-        if self.tp_size == 1:
+        stage = self.layout.stage_of(rank)
+        if self.layout.tp_size == 1:
             return f"pipeline stage {stage}"
-        return f"pipeline stage {stage} (TP rank {rank % self.tp_size}, global rank {rank})"
+        return f"pipeline stage {stage} (TP rank {self.layout.tp_rank(rank)}, global rank {rank})"
 
     # ---- steps ---------------------------------------------------------------------------------------
 
@@ -290,7 +291,7 @@ class MultiprocExecutor(Executor):
             except Exception as exc:  # noqa: BLE001 - a replacement that cannot start: final
                 return self._give_up(f"{cause}; recovery failed: {exc}")
         replaced = sorted(self.formation.started)
-        stages = sorted({self.specs[r].stage.rank for r in replaced})
+        stages = sorted({self.layout.stage_of(r) for r in replaced})
         self.recoveries.record(RecoverySpan(start, time.time(), cause, stages, self.generation))
         with self.table.cv:
             self.table.dead.clear()
@@ -314,7 +315,7 @@ class MultiprocExecutor(Executor):
 
     def busy_seconds(self) -> list[float]:
         """Compute seconds per pipeline stage (its TP rank 0), as last reported by the stage processes."""
-        return [self._busy.get(stage * self.tp_size, 0.0) for stage in range(len(self.specs) // self.tp_size)]
+        return [self._busy.get(self.layout.stage_ranks(stage)[0], 0.0) for stage in range(self.layout.pp_size)]
 
     def num_steps_pending(self) -> int:
         with self.table.cv:
@@ -340,7 +341,7 @@ class MultiprocExecutor(Executor):
         for conn in self.launcher.agent_connections().values():
             with contextlib.suppress(OSError, ValueError):  # an agent that is gone needs no stop
                 conn.send(Stop(self.generation))
-        self.launcher.terminate_local()
+        self.launcher.close()
         discard_warm_ranks()  # prewarmed stage processes this engine did not need
         with self.table.cv:
             conns = list(self.table.conns.values()) + list(self.table.hellos.values())

@@ -7,8 +7,10 @@ the step path costs no Ray call.
 
 Placement: one placement-group bundle per pipeline stage holding that stage's TP ranks, so a TP group is
 packed on one node (its all-reduces stay on fast links), and the bundles spread across nodes where the
-cluster has several (pipeline hand-offs cross the slow links). The group must be ready within the join
-timeout, else the error names what was asked and what the cluster has.
+cluster has several (pipeline hand-offs cross the slow links). A placement the cluster's nodes could not
+hold even if they were empty fails at once, naming the numbers (the nodes of an autoscaling cluster must be
+up first); one they could hold must be ready within the join timeout (its resources may be busy), else the
+error names what was asked and what the cluster has.
 
 Failures: actors are created with Ray's own restarts off (`max_restarts=0`), so Ray never restarts a rank
 behind the engine's back; pipeserve's recovery replaces it (a new actor in the same bundle). A dead actor
@@ -24,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from multiprocessing.connection import Connection
 from typing import Any
 
+from pipeserve.distributed.rank_layout import RankLayout
 from pipeserve.executor.rank_launcher import RankLauncher
 
 logger = logging.getLogger(__name__)
@@ -60,7 +64,7 @@ class _RankActor:
     """One rank: runs the stage code until the engine stops it (or its connection goes)."""
 
     def serve(self, engine: str, rank: int, key: str) -> int:
-        from pipeserve.distributed.launcher import interface_towards
+        from pipeserve.control.process import interface_towards
         from pipeserve.worker.main import serve
 
         # As for the mp backend's spawned ranks: gloo binds to the hostname's address unless told which
@@ -92,14 +96,21 @@ def connect_ray(ray_address: str | None, master_addr: str) -> str:
     return "127.0.0.1" if len(alive) <= 1 else ray.util.get_node_ip_address()
 
 
+def bundles_that_fit(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many copies of `bundle` the nodes hold at most, each copy whole on one node. The copies are
+    alike, so a node holds as many as its scarcest resource allows."""
+    wanted = {k: v for k, v in bundle.items() if v > 0}
+    # Ray counts resources in units of 1e-4: the epsilon keeps 0.9 / 0.3 from rounding down to 2.
+    return sum(min(int(node.get(k, 0.0) / v + 1e-9) for k, v in wanted.items()) for node in nodes)
+
+
 class RayLauncher(RankLauncher):
     """Starts each rank as a Ray actor in the engine's placement group (Ray joined by `connect_ray`)."""
 
-    def __init__(self, engine_address: tuple[str, int], authkey: bytes, world_size: int, tp_size: int, *,
+    def __init__(self, engine_address: tuple[str, int], authkey: bytes, layout: RankLayout, *,
                  cpus_per_rank: float, gpus_per_rank: float, ready_timeout_s: float, name: str):
         self.ray = import_ray()
-        self.engine_address, self.authkey = engine_address, authkey
-        self.world_size, self.tp_size, self.name = world_size, tp_size, name
+        self.engine_address, self.authkey, self.layout, self.name = engine_address, authkey, layout, name
         self.cpus_per_rank, self.gpus_per_rank = cpus_per_rank, gpus_per_rank
         self.remove_leftovers(name)
         # Two threads: `serve` blocks for the rank's life, and `pid_and_node` must still answer meanwhile.
@@ -108,17 +119,31 @@ class RayLauncher(RankLauncher):
         self.runs: dict[int, Any] = {}  # rank -> ObjectRef of its `serve` call
         self.pg = self._placement_group(ready_timeout_s)
 
-    @property
-    def procs(self) -> dict[int, Any]:
-        return {}  # no local child processes: Ray owns them
+    def _bundle(self) -> dict[str, float]:
+        """One pipeline stage: its TP ranks together, so their all-reduces stay on one node."""
+        bundle = {"CPU": self.cpus_per_rank * self.layout.tp_size}
+        if self.gpus_per_rank:
+            bundle["GPU"] = self.gpus_per_rank * self.layout.tp_size
+        return bundle
+
+    def _check_fits(self, bundle: dict[str, float]) -> None:
+        """Fail at once when the cluster's nodes, even empty, cannot hold one bundle per stage: Ray would
+        wait for resources that never come."""
+        nodes = [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
+        stages, room = self.layout.pp_size, bundles_that_fit(bundle, nodes)
+        if room < stages:
+            has = {k: sum(n.get(k, 0.0) for n in nodes) for k in bundle}
+            raise RuntimeError(
+                f"Ray cannot place the ranks: they need {stages} bundle(s) of {bundle} (one per pipeline stage, "
+                f"each on one node: {self.layout.tp_size} TP rank(s) x --ray-cpus-per-rank {self.cpus_per_rank}"
+                f"{' and 1 GPU' if self.gpus_per_rank else ''}); the cluster has {has} on {len(nodes)} node(s), "
+                f"room for {room} such bundle(s). Lower --ray-cpus-per-rank or give the cluster more nodes")
 
     def _placement_group(self, timeout_s: float) -> Any:
         from ray.util.placement_group import placement_group
 
-        stages = self.world_size // self.tp_size
-        bundle = {"CPU": self.cpus_per_rank * self.tp_size}
-        if self.gpus_per_rank:
-            bundle["GPU"] = self.gpus_per_rank * self.tp_size
+        bundle, stages = self._bundle(), self.layout.pp_size
+        self._check_fits(bundle)
         pg = placement_group([dict(bundle) for _ in range(stages)], strategy="SPREAD", name=f"{self.name}-pg")
         try:
             self.ray.get(pg.ready(), timeout=timeout_s)
@@ -150,7 +175,7 @@ class RayLauncher(RankLauncher):
 
         engine = f"{self.engine_address[0]}:{self.engine_address[1]}"
         for r in ranks:
-            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r // self.tp_size)
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.layout.stage_of(r))
             actor = self._actor_cls.options(name=f"{self.name}-rank{r}-g{generation}", max_restarts=0,
                                             num_cpus=self.cpus_per_rank, num_gpus=self.gpus_per_rank,
                                             scheduling_strategy=strategy).remote()
@@ -178,26 +203,45 @@ class RayLauncher(RankLauncher):
         except Exception:  # noqa: BLE001 - the stage code raised: its own report names the cause
             return 1
 
+    def pid(self, rank: int) -> int | None:
+        if rank not in self.actors or self.exit_code(rank) is not None:
+            return None
+        try:
+            return self.pid_and_node(rank)[0]
+        except self.ray.exceptions.RayActorError:  # died just now
+            return None
+
+    def pid_and_node(self, rank: int, timeout_s: float = 10.0) -> tuple[int, str]:
+        """A rank's process id and the id of the Ray node it runs on (where the placement put it)."""
+        return tuple(self.ray.get(self.actors[rank].pid_and_node.remote(), timeout=timeout_s))
+
     def where(self, rank: int) -> str:
         return f"Ray actor {self.name}-rank{rank}"
 
-    def agent_connections(self) -> dict:
-        return {}  # no node agents: Ray runs the other machines
+    def not_joined(self, ranks: list[int], waited_s: float) -> str:
+        host, port = self.engine_address
+        return (f"ranks {ranks} (Ray actors) did not join within {waited_s:.0f} s: they connect to the engine at "
+                f"{host}:{port}; if the Ray nodes cannot reach that address, set --master-addr to one they can")
 
-    def terminate_local(self, grace_s: float = 10.0) -> None:
+    # ---- node agents: none, Ray runs the other machines -------------------------------------------------
+
+    def agent_connected(self, node: int, conn: Connection, host: str) -> None:
+        logger.warning("a `pipeserve worker` (node %d, %s) connected, but the ray backend uses no node agents",
+                       node, host)
+        conn.close()
+
+    def agent_lost(self, node: int, conn: Connection) -> None:
+        pass  # never connected: agent_connected closed it
+
+    def agent_connections(self) -> dict[int, Connection]:
+        return {}
+
+    def close(self, grace_s: float = 10.0) -> None:
         """Wait up to `grace_s` for the ranks to finish serving, then kill every actor and remove the group."""
-        pending = [run for run in self.runs.values()]
+        pending = list(self.runs.values())
         if pending:
             with contextlib.suppress(Exception):
                 self.ray.wait(pending, num_returns=len(pending), timeout=grace_s)
         self.kill(list(self.actors), -1)
         with contextlib.suppress(Exception):
             self.ray.util.remove_placement_group(self.pg)
-
-    def pid(self, rank: int, timeout_s: float = 10.0) -> int:
-        """The process id of a rank's actor (tests kill it to play a failure)."""
-        return self.pid_and_node(rank, timeout_s)[0]
-
-    def pid_and_node(self, rank: int, timeout_s: float = 10.0) -> tuple[int, str]:
-        """A rank's process id and the id of the Ray node it runs on (where the placement put it)."""
-        return tuple(self.ray.get(self.actors[rank].pid_and_node.remote(), timeout=timeout_s))

@@ -19,7 +19,7 @@ import sys
 from multiprocessing.connection import Client
 from typing import TextIO
 
-from pipeserve.distributed.launcher import die_with_parent, name_process
+from pipeserve.control.process import die_with_parent, name_process
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def serve(engine: str, rank: int, key: str) -> None:
     host, port = engine.rsplit(":", 1)
     conn = Client((host, int(port)), authkey=bytes.fromhex(key))
 
-    from pipeserve.distributed.messages import RankHello
+    from pipeserve.control.messages import RankHello
     from pipeserve.worker.rank_process import run_rank  # torch and the model code: imported once connected
 
     conn.send(RankHello(rank, os.getpid(), socket.gethostname()))

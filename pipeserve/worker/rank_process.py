@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 import torch
 import torch.distributed as dist
 
-from pipeserve.distributed.messages import (
+from pipeserve.control.messages import (
     BusyReport,
     GroupLost,
     Join,
@@ -43,7 +43,7 @@ from pipeserve.distributed.messages import (
     StepResult,
     Stop,
 )
-from pipeserve.distributed.parallel_state import PeerLost, RankLayout, init_tp_groups, tp_group_of
+from pipeserve.distributed.parallel_state import PeerLost, init_tp_groups, tp_group_of
 from pipeserve.worker.worker import StageWorker, WorkerSpec
 
 BUSY_REPORT_EVERY_S = 1.0  # how often a rank tells the engine its cumulative compute time (for /metrics)
@@ -97,10 +97,10 @@ class RankProcess:
         self.channel, self.spec = channel, spec
         cfg = spec.config
         torch.set_num_threads(cfg.parallel.threads_per_worker or 1)
-        self.backend = choose_backend(cfg.parallel.device, -(-spec.world_size // cfg.parallel.nnodes))
+        self.layout = spec.layout
+        self.backend = choose_backend(cfg.parallel.device, self.layout.ranks_per_node)
         if cfg.parallel.device.startswith("cuda"):
             torch.cuda.set_device(spec.rank % torch.cuda.device_count())
-        self.layout = RankLayout(spec.stage.size, spec.world_size // spec.stage.size)
         self.timeout = datetime.timedelta(seconds=cfg.parallel.distributed_timeout_s)
         self.store = dist.TCPStore(spec.store_addr, spec.store_port, is_master=False, timeout=self.timeout)
         # Load, then wait for Join: a replacement still reading weights never holds the others in a rendezvous.
@@ -118,7 +118,7 @@ class RankProcess:
         """Form `generation`'s group: a fresh rendezvous under its own store prefix, so nothing of an older
         group can pair with this one."""
         store = dist.PrefixStore(f"generation{generation}/", self.store)
-        dist.init_process_group(self.backend, store=store, rank=self.spec.rank, world_size=self.spec.world_size,
+        dist.init_process_group(self.backend, store=store, rank=self.spec.rank, world_size=self.layout.world_size,
                                 timeout=self.timeout)
         init_tp_groups(self.layout, self.spec.rank, into=self.worker.tp)
         self.channel.generation = generation

@@ -15,6 +15,7 @@ from typing import Any
 from pipeserve.config import EngineConfig
 from pipeserve.distributed.comm import StageLink
 from pipeserve.distributed.parallel_state import TPGroup
+from pipeserve.distributed.rank_layout import RankLayout
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.linear import NO_TP
 from pipeserve.timeline import StepRecord
@@ -34,7 +35,7 @@ class WorkerSpec:
     config: EngineConfig
     stage: StageInfo
     rank: int
-    world_size: int
+    layout: RankLayout
     store_addr: str
     store_port: int
 
@@ -51,8 +52,8 @@ class StageWorker:
             num_virtual_engines=config.num_virtual_engines, max_model_len=config.scheduler.max_model_len,
             seed=config.seed, device=config.parallel.device, disable_progress=rank != 0, tp=tp,
         )
-        step = tp.size  # pipeline peers are one TP group apart
-        self.link = StageLink(None if stage.is_first else rank - step, None if stage.is_last else rank + step, tp)
+        layout = RankLayout(stage.size, tp.size)
+        self.link = StageLink(layout.prev_peer(rank), layout.next_peer(rank), tp)
         self.requests = RequestStates()
         self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS if config.record_steps else 0)
         self.busy_s = 0.0  # cumulative compute seconds (records are bounded; this is not)

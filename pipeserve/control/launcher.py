@@ -4,33 +4,23 @@ Every rank is a `python -m pipeserve.worker.main` process that connects to the e
 listener (an authenticated multiprocessing connection; the key travels on stdin). On the head the engine
 starts its node's ranks itself. On another machine a node agent (`pipeserve worker --node-rank K`, see
 node_agent.py) stays connected for the engine's whole life and starts (or kills) ranks whenever asked.
-Every child is started from one long-lived thread and dies with its parent (`die_with_parent`).
-
-Ranks are placed by "TP inside a node, PP across nodes": node k hosts ranks [k*W/N, (k+1)*W/N), and
-since TP groups are consecutive ranks, a TP group never spans machines when T divides W/N.
+Every child is started from one long-lived thread and dies with its parent (`process.die_with_parent`).
+Which machine hosts which rank is `distributed/rank_layout.RankLayout.node_of`.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import Future
-from multiprocessing.connection import Client, Connection
 from typing import Any
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from pipeserve.control.process import interface_towards
 
 
 def control_address(master_addr: str, master_port: int | None, nnodes: int) -> tuple[str, int]:
@@ -38,11 +28,6 @@ def control_address(master_addr: str, master_port: int | None, nnodes: int) -> t
     if nnodes == 1:
         return "127.0.0.1", 0
     return master_addr, master_port + 1
-
-
-def ranks_of_node(node_rank: int, world_size: int, nnodes: int) -> list[int]:
-    per_node = world_size // nnodes
-    return list(range(node_rank * per_node, (node_rank + 1) * per_node))
 
 
 class _Spawner:
@@ -185,66 +170,3 @@ def spawn_rank(engine: tuple[str, int], rank: int, authkey: bytes, master_addr: 
     proc.stdin.write(authkey.hex().encode() + b"\n")
     proc.stdin.close()
     return proc
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when the thread that started it exits (Linux), and exit now if
-    that already happened: a child must never outlive the engine or node agent that owns it."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before the request above took effect
-        os._exit(1)
-
-
-def name_process(name: str) -> None:
-    """Set this process's name as `ps` and /proc/PID/comm show it (Linux; at most 15 bytes kept), so a
-    stage process is recognizable whether it was spawned or forked from the `pipeserve` command."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    pr_set_name = 15
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_name, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-
-
-def interface_towards(addr: str) -> str | None:
-    """The network interface whose route reaches `addr` (None for loopback or when unknown)."""
-    try:
-        target = ipaddress.IPv4Address(socket.gethostbyname(addr))
-    except (OSError, ValueError):
-        return None
-    if target.is_loopback:
-        return None
-    best: tuple[int, str] | None = None
-    try:
-        with open("/proc/net/route") as f:
-            rows = [line.split() for line in f.readlines()[1:]]
-    except OSError:
-        return None
-    for iface, dest, _gw, _flags, _ref, _use, _metric, mask, *_ in rows:
-        dest_ip = ipaddress.IPv4Address(int(dest, 16).to_bytes(4, "little"))
-        mask_ip = ipaddress.IPv4Address(int(mask, 16).to_bytes(4, "little"))
-        net = ipaddress.IPv4Network(f"{dest_ip}/{mask_ip}", strict=False)
-        if target in net and (best is None or net.prefixlen > best[0]):
-            best = (net.prefixlen, iface)
-    return best[1] if best else None
-
-
-def connect_to_head(address: tuple[str, int], authkey: bytes, timeout_s: float) -> Connection:
-    """Connect to the engine's control listener, retrying until `timeout_s`; a clear error after that."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            return Client(address, authkey=authkey)
-        except (ConnectionRefusedError, OSError) as exc:
-            last_error = exc
-            time.sleep(0.5)
-    raise ConnectionError(f"could not reach the head at {address[0]}:{address[1]} within {timeout_s:.0f} s "
-                          f"({last_error}); is `pipeserve ... --nnodes N --node-rank 0` running there, and is the "
-                          f"address reachable from this machine?")

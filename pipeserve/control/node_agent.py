@@ -13,9 +13,11 @@ import contextlib
 import os
 import socket
 import subprocess
+import time
+from multiprocessing.connection import Client, Connection
 
-from pipeserve.distributed.launcher import connect_to_head, control_address, spawn_rank
-from pipeserve.distributed.messages import KillRanks, NodeHello, StartRanks, Stop
+from pipeserve.control.launcher import control_address, spawn_rank
+from pipeserve.control.messages import KillRanks, NodeHello, StartRanks, Stop
 
 
 class NodeAgent:
@@ -74,6 +76,21 @@ class NodeAgent:
         for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):  # stragglers are killed by the caller
                 proc.wait(timeout=timeout_s)
+
+
+def connect_to_head(address: tuple[str, int], authkey: bytes, timeout_s: float) -> Connection:
+    """Connect to the engine's control listener, retrying until `timeout_s`; a clear error after that."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            return Client(address, authkey=authkey)
+        except (ConnectionRefusedError, OSError) as exc:
+            last_error = exc
+            time.sleep(0.5)
+    raise ConnectionError(f"could not reach the head at {address[0]}:{address[1]} within {timeout_s:.0f} s "
+                          f"({last_error}); is `pipeserve ... --nnodes N --node-rank 0` running there, and is the "
+                          f"address reachable from this machine?")
 
 
 def run_node_agent(master_addr: str, master_port: int, node_rank: int, cluster_key: str,

@@ -9,9 +9,10 @@ rank forms the next one (fresh rendezvous under a per-generation store prefix). 
 an older generation is stale and is dropped by whoever receives it, so nothing of a broken group is ever
 mistaken for the new one.
 
-Ranks keep no per-request state between steps today: a RunStep carries the whole plan. When step plans
-become incremental, the rule is that such state belongs to one generation: a rank drops it on Release, and
-the engine (which recomputes every request after a recovery) sends each request's full data again.
+Step plans are incremental (a RunStep carries what changed since a request's last step), so a rank keeps
+per-request state between steps (`worker/request_states.py`). That state belongs to one generation: a rank
+starts each generation without any, and the engine (which recomputes every request after a recovery) sends
+each request's whole entry again.
 
 A group forms in two phases, so that no rank ever waits in a rendezvous for a peer that may still fail to
 load: every new rank loads its stage (StartStage → Loaded) and every surviving rank drops its old group
