@@ -53,6 +53,7 @@ class EngineArgs:
     node_rejoin_timeout_s: float = 60.0
     trace_file: str | None = None
     record_steps: bool = False  # keep step records for timelines without writing a trace (benchmarks)
+    enforce_eager: bool = False  # no CUDA graphs: every decode step runs eagerly
     distributed_executor_backend: str = "mp"
     ray_address: str | None = None
     ray_cpus_per_rank: float = 1.0
@@ -87,7 +88,7 @@ class EngineArgs:
                              f"max_model_len={max_len}: raise num_kv_blocks / kv_cache_memory_gb or lower "
                              f"max_model_len")
         return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks, self.trace_file,
-                            self.record_steps or self.trace_file is not None)
+                            self.record_steps or self.trace_file is not None, self.enforce_eager)
 
     def _parallel_config(self, model: ModelConfig) -> ParallelConfig:
         pp, tp = self.pipeline_parallel_size, self.tensor_parallel_size

@@ -33,6 +33,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker,
                    help="torch threads of each process that runs the model (default: cores / processes)")
     g.add_argument("--device", default=d.device, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
+                   help="run every decode step eagerly: no CUDA graphs (they are captured at start on CUDA "
+                        "stages whose tensor-parallel group is one device)")
     p = parser.add_argument_group("parallelism")
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size)
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=d.tensor_parallel_size)

@@ -20,9 +20,9 @@ from pipeserve.layers.linear import NO_TP
 from pipeserve.timeline import StepRecord
 from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
 from pipeserve.worker.allocator import fix_mmap_threshold
-from pipeserve.worker.input_batch import rows_for
 from pipeserve.worker.model_runner import ModelRunner
 from pipeserve.worker.request_states import RequestStates
+from pipeserve.worker.step_inputs import rows_for
 
 MAX_RECORDS = 200_000  # step records kept for a trace or benchmark (EngineConfig.record_steps): bounded all the same
 
@@ -50,6 +50,7 @@ class StageWorker:
             config.model, stage, num_blocks_per_ve=config.num_blocks_per_ve, block_size=config.cache.block_size,
             num_virtual_engines=config.num_virtual_engines, max_model_len=config.scheduler.max_model_len,
             seed=config.seed, device=config.parallel.device, disable_progress=rank != 0, tp=tp,
+            max_num_seqs=config.scheduler.max_num_seqs, enforce_eager=config.enforce_eager,
         )
         step = tp.size  # pipeline peers are one TP group apart
         self.link = StageLink(None if stage.is_first else rank - step, None if stage.is_last else rank + step, tp)
@@ -77,7 +78,7 @@ class StageWorker:
         inter = None
         if not self.stage.is_first:
             inter = self.link.recv(mine.num_tokens, cfg.hidden_size, cfg.dtype, self.config.parallel.device)
-        out = self.runner.execute(mine, inter)
+        out = self.runner.execute(mine, inter, self.requests.batch)
         record = self.runner.last_record
         self.records.append(record)
         self.busy_s += record.end - record.start
@@ -94,7 +95,13 @@ class StageWorker:
         return {"rank": self.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank,
                 "records": list(self.records), "bytes_sent": self.link.bytes_sent,
                 "num_params": self.num_params(), "requests_held": len(self.requests),
-                "malloc_mmap_threshold": self.mmap_threshold, **self.memory()}
+                "malloc_mmap_threshold": self.mmap_threshold, **self.memory(), **self.graph_stats()}
+
+    def graph_stats(self) -> dict[str, Any]:
+        """CUDA graph sizes, count, capture seconds and memory, and decode steps replayed (empty when the stage
+        runs eagerly)."""
+        graphs = self.runner.graphs
+        return graphs.stats() if graphs is not None else {}
 
     def memory(self) -> dict[str, int]:
         """Bytes of this process: its weights, its KV pool, resident now and at peak (Linux accounting)."""
