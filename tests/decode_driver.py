@@ -19,9 +19,10 @@ PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": list(range(3, 22)), "c": [100], "d
 
 
 def make_runners(path: str, stages: int = 1, device: str = "cpu", static: bool = False, dtype: str = "float32",
-                 max_num_seqs: int = 16, enforce_eager: bool = True) -> list[ModelRunner]:
-    """One runner per stage (layers split evenly). `static`: give each the padded static-buffer decode path
-    (graphs where the device captures them, else the same buffers run eagerly)."""
+                 max_num_seqs: int = 16, enforce_eager: bool = True, capture: bool = True) -> list[ModelRunner]:
+    """One runner per stage (layers split evenly); with `enforce_eager=False` a CUDA runner captures its
+    graphs. `static`: give an eager runner the padded static-buffer decode path, its graphs captured when
+    `capture` and the device has CUDA, else the same buffers run eagerly."""
     cfg = ModelConfig.load(path, dtype)
     per = cfg.num_hidden_layers // stages
     runners = []
@@ -34,7 +35,8 @@ def make_runners(path: str, stages: int = 1, device: str = "cpu", static: bool =
         if static and runner.graphs is None:
             runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.decode_inputs, cfg.hidden_size,
                                          cfg.dtype, device)
-            runner.graphs.capture()
+            if capture:
+                runner.graphs.capture()
         runners.append(runner)
     return runners
 

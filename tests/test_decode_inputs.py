@@ -15,6 +15,7 @@ from decode_driver import make_runners, run_scenario
 from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.entrypoints.engine_flags import add_engine_flags, engine_kwargs
 from pipeserve.worker.cuda_graphs import capture_sizes
+from pipeserve.worker.gpu_timeline import idle_fraction
 from pipeserve.worker.input_batch import InputBatch
 
 
@@ -122,3 +123,18 @@ def test_decode_buffers_refuse_a_batch_past_their_size(tiny_model):
     with pytest.raises(ValueError, match="exceeds the buffers"):
         runner.decode_inputs.fill(InputBatch(), [], 3, 1)
     assert np.all(runner.decode_inputs._int[:2] == 1)  # untouched rows stay padding
+
+
+def test_cpu_defaults_stay_put(tiny_model):
+    sched = EngineArgs(model=tiny_model, device="cpu").create_engine_config().scheduler
+    assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (64, 512)
+    sched = EngineArgs(model=tiny_model, device="cpu", enable_chunked_prefill=False).create_engine_config().scheduler
+    assert sched.max_num_batched_tokens == sched.max_model_len
+
+
+def test_idle_fraction_counts_gaps_between_consecutive_steps_of_a_kind():
+    spans = [(0, 0, "prefill", 0.0, 10.0), (1, 0, "decode", 12.0, 15.0), (2, 0, "decode", 16.0, 19.0),
+             (3, 0, "mixed", 30.0, 40.0), (4, 0, "decode", 41.0, 44.0), (5, 0, "decode", 46.0, 49.0)]
+    # Pairs (1, 2) and (4, 5): gaps 1 and 2, their second steps 3 ms each.
+    assert idle_fraction(spans) == pytest.approx(3 / 9)
+    assert idle_fraction(spans[:2]) is None

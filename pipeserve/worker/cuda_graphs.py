@@ -47,7 +47,8 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.replays = 0  # decode steps served by a replayed graph
         self.capture_seconds = 0.0
-        self.capture_bytes = 0  # device memory the graphs' pool holds (torch.cuda.memory_allocated delta)
+        self.capture_bytes = 0  # torch.cuda.memory_allocated() grown by the capture (tensors still alive)
+        self.capture_reserved_bytes = 0  # torch.cuda.memory_reserved() grown: the graphs' pool included
 
     def padded_size(self, n: int) -> int | None:
         """The captured size a step of n requests runs at; None past the largest."""
@@ -60,6 +61,7 @@ class DecodeGraphs:
         if not self.on_cuda:
             return
         start, before = time.perf_counter(), torch.cuda.memory_allocated()
+        reserved = torch.cuda.memory_reserved()
         pool = None
         with torch.inference_mode():
             for size in reversed(self.sizes):
@@ -73,9 +75,10 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
         self.capture_bytes = torch.cuda.memory_allocated() - before
-        logger.info("captured %d CUDA graphs (%d virtual engines x batch sizes %s) in %.2f s, %.1f MiB",
-                    len(self._graphs), len(self.kv_caches), self.sizes, self.capture_seconds,
-                    self.capture_bytes / (1 << 20))
+        self.capture_reserved_bytes = torch.cuda.memory_reserved() - reserved
+        logger.info("captured %d CUDA graphs (%d virtual engines x batch sizes %s) in %.2f s: %.1f MiB allocated, "
+                    "%.1f MiB reserved", len(self._graphs), len(self.kv_caches), self.sizes, self.capture_seconds,
+                    self.capture_bytes / (1 << 20), self.capture_reserved_bytes / (1 << 20))
 
     def _run(self, ve: int, size: int) -> None:
         """The stage's forward on the first `size` rows of the static buffers, into the output buffers."""
@@ -109,4 +112,5 @@ class DecodeGraphs:
     def stats(self) -> dict[str, object]:
         return {"cuda_graph_sizes": sorted({s for _, s in self._graphs}), "cuda_graph_count": len(self._graphs),
                 "cuda_graph_capture_s": self.capture_seconds, "cuda_graph_memory_bytes": self.capture_bytes,
+                "cuda_graph_reserved_bytes": self.capture_reserved_bytes,
                 "cuda_graph_replays": self.replays}

@@ -21,6 +21,7 @@ from pipeserve.models.llama import kv_head_range
 from pipeserve.timeline import StepRecord
 from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
 from pipeserve.worker.cuda_graphs import DecodeGraphs
+from pipeserve.worker.gpu_timeline import GpuTimeline
 from pipeserve.worker.input_batch import InputBatch
 from pipeserve.worker.kv_cache import allocate_kv_caches
 from pipeserve.worker.step_inputs import DecodeInputs, ModelInput, build_model_input, is_pure_decode
@@ -35,7 +36,7 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, stage: StageInfo, *, num_blocks_per_ve: int, block_size: int,
                  num_virtual_engines: int, max_model_len: int, seed: int, device: str = "cpu",
                  disable_progress: bool = False, tp: TPGroup = NO_TP, max_num_seqs: int = 64,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, time_gpu: bool = False):
         self.stage, self.block_size, self.device = stage, block_size, device
         self.model = load_model(model_cfg, stage, max_model_len, device, disable_progress, tp)
         num_layers = stage.end_layer - stage.start_layer
@@ -53,6 +54,8 @@ class ModelRunner:
         self.samples = stage.is_last and tp.rank == 0
         self.sampler = Sampler(seed, model_cfg.eos_token_ids) if self.samples else None
         self.last_record: StepRecord | None = None  # timing of the latest step, for traces
+        # When each step ran on the GPU (benchmarks: how long the GPU waits between steps).
+        self.gpu_timeline = GpuTimeline() if time_gpu and torch.device(device).type == "cuda" else None
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, intermediate: IntermediateTensors | None = None,
@@ -61,9 +64,12 @@ class ModelRunner:
         persistent rows, which hold every request of the step (without them a step builds its inputs
         afresh)."""
         start = time.time()
+        gpu_start = self.gpu_timeline.mark() if self.gpu_timeline is not None else None
         # A named range for torch.profiler (benchmarks/profile_decode.py); near free when no profiler runs.
         with torch.profiler.record_function(f"pipeserve::{sched.kind}_step"):
             out = self._forward(sched, intermediate, batch)
+        if gpu_start is not None:
+            self.gpu_timeline.add(sched.step_id, sched.virtual_engine, sched.kind, gpu_start)
         self.last_record = StepRecord(sched.virtual_engine, sched.step_id, self.stage.rank, start, time.time(),
                                       sched.kind, sched.num_tokens)
         return out

@@ -51,6 +51,7 @@ class StageWorker:
             num_virtual_engines=config.num_virtual_engines, max_model_len=config.scheduler.max_model_len,
             seed=config.seed, device=config.parallel.device, disable_progress=rank != 0, tp=tp,
             max_num_seqs=config.scheduler.max_num_seqs, enforce_eager=config.enforce_eager,
+            time_gpu=config.record_steps,
         )
         step = tp.size  # pipeline peers are one TP group apart
         self.link = StageLink(None if stage.is_first else rank - step, None if stage.is_last else rank + step, tp)
@@ -98,10 +99,13 @@ class StageWorker:
                 "malloc_mmap_threshold": self.mmap_threshold, **self.memory(), **self.graph_stats()}
 
     def graph_stats(self) -> dict[str, Any]:
-        """CUDA graph sizes, count, capture seconds and memory, and decode steps replayed (empty when the stage
-        runs eagerly)."""
-        graphs = self.runner.graphs
-        return graphs.stats() if graphs is not None else {}
+        """CUDA graph sizes, count, capture seconds and memory, and decode steps replayed (none when the stage
+        runs eagerly); with step records on a GPU, each step's span on it (gpu_timeline.py)."""
+        graphs, timeline = self.runner.graphs, self.runner.gpu_timeline
+        out = graphs.stats() if graphs is not None else {}
+        if timeline is not None:  # waits for the last step's work: collect while no step is in flight
+            out["gpu_spans"] = timeline.spans()
+        return out
 
     def memory(self) -> dict[str, int]:
         """Bytes of this process: its weights, its KV pool, resident now and at peak (Linux accounting)."""
