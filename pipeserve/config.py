@@ -166,6 +166,8 @@ class EngineConfig:
     # Stages keep a record of each step (for the trace, or a benchmark's timeline) only when asked: kept for
     # a server that runs for weeks they would be memory spent on nothing.
     record_steps: bool = False
+    # Decode steps run eagerly even where CUDA graphs could replay them (vLLM's --enforce-eager).
+    enforce_eager: bool = False
 
     @property
     def tokens_per_ve(self) -> int:

@@ -19,8 +19,8 @@ from pipeserve.loader.gguf_quant import int4_codes
 from pipeserve.loader.model_config import load_model_config
 from pipeserve.loader.model_loader import load_model
 from pipeserve.types import ScheduledRequest, SchedulerOutput
-from pipeserve.worker.input_batch import build_model_input
 from pipeserve.worker.kv_cache import allocate_kv_caches
+from pipeserve.worker.step_inputs import build_model_input
 
 # The quantized kernels multiply in bfloat16: a greedy choice may differ from the float32 dequantized model
 # only where that model's two best logits are this close.

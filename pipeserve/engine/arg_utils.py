@@ -27,8 +27,8 @@ class EngineArgs:
     dtype: str = "auto"
     quantization: str = "auto"
     max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None  # default: 64 on CPU, 256 on CUDA
+    max_num_batched_tokens: int | None = None  # default: 512 on CPU, 8192 on CUDA (max_model_len unchunked)
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     block_size: int = 16
@@ -54,6 +54,7 @@ class EngineArgs:
     node_rejoin_timeout_s: float = 60.0
     trace_file: str | None = None
     record_steps: bool = False  # keep step records for timelines without writing a trace (benchmarks)
+    enforce_eager: bool = False  # no CUDA graphs: every decode step runs eagerly
     distributed_executor_backend: str = "mp"
     ray_address: str | None = None
     ray_cpus_per_rank: float = 1.0
@@ -72,12 +73,12 @@ class EngineArgs:
         if max_len > model.max_position_embeddings:
             raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
                              f"{model.max_position_embeddings}")
-        scheduler = self._scheduler_config(max_len, self.pipeline_parallel_size)
+        parallel = self._parallel_config(model)
+        scheduler = self._scheduler_config(max_len, self.pipeline_parallel_size, parallel.device)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         cache = CacheConfig(self.block_size, self.num_kv_blocks, int(self.kv_cache_memory_gb * (1 << 30)),
                             self.enable_prefix_caching)
-        parallel = self._parallel_config(model)
         num_ve = parallel.pipeline_parallel_size if self.num_virtual_engines is None else self.num_virtual_engines
         if num_ve < 1:
             raise ValueError(f"num_virtual_engines must be >= 1, got {num_ve}")
@@ -88,7 +89,7 @@ class EngineArgs:
                              f"max_model_len={max_len}: raise num_kv_blocks / kv_cache_memory_gb or lower "
                              f"max_model_len")
         return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks, self.trace_file,
-                            self.record_steps or self.trace_file is not None)
+                            self.record_steps or self.trace_file is not None, self.enforce_eager)
 
     def _parallel_config(self, model: ModelConfig) -> ParallelConfig:
         pp, tp = self.pipeline_parallel_size, self.tensor_parallel_size
@@ -157,12 +158,15 @@ class EngineArgs:
         if self.master_port is None or not self.cluster_key:
             raise ValueError("a multi-node run needs --master-port and --cluster-key (the same on every node)")
 
-    def _scheduler_config(self, max_len: int, pp: int) -> SchedulerConfig:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+    def _scheduler_config(self, max_len: int, pp: int, device: str) -> SchedulerConfig:
+        # A GPU is sized for wide batches (vLLM's defaults); a CPU core is saturated by far fewer rows.
+        on_gpu = device.startswith("cuda")
+        max_seqs = self.max_num_seqs if self.max_num_seqs is not None else (256 if on_gpu else 64)
+        if max_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_seqs}")
         budget = self.max_num_batched_tokens
         if budget is None:
-            budget = 512 if self.enable_chunked_prefill else max_len
+            budget = (8192 if on_gpu else 512) if self.enable_chunked_prefill else max_len
         if budget < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {budget}")
         if not self.enable_chunked_prefill and budget < max_len:
@@ -171,7 +175,7 @@ class EngineArgs:
         in_flight = pp if self.max_steps_in_flight_per_ve is None else self.max_steps_in_flight_per_ve
         if in_flight < 1:
             raise ValueError(f"max_steps_in_flight_per_ve must be >= 1, got {in_flight}")
-        return SchedulerConfig(self.max_num_seqs, budget, max_len, self.enable_chunked_prefill, in_flight)
+        return SchedulerConfig(max_seqs, budget, max_len, self.enable_chunked_prefill, in_flight)
 
     def _num_blocks(self, model: ModelConfig, cache: CacheConfig, layers_on_busiest_stage: int, tp: int) -> int:
         if cache.num_kv_blocks is not None:

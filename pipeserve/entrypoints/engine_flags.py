@@ -21,8 +21,11 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                    help="weight-only quantization: auto keeps a GGUF's 4-bit blocks 4-bit (HF checkpoints stay "
                         "dense); int8/int4 quantize on load")
     g.add_argument("--max-model-len", type=int, default=d.max_model_len)
-    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="running requests per virtual engine (default: 64 on CPU, 256 on CUDA)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens per step and virtual engine (default: 512 on CPU, 8192 on CUDA; max_model_len "
+                        "without chunked prefill)")
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=d.enable_chunked_prefill)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="reuse the KV of prompt prefixes computed before (default: on, as in vLLM)")
@@ -33,6 +36,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker,
                    help="torch threads of each process that runs the model (default: cores / processes)")
     g.add_argument("--device", default=d.device, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
+                   help="run every decode step eagerly: no CUDA graphs (they are captured at start on CUDA "
+                        "stages whose tensor-parallel group is one device)")
     p = parser.add_argument_group("parallelism")
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size)
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=d.tensor_parallel_size)

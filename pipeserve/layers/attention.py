@@ -38,12 +38,14 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # (T,) cache slot of each new token
     num_decodes: int = 0  # the first num_decodes tokens are single-token decodes
-    decode_blocks: torch.Tensor | None = None  # (B, max_blocks) block table, padded with block 0
-    decode_bias: torch.Tensor | None = None  # (B, L) float32: 0 where a key exists, -inf on padding
+    # The decodes' block tables (B, max_blocks) int32 (unused entries arbitrary) and context lengths (B,) int32:
+    # a decode attends to the first context_lens[i] positions of its table.
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (cos, signed sin), set by the model
     _workspace: torch.Tensor | None = None  # (2, nkv, B*max_blocks, block_size*hd): reused by every layer
-    _bias: torch.Tensor | None = None  # decode_bias repeated per KV head, in the model dtype
+    _bias: torch.Tensor | None = None  # (nkv * B, 1, L) additive mask from context_lens, in the model dtype
 
     def gather_blocks(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decodes' K and V as padded contiguous contexts, (nkv * B, L, hd) each.
@@ -52,8 +54,8 @@ class AttentionMetadata:
         faults on every call, which dominated decode time at long contexts.
         """
         _, nkv, nb, bs, hd = kv_cache.shape
-        b, max_blocks = self.decode_blocks.shape
-        ids = self.decode_blocks.view(-1)
+        b, max_blocks = self.block_tables.shape
+        ids = self.block_tables.reshape(-1)
         if self._workspace is None or self._workspace.dtype != kv_cache.dtype:
             self._workspace = torch.empty(2, nkv, ids.numel(), bs * hd, dtype=kv_cache.dtype, device=kv_cache.device)
         for i in range(2):
@@ -61,11 +63,14 @@ class AttentionMetadata:
         shape = (nkv * b, max_blocks * bs, hd)
         return self._workspace[0].view(shape), self._workspace[1].view(shape)
 
-    def decode_bias_for(self, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
-        """(nkv * B, 1, L) additive mask matching the gathered layout (kv head major, then request)."""
+    def decode_bias_for(self, num_kv_heads: int, dtype: torch.dtype, length: int) -> torch.Tensor:
+        """(nkv * B, 1, L) additive mask matching the gathered layout (kv head major, then request): 0 where a
+        key exists, -inf past each context. Built on the device from context_lens (no host round trip)."""
         if self._bias is None or self._bias.dtype != dtype:
-            b, length = self.decode_bias.shape
-            self._bias = self.decode_bias.to(dtype).repeat(num_kv_heads, 1).view(num_kv_heads * b, 1, length)
+            lens = self.context_lens
+            pad = torch.arange(length, device=lens.device)[None, :] >= lens[:, None]  # (B, L)
+            bias = torch.zeros(pad.shape, dtype=dtype, device=lens.device).masked_fill_(pad, float("-inf"))
+            self._bias = bias.repeat(num_kv_heads, 1).view(num_kv_heads * lens.shape[0], 1, length)
         return self._bias
 
 
@@ -98,7 +103,7 @@ class PagedAttention(nn.Module):
         b, nkv, hd = q.shape[0], self.num_kv_heads, self.head_dim
         keys, values = meta.gather_blocks(kv_cache)  # (nkv*B, L, hd)
         queries = q.view(b, nkv, -1, hd).transpose(0, 1).reshape(nkv * b, -1, hd)  # (nkv*B, g, hd)
-        bias = meta.decode_bias_for(nkv, q.dtype)  # (nkv*B, 1, L)
+        bias = meta.decode_bias_for(nkv, q.dtype, keys.shape[1])  # (nkv*B, 1, L)
         scores = torch.baddbmm(bias, queries, keys.transpose(1, 2), alpha=self.scale)  # (nkv*B, g, L)
         probs = scores.float().softmax(dim=-1).to(q.dtype)
         o = torch.bmm(probs, values)  # (nkv*B, g, hd)

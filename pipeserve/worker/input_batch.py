@@ -1,111 +1,77 @@
-"""Flattens a SchedulerOutput into model inputs: token ids, positions, KV slots, attention metadata.
+"""The stage's persistent per-request rows: one row per request it holds, edited in place as requests come,
+go and grow (in the spirit of vLLM's InputBatch).
 
-Decodes come first (batched into one attention call), prefill chunks after. Every stage builds the same
-order from the same SchedulerOutput, so the rows of the tensors handed between stages line up.
+Block tables live in one host int32 array, a row per request. A step plan carries only the blocks appended
+since a request's last step; they are written into the row where they belong, so a decode step reads every
+request's table by row index (one numpy gather), with no per-request list walked or tensor built.
+Rows are recycled when requests finish; the array grows (rows or columns) when it must, which only ever
+happens between steps, never inside one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
-from pipeserve.layers.attention import AttentionMetadata, PrefillChunk
-from pipeserve.types import ScheduledRequest, SchedulerOutput
+import numpy as np
 
 
-@dataclass
-class ModelInput:
-    """Everything a stage needs for one forward pass."""
+class InputBatch:
+    """Row allocation and the block-table array of the requests a stage holds."""
 
-    input_ids: torch.Tensor  # (T,)
-    positions: torch.Tensor  # (T,)
-    attn: AttentionMetadata
-    sample_rows: torch.Tensor  # (S,) rows whose last hidden state is sampled
-    sampled_requests: list[ScheduledRequest]  # same order as sample_rows
-    # Chunks that score prompt tokens (prompt logprobs): the entry and the row of its first token.
-    prompt_scored: list[tuple[ScheduledRequest, int]]
+    def __init__(self, rows: int = 64, max_blocks: int = 16):
+        self.block_tables = np.zeros((rows, max_blocks), dtype=np.int32)  # (rows, max blocks per request)
+        self.num_blocks = np.zeros(rows, dtype=np.int32)  # (rows,) filled entries of each row
+        self.row_of: dict[str, int] = {}
+        self._free = list(range(rows - 1, -1, -1))  # popped from the end: low rows first
 
+    def __len__(self) -> int:
+        return len(self.row_of)
 
-def _slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+    def clear(self) -> None:
+        rows = self.block_tables.shape[0]
+        self.row_of.clear()
+        self.num_blocks[:] = 0
+        self._free = list(range(rows - 1, -1, -1))
 
+    def add(self, req_id: str, blocks: list[int]) -> None:
+        """A request sent whole: (re)start its row with its whole table."""
+        row = self.row_of.get(req_id)
+        if row is None:
+            if not self._free:
+                self._grow_rows()
+            row = self.row_of[req_id] = self._free.pop()
+        self.num_blocks[row] = 0
+        self.append(req_id, blocks)
 
-def _split(sched: SchedulerOutput) -> tuple[list[ScheduledRequest], list[ScheduledRequest]]:
-    """Decodes and prefill chunks, each in plan order: the step's rows are decodes first."""
-    return [r for r in sched.requests if r.is_decode], [r for r in sched.requests if not r.is_decode]
+    def append(self, req_id: str, blocks: list[int]) -> None:
+        """Blocks appended to a known request's table since its last step."""
+        if not blocks:
+            return
+        row = self.row_of[req_id]
+        start = int(self.num_blocks[row])
+        end = start + len(blocks)
+        if end > self.block_tables.shape[1]:
+            self._grow_columns(end)
+        self.block_tables[row, start:end] = blocks
+        self.num_blocks[row] = end
 
+    def remove(self, req_id: str) -> None:
+        row = self.row_of.pop(req_id, None)
+        if row is not None:
+            self.num_blocks[row] = 0
+            self._free.append(row)
 
-def ordered_requests(sched: SchedulerOutput) -> list[ScheduledRequest]:
-    """The order of the step's rows."""
-    decodes, prefills = _split(sched)
-    return decodes + prefills
+    def rows(self, req_ids: list[str]) -> np.ndarray:
+        """(n,) row of each request, in the given order."""
+        row_of = self.row_of
+        return np.fromiter((row_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
 
+    def _grow_rows(self) -> None:
+        old = self.block_tables.shape[0]
+        self.block_tables = np.concatenate([self.block_tables, np.zeros_like(self.block_tables)])
+        self.num_blocks = np.concatenate([self.num_blocks, np.zeros_like(self.num_blocks)])
+        self._free = list(range(2 * old - 1, old - 1, -1))
 
-def rows_for(sched: SchedulerOutput, subset: SchedulerOutput) -> torch.Tensor | None:
-    """Rows of `sched`'s tensors that belong to `subset`'s requests (in `subset`'s row order, since
-    filtering keeps the decode/prefill order); None when that is every row."""
-    if len(subset.requests) == len(sched.requests):
-        return None
-    keep = {r.req_id for r in subset.requests}
-    rows, row = [], 0
-    for r in ordered_requests(sched):
-        if r.req_id in keep:
-            rows.extend(range(row, row + r.num_tokens))
-        row += r.num_tokens
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cpu") -> ModelInput:
-    """Order the step's requests (decodes, then prefills) and derive every index tensor once per step."""
-    decodes, prefills = _split(sched)
-    ordered = decodes + prefills
-    ids, positions, slots, sample_rows, sampled, scored = [], [], [], [], [], []
-    row = 0
-    for r in ordered:
-        if r.prompt_logprobs is not None:
-            scored.append((r, row))
-        ids += r.token_ids
-        positions += range(r.start_pos, r.context_len)
-        slots += _slots(r.block_table, r.start_pos, r.context_len, block_size)
-        row += r.num_tokens
-        if r.sampling_params is not None:
-            sample_rows.append(row - 1)
-            sampled.append(r)
-    attn = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-                             num_decodes=len(decodes))
-    if decodes:
-        attn.decode_blocks, attn.decode_bias = _decode_tables(decodes, block_size, device)
-    row = len(decodes)
-    for r in prefills:
-        attn.prefills.append(_prefill_chunk(r, row, block_size, device))
-        row += r.num_tokens
-    return ModelInput(
-        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
-        attn=attn,
-        sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
-        sampled_requests=sampled,
-        prompt_scored=scored,
-    )
-
-
-def _decode_tables(decodes: list[ScheduledRequest], block_size: int, device: str) -> tuple[torch.Tensor, ...]:
-    max_blocks = max(-(-r.context_len // block_size) for r in decodes)
-    tables = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
-    for i, r in enumerate(decodes):
-        used = r.block_table[: -(-r.context_len // block_size)]
-        tables[i, : len(used)] = torch.tensor(used)
-    lengths = torch.tensor([r.context_len for r in decodes])
-    pad = torch.arange(max_blocks * block_size)[None, :] >= lengths[:, None]  # (B, L)
-    bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf"))
-    return tables.to(device), bias.to(device)  # (B, nb), (B, L)
-
-
-def _prefill_chunk(r: ScheduledRequest, query_start: int, block_size: int, device: str) -> PrefillChunk:
-    if r.start_pos == 0:  # the chunk is the whole context so far: plain causal attention on fresh K/V
-        return PrefillChunk(query_start, r.num_tokens, 0, None, None)
-    ctx = torch.tensor(_slots(r.block_table, 0, r.context_len, block_size), dtype=torch.long)
-    q_pos = torch.arange(r.start_pos, r.context_len)[:, None]  # (n, 1)
-    mask = torch.arange(r.context_len)[None, :] <= q_pos  # (n, ctx): causal, offset by start_pos
-    return PrefillChunk(query_start, r.num_tokens, r.start_pos, ctx.to(device), mask.to(device))
+    def _grow_columns(self, needed: int) -> None:
+        rows, cols = self.block_tables.shape
+        wider = np.zeros((rows, max(needed, 2 * cols)), dtype=np.int32)
+        wider[:, :cols] = self.block_tables
+        self.block_tables = wider

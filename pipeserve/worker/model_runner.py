@@ -1,4 +1,9 @@
-"""Runs one stage's forward pass for a step: inputs -> layers -> hand-off tensors, or sampled tokens."""
+"""Runs one stage's forward pass for a step: inputs -> layers -> hand-off tensors, or sampled tokens.
+
+A step where every request decodes reads its inputs from persistent buffers (step_inputs.DecodeInputs) and,
+on a CUDA stage whose TP group is one device, replays a captured graph (cuda_graphs.py); other steps build
+their inputs afresh and run eagerly.
+"""
 
 from __future__ import annotations
 
@@ -15,53 +20,91 @@ from pipeserve.loader.model_loader import load_model
 from pipeserve.models.llama import kv_head_range
 from pipeserve.timeline import StepRecord
 from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
-from pipeserve.worker.input_batch import build_model_input
+from pipeserve.worker.cuda_graphs import DecodeGraphs
+from pipeserve.worker.gpu_timeline import GpuTimeline
+from pipeserve.worker.input_batch import InputBatch
 from pipeserve.worker.kv_cache import allocate_kv_caches
+from pipeserve.worker.step_inputs import DecodeInputs, ModelInput, build_model_input, is_pure_decode
 
 
 class ModelRunner:
-    """Owns the stage's weights and one KV cache per virtual engine."""
+    """Owns the stage's weights, one KV cache per virtual engine, the decode buffers and graphs.
+
+    Each KV cache has one block past the engine's `num_blocks_per_ve`: the scratch block padding rows of a
+    padded decode step write to and read from (the engine never hands it out)."""
 
     def __init__(self, model_cfg: ModelConfig, stage: StageInfo, *, num_blocks_per_ve: int, block_size: int,
                  num_virtual_engines: int, max_model_len: int, seed: int, device: str = "cpu",
-                 disable_progress: bool = False, tp: TPGroup = NO_TP):
+                 disable_progress: bool = False, tp: TPGroup = NO_TP, max_num_seqs: int = 64,
+                 enforce_eager: bool = False, time_gpu: bool = False):
         self.stage, self.block_size, self.device = stage, block_size, device
         self.model = load_model(model_cfg, stage, max_model_len, device, disable_progress, tp)
         num_layers = stage.end_layer - stage.start_layer
         kv_heads = kv_head_range(model_cfg, tp)[1]
-        self.kv_caches = [allocate_kv_caches(model_cfg, num_layers, num_blocks_per_ve, block_size, device, kv_heads)
-                          for _ in range(num_virtual_engines)]
+        self.kv_caches = [allocate_kv_caches(model_cfg, num_layers, num_blocks_per_ve + 1, block_size, device,
+                                             kv_heads) for _ in range(num_virtual_engines)]
+        self.decode_inputs = DecodeInputs(max_num_seqs, -(-max_model_len // block_size), block_size,
+                                          num_blocks_per_ve, device)
+        self.graphs: DecodeGraphs | None = None
+        if not enforce_eager and torch.device(device).type == "cuda" and tp.size == 1:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.decode_inputs, model_cfg.hidden_size,
+                                       model_cfg.dtype, device)
+            self.graphs.capture()
         # Every TP rank of the last stage has the full logits; rank 0 alone samples and answers the engine.
         self.samples = stage.is_last and tp.rank == 0
         self.sampler = Sampler(seed, model_cfg.eos_token_ids) if self.samples else None
         self.last_record: StepRecord | None = None  # timing of the latest step, for traces
+        # When each step ran on the GPU (benchmarks: how long the GPU waits between steps).
+        self.gpu_timeline = GpuTimeline() if time_gpu and torch.device(device).type == "cuda" else None
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput,
-                intermediate: IntermediateTensors | None = None) -> IntermediateTensors | StepOutput:
-        """Run the stage on the step; the last stage samples and returns a StepOutput."""
+    def execute(self, sched: SchedulerOutput, intermediate: IntermediateTensors | None = None,
+                batch: InputBatch | None = None) -> IntermediateTensors | StepOutput:
+        """Run the stage on the step; the last stage samples and returns a StepOutput. `batch`: the stage's
+        persistent rows, which hold every request of the step (without them a step builds its inputs
+        afresh)."""
         start = time.time()
+        gpu_start = self.gpu_timeline.mark() if self.gpu_timeline is not None else None
         # A named range for torch.profiler (benchmarks/profile_decode.py); near free when no profiler runs.
         with torch.profiler.record_function(f"pipeserve::{sched.kind}_step"):
-            out = self._forward(sched, intermediate)
+            out = self._forward(sched, intermediate, batch)
+        if gpu_start is not None:
+            self.gpu_timeline.add(sched.step_id, sched.virtual_engine, sched.kind, gpu_start)
         self.last_record = StepRecord(sched.virtual_engine, sched.step_id, self.stage.rank, start, time.time(),
                                       sched.kind, sched.num_tokens)
         return out
 
-    def _forward(self, sched: SchedulerOutput, intermediate: IntermediateTensors | None):
-        inp = build_model_input(sched, self.block_size, self.device)
-        out = self.model(inp.input_ids, inp.positions, self.kv_caches[sched.virtual_engine], inp.attn, intermediate)
+    def run_model(self, sched: SchedulerOutput, intermediate: IntermediateTensors | None,
+                  batch: InputBatch | None = None) -> tuple[ModelInput | None, IntermediateTensors | torch.Tensor]:
+        """The stage's forward pass: its inputs (None for a replayed graph, whose inputs are static) and its
+        output (the last stage's final hidden states, of the sampled rows when the input is None)."""
+        reqs = sched.requests
+        if batch is not None and len(reqs) <= self.decode_inputs.max_batch and is_pure_decode(reqs):
+            size = self.graphs.padded_size(len(reqs)) if self.graphs is not None else None
+            if size is not None:
+                self.decode_inputs.fill(batch, reqs, size, self.decode_inputs.max_blocks)
+                return None, self.graphs.run(sched.virtual_engine, len(reqs), size, intermediate)
+            inp = self.decode_inputs.model_input(batch, reqs)
+        else:
+            inp = build_model_input(sched, self.block_size, self.device)
+        return inp, self.model(inp.input_ids, inp.positions, self.kv_caches[sched.virtual_engine], inp.attn,
+                               intermediate)
+
+    def _forward(self, sched: SchedulerOutput, intermediate: IntermediateTensors | None,
+                 batch: InputBatch | None):
+        inp, out = self.run_model(sched, intermediate, batch)
         if not self.stage.is_last:
             return out
         step = StepOutput(step_id=sched.step_id, virtual_engine=sched.virtual_engine)
-        if inp.prompt_scored:
+        if inp is not None and inp.prompt_scored:
             self._score_prompts(out, inp, step)
-        if not inp.sampled_requests:
+        reqs = sched.requests if inp is None else inp.sampled_requests
+        if not reqs:
             return step
-        logits = self.model.compute_logits(out[inp.sample_rows])  # (S, vocab)
+        rows = None if inp is None else inp.sample_rows
+        logits = self.model.compute_logits(out if rows is None else out[rows])  # (S, vocab)
         if not self.samples:
             return step
-        reqs = inp.sampled_requests
         tokens = self.sampler(logits, [r.sampling_params for r in reqs], [r.num_output_tokens for r in reqs],
                               [r.seen_token_ids for r in reqs])
         step.sampled = {r.req_id: t.token_id for r, t in zip(reqs, tokens, strict=True)}

@@ -4,12 +4,16 @@ A request's block table and sampling params reach the stages once (a `new` entry
 blocks appended since. Every stage (and TP rank) receives every plan in the same order, so all of them hold
 the same state. The state belongs to one generation of the process group: a new generation starts empty,
 and the engine, which forgets what it sent when the generation changes, sends every request whole again.
+
+Block tables are kept twice: as lists, which resolved entries carry (prefill chunks build their metadata
+from them), and in the persistent rows of `batch` (input_batch.py), which decode steps gather from.
 """
 
 from __future__ import annotations
 
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import ScheduledRequest, SchedulerOutput
+from pipeserve.worker.input_batch import InputBatch
 
 
 class RequestStates:
@@ -22,6 +26,7 @@ class RequestStates:
         self._seen: dict[str, list[int]] = {}
         self._prompts: dict[str, list[int]] = {}  # requests that asked for prompt logprobs
         self._generation: int | None = None
+        self.batch = InputBatch()  # the same tables as rows of one array
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -33,17 +38,20 @@ class RequestStates:
             self._params.clear()
             self._seen.clear()
             self._prompts.clear()
+            self.batch.clear()
             self._generation = generation
         for req_id in sched.finished_req_ids:
             self._tables.pop(req_id, None)
             self._params.pop(req_id, None)
             self._seen.pop(req_id, None)
             self._prompts.pop(req_id, None)
+            self.batch.remove(req_id)
         resolved = self._resolve_decodes(sched) if sched.decodes else []
         for r in sched.requests:
             seen = None
             if r.new:
                 table = self._tables[r.req_id] = list(r.block_table)
+                self.batch.add(r.req_id, table)
                 params = self._params[r.req_id] = r.sampling_params
                 if r.prefix_token_ids is not None:
                     seen = self._seen[r.req_id] = list(r.prefix_token_ids)
@@ -56,6 +64,7 @@ class RequestStates:
             else:
                 table, params = self._known(sched, r.req_id)
                 table.extend(r.block_table)
+                self.batch.append(r.req_id, r.block_table)
                 seen = self._seen.get(r.req_id)
             if seen is not None:
                 del seen[r.start_pos:]  # chunks of a step abandoned after it reached this stage are redone
@@ -77,6 +86,7 @@ class RequestStates:
             blocks = d.new_blocks.get(req_id)
             if blocks:
                 table.extend(blocks)
+                self.batch.append(req_id, blocks)
             seen = seen_of.get(req_id)
             if seen is not None:
                 del seen[start:]

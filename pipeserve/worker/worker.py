@@ -21,9 +21,9 @@ from pipeserve.layers.linear import NO_TP
 from pipeserve.timeline import StepRecord
 from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
 from pipeserve.worker.allocator import fix_mmap_threshold
-from pipeserve.worker.input_batch import rows_for
 from pipeserve.worker.model_runner import ModelRunner
 from pipeserve.worker.request_states import RequestStates
+from pipeserve.worker.step_inputs import rows_for
 
 MAX_RECORDS = 200_000  # step records kept for a trace or benchmark (EngineConfig.record_steps): bounded all the same
 
@@ -51,6 +51,8 @@ class StageWorker:
             config.model, stage, num_blocks_per_ve=config.num_blocks_per_ve, block_size=config.cache.block_size,
             num_virtual_engines=config.num_virtual_engines, max_model_len=config.scheduler.max_model_len,
             seed=config.seed, device=config.parallel.device, disable_progress=rank != 0, tp=tp,
+            max_num_seqs=config.scheduler.max_num_seqs, enforce_eager=config.enforce_eager,
+            time_gpu=config.record_steps,
         )
         layout = RankLayout(stage.size, tp.size)
         self.link = StageLink(layout.prev_peer(rank), layout.next_peer(rank), tp)
@@ -78,7 +80,7 @@ class StageWorker:
         inter = None
         if not self.stage.is_first:
             inter = self.link.recv(mine.num_tokens, cfg.hidden_size, cfg.dtype, self.config.parallel.device)
-        out = self.runner.execute(mine, inter)
+        out = self.runner.execute(mine, inter, self.requests.batch)
         record = self.runner.last_record
         self.records.append(record)
         self.busy_s += record.end - record.start
@@ -95,7 +97,16 @@ class StageWorker:
         return {"rank": self.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank,
                 "records": list(self.records), "bytes_sent": self.link.bytes_sent,
                 "num_params": self.num_params(), "requests_held": len(self.requests),
-                "malloc_mmap_threshold": self.mmap_threshold, **self.memory()}
+                "malloc_mmap_threshold": self.mmap_threshold, **self.memory(), **self.graph_stats()}
+
+    def graph_stats(self) -> dict[str, Any]:
+        """CUDA graph sizes, count, capture seconds and memory, and decode steps replayed (none when the stage
+        runs eagerly); with step records on a GPU, each step's span on it (gpu_timeline.py)."""
+        graphs, timeline = self.runner.graphs, self.runner.gpu_timeline
+        out = graphs.stats() if graphs is not None else {}
+        if timeline is not None:  # waits for the last step's work: collect while no step is in flight
+            out["gpu_spans"] = timeline.spans()
+        return out
 
     def memory(self) -> dict[str, int]:
         """Bytes of this process: its weights, its KV pool, resident now and at peak (Linux accounting)."""

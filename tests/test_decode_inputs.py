@@ -1,0 +1,140 @@
+"""Persistent decode inputs and the padded static-buffer decode path (what CUDA graphs replay), on the CPU.
+
+The static path pads a decode step to the next captured batch size and runs on buffers that live as long as
+the stage; where there is no CUDA it runs eagerly, so these tests check it against the unpadded path."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from decode_driver import make_runners, run_scenario
+
+from pipeserve.engine.arg_utils import EngineArgs
+from pipeserve.entrypoints.engine_flags import add_engine_flags, engine_kwargs
+from pipeserve.worker.cuda_graphs import capture_sizes
+from pipeserve.worker.gpu_timeline import idle_fraction
+from pipeserve.worker.input_batch import InputBatch
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_padded_static_decode_equals_unpadded(tiny_model, stages):
+    """Same tokens, logits allclose at every step, and the KV caches agree outside the scratch block (the
+    padding rows wrote nowhere else)."""
+    eager_runners, static_runners = make_runners(tiny_model, stages), make_runners(tiny_model, stages, static=True)
+    eager, eager_run = run_scenario(eager_runners)
+    static, static_run = run_scenario(static_runners)
+    assert static == eager
+    assert eager_run.static_steps == 0
+    assert static_run.static_steps == 8  # every pure-decode step: 3 before the mixed step, 5 after it
+    for a, b in zip(eager_run.logits, static_run.logits, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    for e, s in zip(eager_runners, static_runners, strict=True):
+        for layer_e, layer_s in zip(e.kv_caches[1], s.kv_caches[1], strict=True):
+            torch.testing.assert_close(layer_s[:, :, :-1], layer_e[:, :, :-1], rtol=1e-4, atol=1e-4)
+    assert all(r.graphs.stats()["cuda_graph_count"] == 0 for r in static_runners)  # no CUDA: nothing captured
+
+
+def test_capture_sizes():
+    assert capture_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert capture_sizes(256)[-3:] == [224, 240, 256]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(1) == [1]
+
+
+def test_input_batch_rows_are_reused_and_grow():
+    batch = InputBatch(rows=2, max_blocks=2)
+    batch.add("a", [3, 4])
+    batch.add("b", [5])
+    batch.append("b", [6, 7, 8])  # wider than the array: the columns grow
+    batch.add("c", [9])  # a third request: the rows grow
+    assert batch.block_tables[batch.rows(["b"])[0], :4].tolist() == [5, 6, 7, 8]
+    assert batch.block_tables[batch.rows(["a"])[0], :2].tolist() == [3, 4]
+    row_a = batch.row_of["a"]
+    batch.remove("a")
+    batch.add("d", [1])  # takes the freed row
+    assert batch.row_of["d"] == row_a and batch.num_blocks[row_a] == 1
+    batch.add("d", [2, 2])  # sent whole again (a preemption): the row restarts
+    assert batch.block_tables[row_a, :2].tolist() == [2, 2] and len(batch) == 3
+    batch.clear()
+    assert len(batch) == 0 and not batch.num_blocks.any()
+    with pytest.raises(KeyError):
+        batch.rows(["b"])
+
+
+class HostTransfers:
+    """Counts calls that bring tensor data to the host: .cpu, .tolist, .item, .numpy, .to(a device), and the
+    Python conversions (bool, int, float, index) that read a tensor's value. A dispatch mode cannot see these
+    on the CPU, where they are no-ops to the dispatcher."""
+
+    NAMES = ("cpu", "tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
+        to = torch.Tensor.to
+
+        def counted_to(t, *args, **kwargs):
+            if any(isinstance(a, (str, torch.device)) for a in (*args, *kwargs.values())):
+                self.calls.append("to")
+            return to(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", counted_to)
+
+    def _counted(self, name, method):
+        def counted(t, *args, **kwargs):
+            self.calls.append(name)
+            return method(t, *args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_decode_step_reads_nothing_back_before_sampling(tiny_model, monkeypatch, static):
+    """Inputs, forward and LM head of a decode step take no value from a tensor: the sampled ids are the
+    step's only transfer to the host, and they are the sampler's (layers/sampler.py)."""
+    runners = make_runners(tiny_model, 1, static=static)
+    _, scenario = run_scenario(runners)  # requests a, c, d are decoding
+    runner, states = runners[0], scenario.states[0]
+    plan = scenario._plan([], [])
+    with torch.inference_mode():
+        sched = states.resolve(plan)
+        counter = HostTransfers(monkeypatch)
+        inp, hidden = runner.run_model(sched, None, states.batch)
+        logits = runner.model.compute_logits(hidden)
+        monkeypatch.undo()
+    assert (inp is None) == static and logits.shape[0] == 3
+    assert counter.calls == []
+
+
+def test_enforce_eager_flag():
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    assert engine_kwargs(parser.parse_args(["--enforce-eager"]))["enforce_eager"] is True
+    assert engine_kwargs(parser.parse_args([]))["enforce_eager"] is False
+    assert EngineArgs().enforce_eager is False
+
+
+def test_decode_buffers_refuse_a_batch_past_their_size(tiny_model):
+    runner = make_runners(tiny_model, 1, max_num_seqs=2)[0]
+    with pytest.raises(ValueError, match="exceeds the buffers"):
+        runner.decode_inputs.fill(InputBatch(), [], 3, 1)
+    assert np.all(runner.decode_inputs._int[:2] == 1)  # untouched rows stay padding
+
+
+def test_cpu_defaults_stay_put(tiny_model):
+    sched = EngineArgs(model=tiny_model, device="cpu").create_engine_config().scheduler
+    assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (64, 512)
+    sched = EngineArgs(model=tiny_model, device="cpu", enable_chunked_prefill=False).create_engine_config().scheduler
+    assert sched.max_num_batched_tokens == sched.max_model_len
+
+
+def test_idle_fraction_counts_gaps_between_consecutive_steps_of_a_kind():
+    spans = [(0, 0, "prefill", 0.0, 10.0), (1, 0, "decode", 12.0, 15.0), (2, 0, "decode", 16.0, 19.0),
+             (3, 0, "mixed", 30.0, 40.0), (4, 0, "decode", 41.0, 44.0), (5, 0, "decode", 46.0, 49.0)]
+    # Pairs (1, 2) and (4, 5): gaps 1 and 2, their second steps 3 ms each.
+    assert idle_fraction(spans) == pytest.approx(3 / 9)
+    assert idle_fraction(spans[:2]) is None
