@@ -1,0 +1,125 @@
+"""The Triton kernels against torch references: compiled on a CUDA device, else run by Triton's interpreter
+on CPU tensors (tiny shapes either way; conftest.py enables the interpreter before anything imports triton).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytest.importorskip("triton", reason="triton is not installed (the test extra installs it)")
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("without CUDA these tests need Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1")
+
+from pipeserve.layers import triton_attention as ta  # noqa: E402
+
+BS, NKV, GROUP, HD = 4, 2, 3, 8  # 4-token blocks, GQA groups of 3 (padded inside the kernels), head_dim 8
+NB = 24
+
+
+def _cache(dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(2, NKV, NB, BS, HD, dtype=dtype)  # (2, nkv, NB, bs, hd)
+
+
+def _tables(lengths: list[int]) -> torch.Tensor:
+    """Disjoint, shuffled blocks per request; unused entries point at block 0."""
+    width = max(1, max(-(-n // BS) for n in lengths))
+    free = torch.randperm(NB).tolist()
+    tables = torch.zeros(len(lengths), width, dtype=torch.int32)
+    for i, n in enumerate(lengths):
+        for j in range(-(-n // BS)):
+            tables[i, j] = free.pop()
+    return tables
+
+
+def _on_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEVICE) for t in tensors]
+
+
+def _context(cache: torch.Tensor, table: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nkv, n, hd) keys and values of positions 0..n-1."""
+    pos = torch.arange(n)
+    blocks = table.long()[pos // BS]
+    return cache[0][:, blocks, pos % BS], cache[1][:, blocks, pos % BS]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q (n, nh, hd) over k, v (nkv, ctx, hd) in float32; mask (n, ctx) or None (all visible)."""
+    o = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], k.float()[None], v.float()[None],
+                                       attn_mask=mask, scale=HD**-0.5, enable_gqa=True)
+    return o[0].transpose(0, 1)  # (n, nh, hd)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_matches_reference(splits):
+    torch.manual_seed(0)
+    lengths = [5, 0, 17, 1, 12]  # a padding row (context 0), one token, several blocks, several tiles
+    cache, tables = _cache(), _tables(lengths)
+    q = torch.randn(len(lengths), NKV * GROUP, HD)
+    out = ta.paged_decode(*_on_device(q, cache, tables, torch.tensor(lengths, dtype=torch.int32)), HD**-0.5,
+                          num_splits=splits, tile=16).cpu()
+    assert not out.isnan().any()
+    for i, n in enumerate(lengths):
+        if n == 0:
+            assert (out[i] == 0).all()
+            continue
+        k, v = _context(cache, tables[i], n)
+        torch.testing.assert_close(out[i], _attend(q[i : i + 1], k, v, None)[0], rtol=1e-5, atol=1e-5)
+
+
+BF16_ON_CUDA = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="Triton 3.6's interpreter multiplies bfloat16 dot operands as raw bits"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_CUDA])
+def test_decode_strided_query(dtype):
+    torch.manual_seed(1)
+    lengths = [9, 20]
+    cache, tables = _cache(dtype), _tables(lengths)
+    qkv = torch.randn(2, NKV * GROUP + 2 * NKV, HD, dtype=dtype)
+    q = qkv[:, : NKV * GROUP]  # a view of a fused projection: rows strided
+    q_dev, *rest = _on_device(qkv, cache, tables, torch.tensor(lengths, dtype=torch.int32))
+    out = ta.paged_decode(q_dev[:, : NKV * GROUP], *rest, HD**-0.5, num_splits=2, tile=16).cpu()
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, n in enumerate(lengths):
+        k, v = _context(cache, tables[i], n)
+        torch.testing.assert_close(out[i].float(), _attend(q[i : i + 1], k, v, None)[0], rtol=tol, atol=tol)
+
+
+def test_store_skips_negative_slots():
+    torch.manual_seed(2)
+    cache = torch.zeros(2, NKV, NB, BS, HD, device=DEVICE)
+    slots = torch.tensor([5, -1, 0, 30, -1], dtype=torch.long)
+    kv = torch.randn(5, 2 * NKV, HD)
+    k, v = kv[:, :NKV], kv[:, NKV:]  # strided views, as the fused projection gives them
+    kv_dev, slots_dev = _on_device(kv, slots)
+    ta.store_kv(kv_dev[:, :NKV], kv_dev[:, NKV:], cache, slots_dev)
+    expected = torch.zeros_like(cache)
+    flat = expected.view(2, NKV, NB * BS, HD)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            flat[0, :, s], flat[1, :, s] = k[t], v[t]
+    assert torch.equal(cache.cpu(), expected)
+
+
+def test_prefill_chunks_with_offsets():
+    torch.manual_seed(3)
+    # (start position, new tokens): a first chunk, a later chunk crossing blocks, a one-token chunk
+    chunks = [(0, 7), (9, 6), (4, 1), (0, 18)]
+    lengths = [s + n for s, n in chunks]
+    cache, tables = _cache(), _tables(lengths)
+    cu = torch.tensor([0] + [sum(n for _, n in chunks[: i + 1]) for i in range(len(chunks))], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), NKV * GROUP, HD)
+    starts = torch.tensor([s for s, _ in chunks], dtype=torch.int32)
+    out = ta.paged_prefill(*_on_device(q, cache, tables, cu, starts), max(n for _, n in chunks), HD**-0.5,
+                           tile_m=16, tile_n=16).cpu()
+    for i, (start, n) in enumerate(chunks):
+        k, v = _context(cache, tables[i], start + n)
+        mask = torch.arange(start + n)[None, :] <= torch.arange(start, start + n)[:, None]  # (n, ctx) causal
+        rows = slice(int(cu[i]), int(cu[i + 1]))
+        torch.testing.assert_close(out[rows], _attend(q[rows], k, v, mask), rtol=1e-5, atol=1e-5)
