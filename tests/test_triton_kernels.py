@@ -15,7 +15,10 @@ pytest.importorskip("triton", reason="triton is not installed (the test extra in
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError("without CUDA these tests need Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1")
 
+from pipeserve.layers import fused  # noqa: E402
 from pipeserve.layers import triton_attention as ta  # noqa: E402
+from pipeserve.layers.norm import RMSNorm  # noqa: E402
+from pipeserve.layers.rotary import RotaryEmbedding  # noqa: E402
 
 BS, NKV, GROUP, HD = 4, 2, 3, 8  # 4-token blocks, GQA groups of 3 (padded inside the kernels), head_dim 8
 NB = 24
@@ -123,3 +126,44 @@ def test_prefill_chunks_with_offsets():
         mask = torch.arange(start + n)[None, :] <= torch.arange(start, start + n)[:, None]  # (n, ctx) causal
         rows = slice(int(cu[i]), int(cu[i + 1]))
         torch.testing.assert_close(out[rows], _attend(q[rows], k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+# ---- fused elementwise kernels -------------------------------------------------------------------------
+
+# bfloat16 within a rounding step: the interpreter's float32 -> bfloat16 cast truncates where the GPU rounds.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_matches_the_layer(dtype):
+    torch.manual_seed(4)
+    norm = RMSNorm(40, 1e-5, dtype)
+    norm.weight.data = torch.randn(40).to(dtype)
+    x, residual = torch.randn(3, 40).to(dtype), torch.randn(3, 40).to(dtype)
+    out, summed = fused.add_rms_norm(*_on_device(x, residual, norm.weight), norm.eps)
+    torch.testing.assert_close(summed.cpu(), x + residual, **TOL[dtype])
+    torch.testing.assert_close(out.cpu(), norm(x + residual), **TOL[dtype])
+    alone, same = fused.add_rms_norm(*_on_device(x), None, norm.weight.to(DEVICE), norm.eps)
+    torch.testing.assert_close(alone.cpu(), norm(x), **TOL[dtype])
+    assert torch.equal(same.cpu(), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_matches_the_layer(dtype):
+    torch.manual_seed(5)
+    rope = RotaryEmbedding(HD, 64, 10000.0, None)
+    positions = torch.tensor([0, 7, 63, 5])
+    qkv = torch.randn(4, 3 * NKV + 1, HD).to(dtype)
+    expected = RotaryEmbedding.rotate(qkv[:, : 3 * NKV], rope.tables(positions, dtype))
+    (qkv_dev, pos_dev, cos, sin) = _on_device(qkv, positions, rope.cos, rope.signed_sin)
+    fused.rotary_(qkv_dev[:, : 3 * NKV], pos_dev, cos, sin)  # a strided view, rotated where it lies
+    torch.testing.assert_close(qkv_dev[:, : 3 * NKV].cpu(), expected, **TOL[dtype])
+    assert torch.equal(qkv_dev[:, 3 * NKV :].cpu(), qkv[:, 3 * NKV :])  # the V columns stay
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_the_ops(dtype):
+    torch.manual_seed(6)
+    gate_up = (3 * torch.randn(5, 2 * 1500)).to(dtype)  # two column blocks of 1024, the second partial
+    gate, up = gate_up.split(1500, dim=-1)
+    torch.testing.assert_close(fused.silu_mul(gate_up.to(DEVICE)).cpu(), F.silu(gate) * up, **TOL[dtype])
