@@ -141,6 +141,14 @@ def _merge_splits_kernel(mid_o_ptr, mid_ml_ptr, out_ptr, HD: tl.constexpr, NUM_S
     tl.store(out_ptr + row * HD + d, out.to(out_ptr.dtype.element_ty), mask=d < HD)
 
 
+def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
+    return out
+
+
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Splits per request: enough programs to fill the device, never a split shorter than one tile.
 
@@ -151,8 +159,10 @@ def decode_splits(batch: int, num_kv_heads: int, max_context: int, device: torch
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 scale: float, num_splits: int | None = None, tile: int = DECODE_TILE) -> torch.Tensor:
-    """q (B, nh, hd) against each request's paged context; returns (B, nh, hd) in q's dtype.
+                 scale: float, num_splits: int | None = None, tile: int = DECODE_TILE,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, nh, hd) against each request's paged context; returns (B, nh, hd) in q's dtype (into `out`,
+    contiguous, when given).
 
     block_tables (B, max_blocks) and context_lens (B,) are int32; padding rows have context 0."""
     b, nh, hd = q.shape
@@ -162,7 +172,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     if num_splits is None:
         num_splits = decode_splits(b, nkv, block_tables.shape[1] * bs, q.device)
     group = nh // nkv
-    out = torch.empty(b, nh, hd, dtype=q.dtype, device=q.device)
+    out = _output(q, out)
     if b == 0:
         return out
     splits = triton.next_power_of_2(num_splits)
@@ -227,16 +237,17 @@ def _prefill_kernel(q_ptr, cache_ptr, tables_ptr, cu_q_ptr, start_ptr, out_ptr, 
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, cu_query_lens: torch.Tensor,
                   start_pos: torch.Tensor, max_query_len: int, scale: float, tile_m: int = PREFILL_TILE_M,
-                  tile_n: int = PREFILL_TILE_N) -> torch.Tensor:
+                  tile_n: int = PREFILL_TILE_N, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed chunks q (N, nh, hd) over their paged contexts, K/V already stored.
 
     Chunk c is rows cu_query_lens[c]:cu_query_lens[c+1] at positions start_pos[c]..; block_tables (C, mb),
-    cu_query_lens (C+1,) and start_pos (C,) are int32. Returns (N, nh, hd) in q's dtype."""
+    cu_query_lens (C+1,) and start_pos (C,) are int32. Returns (N, nh, hd) in q's dtype (into `out`, contiguous,
+    when given)."""
     n, nh, hd = q.shape
     _, nkv, _, bs, _ = kv_cache.shape
     if q.stride(-1) != 1 or kv_cache.stride(-1) != 1:
         raise ValueError("q and the KV cache must be contiguous along head_dim")
-    out = torch.empty(n, nh, hd, dtype=q.dtype, device=q.device)
+    out = _output(q, out)
     chunks = start_pos.shape[0]
     if n == 0 or chunks == 0:
         return out

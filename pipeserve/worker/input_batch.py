@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeserve.layers.attention import AttentionMetadata, PrefillChunk
+from pipeserve.layers.attention import AttentionMetadata, PrefillChunk, pack_prefills
+from pipeserve.layers.kernel_select import uses_kernels
 from pipeserve.types import ScheduledRequest, SchedulerOutput
 
 
@@ -75,8 +76,12 @@ def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cp
     attn = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
                              num_decodes=len(decodes))
     if decodes:
-        attn.decode_blocks, attn.decode_bias = _decode_tables(decodes, block_size, device)
+        attn.block_tables, attn.context_lens = _decode_tables(decodes, block_size, device)
     row = len(decodes)
+    if prefills and uses_kernels(device):  # one kernel over every chunk: no per-chunk slots or masks
+        attn.packed_prefill = pack_prefills([(r.block_table, r.start_pos, r.num_tokens) for r in prefills],
+                                            block_size, device)
+        prefills = []
     for r in prefills:
         attn.prefills.append(_prefill_chunk(r, row, block_size, device))
         row += r.num_tokens
@@ -92,14 +97,12 @@ def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cp
 
 def _decode_tables(decodes: list[ScheduledRequest], block_size: int, device: str) -> tuple[torch.Tensor, ...]:
     max_blocks = max(-(-r.context_len // block_size) for r in decodes)
-    tables = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+    tables = torch.zeros(len(decodes), max_blocks, dtype=torch.int32)
     for i, r in enumerate(decodes):
         used = r.block_table[: -(-r.context_len // block_size)]
-        tables[i, : len(used)] = torch.tensor(used)
-    lengths = torch.tensor([r.context_len for r in decodes])
-    pad = torch.arange(max_blocks * block_size)[None, :] >= lengths[:, None]  # (B, L)
-    bias = torch.zeros(pad.shape).masked_fill_(pad, float("-inf"))
-    return tables.to(device), bias.to(device)  # (B, nb), (B, L)
+        tables[i, : len(used)] = torch.tensor(used, dtype=torch.int32)
+    lengths = torch.tensor([r.context_len for r in decodes], dtype=torch.int32)
+    return tables.to(device), lengths.to(device)  # (B, nb), (B,)
 
 
 def _prefill_chunk(r: ScheduledRequest, query_start: int, block_size: int, device: str) -> PrefillChunk:
