@@ -17,6 +17,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 from pipeserve.layers import fused  # noqa: E402
 from pipeserve.layers import triton_attention as ta  # noqa: E402
+from pipeserve.layers.attention import AttentionMetadata, PagedAttention, PrefillChunk, pack_prefills  # noqa: E402
 from pipeserve.layers.norm import RMSNorm  # noqa: E402
 from pipeserve.layers.rotary import RotaryEmbedding  # noqa: E402
 
@@ -167,3 +168,46 @@ def test_silu_mul_matches_the_ops(dtype):
     gate_up = (3 * torch.randn(5, 2 * 1500)).to(dtype)  # two column blocks of 1024, the second partial
     gate, up = gate_up.split(1500, dim=-1)
     torch.testing.assert_close(fused.silu_mul(gate_up.to(DEVICE)).cpu(), F.silu(gate) * up, **TOL[dtype])
+
+
+# ---- PagedAttention: the kernel path against the torch path on one mixed step --------------------------
+
+
+def _mixed_step(padding: int) -> tuple[torch.Tensor, ...]:
+    """A step of three decodes (+ `padding` padding rows) and two prefill chunks, as input_batch lays it out."""
+    decode_lens, chunks = [6, 13, 1], [(0, 5), (8, 4)]  # decodes' context lengths; chunks' (start, tokens)
+    tables = _tables(decode_lens + [s + n for s, n in chunks])
+    slots = [int(tables[i, (n - 1) // BS]) * BS + (n - 1) % BS for i, n in enumerate(decode_lens)] + [-1] * padding
+    for c, (start, n) in enumerate(chunks):
+        table = tables[len(decode_lens) + c]
+        slots += [int(table[p // BS]) * BS + p % BS for p in range(start, start + n)]
+    dec_tables = torch.cat([tables[: len(decode_lens)], torch.zeros(padding, tables.shape[1], dtype=torch.int32)])
+    lens = torch.tensor(decode_lens + [0] * padding, dtype=torch.int32)
+    return torch.tensor(slots), dec_tables, lens, tables[len(decode_lens) :], chunks
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+def test_paged_attention_kernel_path_equals_torch_path(padding):
+    torch.manual_seed(7)
+    slots, dec_tables, lens, pre_tables, chunks = _mixed_step(padding)
+    nd, t = len(lens), len(slots)
+    q, k, v = torch.randn(t, NKV * GROUP, HD), torch.randn(t, NKV, HD), torch.randn(t, NKV, HD)
+    attn, cache = PagedAttention(NKV * GROUP, NKV, HD), _cache()
+    expected_cache = cache.clone()
+    meta = AttentionMetadata(slot_mapping=slots, num_decodes=nd, block_tables=dec_tables, context_lens=lens)
+    row = nd
+    for (start, n), table in zip(chunks, pre_tables, strict=True):
+        pos = torch.arange(start + n)
+        ctx = table.long()[pos // BS] * BS + pos % BS
+        mask = pos[None, :] <= torch.arange(start, start + n)[:, None] if start else None
+        meta.prefills.append(PrefillChunk(row, n, start, ctx if start else None, mask))
+        row += n
+    expected = attn(q, k, v, expected_cache, meta)  # the torch path (CPU tensors)
+    packed = pack_prefills([(tb.tolist(), s, n) for (s, n), tb in zip(chunks, pre_tables, strict=True)], BS, DEVICE)
+    q, k, v, cache, slots, dec_tables, lens = _on_device(q, k, v, cache, slots, dec_tables, lens)
+    meta = AttentionMetadata(slot_mapping=slots, num_decodes=nd, block_tables=dec_tables, context_lens=lens,
+                             packed_prefill=packed)
+    got = attn._forward_kernels(ta, q, k, v, cache, meta).cpu()
+    assert torch.equal(cache.cpu(), expected_cache)  # padding rows stored nothing on either path
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (expected[3 : 3 + padding] == 0).all()
