@@ -22,6 +22,8 @@ bound is loaded from memory under numpy >= 2.4.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -51,7 +53,7 @@ def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_kh, st
         h = tl.arange(0, NKV_PAD)[:, None]
         d = tl.arange(0, HD_PAD)[None, :]
         mask = (h < NUM_KV) & (d < HD)
-        dst = h * stride_ch + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + d
+        dst = h.to(tl.int64) * stride_ch + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + d
         k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
         tl.store(cache_ptr + dst, k, mask=mask)
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
@@ -95,7 +97,7 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, mid_o_ptr, m
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, HD_PAD], tl.float32)
-    k_base = cache_ptr + kvh * stride_ch
+    k_base = cache_ptr + kvh.to(tl.int64) * stride_ch  # int64: a layer's cache may pass 2**31 elements
     while tile < end_tile:
         pos = tile * TILE + offs  # (TILE,)
         valid = pos < ctx
@@ -149,11 +151,16 @@ def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def decode_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Splits per request: enough programs to fill the device, never a split shorter than one tile.
 
     Depends only on static shapes (batch size, block-table width), so a captured graph keeps its choice."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _multiprocessors(device.index or 0) if device.type == "cuda" else 1
     wanted = triton.cdiv(2 * sms, batch * num_kv_heads)
     return max(1, min(MAX_SPLITS, triton.next_power_of_2(wanted), triton.cdiv(max_context, DECODE_TILE)))
 
@@ -211,8 +218,8 @@ def _prefill_kernel(q_ptr, cache_ptr, tables_ptr, cu_q_ptr, start_ptr, out_ptr, 
         m = tl.full([TILE_M], float("-inf"), tl.float32)
         l_sum = tl.zeros([TILE_M], tl.float32)
         acc = tl.zeros([TILE_M, HD_PAD], tl.float32)
-        k_base = cache_ptr + (h // GROUP) * stride_ch
-        n = 0
+        k_base = cache_ptr + (h // GROUP).to(tl.int64) * stride_ch
+        n = kv_end * 0  # an int32 tensor like kv_end: the loop-carried type stays fixed
         while n < kv_end:
             pos = n + offs  # (N,)
             valid = pos < kv_end
