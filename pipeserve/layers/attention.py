@@ -11,8 +11,9 @@ Metadata contract (`AttentionMetadata`, one per step, shared by every layer of t
   past a request's blocks hold any valid block id (0); `context_lens` (B,) int32, the tokens each decode
   attends to including its own, 0 for a padding row. A padding row's output is zeros. Nothing else about the
   decodes is needed, so a static, padded batch (a CUDA graph's) fills only these tensors in place.
-* Prefills: on a device where `uses_kernels`, `packed_prefill` (all chunks, from `pack_prefills`); elsewhere
+* Prefills: on a device where `device_uses_kernels`, `packed_prefill` (all chunks, from `pack_prefills`); elsewhere
   `prefills`, one `PrefillChunk` per chunk.
+* Set by the model: `positions` where the rotary kernel runs, else `rope_tables`.
 
 Paths:
 * CUDA with triton: a store kernel writes K/V, a split-KV decode kernel walks the block tables, and one
@@ -38,7 +39,7 @@ from pipeserve.layers.kernel_select import uses_kernels
 
 
 def _kernels(t: torch.Tensor) -> ModuleType | None:
-    if not uses_kernels(t.device):
+    if not uses_kernels(t):
         return None
     from pipeserve.layers import triton_attention  # imported on first CUDA use: CPU runs never load triton
 
@@ -168,9 +169,11 @@ class PagedAttention(nn.Module):
 
     def _forward_kernels(self, kernels: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        nd = meta.num_decodes
+        if nd < q.shape[0] and meta.packed_prefill is None:
+            raise ValueError("prefill rows on a kernel device need AttentionMetadata.packed_prefill (pack_prefills)")
         kernels.store_kv(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (T, nh, hd); each kernel fills its rows
-        nd = meta.num_decodes
         if nd:
             kernels.paged_decode(q[:nd], kv_cache, meta.block_tables, meta.context_lens, self.scale, out=out[:nd])
         if meta.packed_prefill is not None:

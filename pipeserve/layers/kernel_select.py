@@ -15,6 +15,11 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def uses_kernels(device: torch.device | str) -> bool:
-    """Whether attention and the fused layer kernels on `device` run as Triton kernels."""
+def uses_kernels(x: torch.Tensor) -> bool:
+    """Whether the layers run as Triton kernels on `x` (checked per layer call, so kept cheap)."""
+    return x.is_cuda and _has_triton()
+
+
+def device_uses_kernels(device: torch.device | str) -> bool:
+    """`uses_kernels` for tensors on `device`."""
     return torch.device(device).type == "cuda" and _has_triton()

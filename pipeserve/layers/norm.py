@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual), the sum rounded to the model dtype first as HF's residual
         stream is; residual None means x alone. One Triton kernel where the kernels run."""
-        if uses_kernels(x.device):
+        if uses_kernels(x):
             from pipeserve.layers.fused import add_rms_norm
 
             return add_rms_norm(x, residual, self.weight, self.eps)

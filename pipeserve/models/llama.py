@@ -98,7 +98,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # (T, 2 * inter)
-        if uses_kernels(x.device):
+        if uses_kernels(x):
             from pipeserve.layers.fused import silu_mul
 
             return self.down_proj(silu_mul(gate_up))
@@ -150,7 +150,7 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None  # (T, hidden)
         else:
             hidden, residual = intermediate.hidden_states, intermediate.residual
-        if uses_kernels(positions.device):
+        if uses_kernels(positions):
             meta.positions = positions  # the rotary kernel reads the tables itself
         else:
             meta.rope_tables = self.rope.tables(positions, self.cfg.dtype)  # shared by every layer of the step

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeserve.layers.attention import AttentionMetadata, PrefillChunk, pack_prefills
-from pipeserve.layers.kernel_select import uses_kernels
+from pipeserve.layers.kernel_select import device_uses_kernels
 from pipeserve.types import ScheduledRequest, SchedulerOutput
 
 
@@ -78,7 +78,7 @@ def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cp
     if decodes:
         attn.block_tables, attn.context_lens = _decode_tables(decodes, block_size, device)
     row = len(decodes)
-    if prefills and uses_kernels(device):  # one kernel over every chunk: no per-chunk slots or masks
+    if prefills and device_uses_kernels(device):  # one kernel over every chunk: no per-chunk slots or masks
         attn.packed_prefill = pack_prefills([(r.block_table, r.start_pos, r.num_tokens) for r in prefills],
                                             block_size, device)
         prefills = []
