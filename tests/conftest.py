@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from helpers import make_tiny_llama
-from transformers import LlamaForCausalLM
+
+if not torch.cuda.is_available():
+    # Triton chooses its interpreter when it is imported (transformers imports it below): without a GPU, the
+    # kernel tests (tests/test_triton_kernels.py) run the kernels interpreted on CPU tensors.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from helpers import make_tiny_llama  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 torch.set_num_threads(1)  # one CPU "device" per process, as the engine's workers run
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeserve.config import ModelConfig
 from pipeserve.distributed.stage import StageInfo
+from pipeserve.loader.model_config import load_model_config
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import DecodeBatch, ScheduledRequest, SchedulerOutput
 from pipeserve.worker.cuda_graphs import DecodeGraphs
@@ -23,7 +23,7 @@ def make_runners(path: str, stages: int = 1, device: str = "cpu", static: bool =
     """One runner per stage (layers split evenly); with `enforce_eager=False` a CUDA runner captures its
     graphs. `static`: give an eager runner the padded static-buffer decode path, its graphs captured when
     `capture` and the device has CUDA, else the same buffers run eagerly."""
-    cfg = ModelConfig.load(path, dtype)
+    cfg = load_model_config(path, dtype)
     per = cfg.num_hidden_layers // stages
     runners = []
     for s in range(stages):

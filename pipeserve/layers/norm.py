@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeserve.layers.kernel_select import uses_kernels
+
 
 class RMSNorm(nn.Module):
     """y = weight * (x / rms(x)); the statistics are taken in float32 whatever the model dtype.
@@ -26,3 +28,13 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), the sum rounded to the model dtype first as HF's residual
+        stream is; residual None means x alone. One Triton kernel where the kernels run."""
+        if uses_kernels(x):
+            from pipeserve.layers.fused import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        residual = x if residual is None else x + residual
+        return self(residual), residual

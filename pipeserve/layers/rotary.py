@@ -58,3 +58,10 @@ class RotaryEmbedding(nn.Module):
         """x (T, heads, hd) rotated as HF does, x * cos + rotate_half(x) * sin, in four operations."""
         cos, signed_sin = tables
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+    def rotate_(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (T, heads, hd) rotated in place by one Triton kernel reading the tables at `positions` (T,)
+        (CUDA); the same products as `rotate`, each rounded to x's dtype."""
+        from pipeserve.layers.fused import rotary_  # triton is imported only where the kernels run
+
+        return rotary_(x, positions, self.cos, self.signed_sin)

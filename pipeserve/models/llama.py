@@ -17,6 +17,7 @@ from pipeserve.config import ModelConfig
 from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.attention import AttentionMetadata, PagedAttention
+from pipeserve.layers.kernel_select import uses_kernels
 from pipeserve.layers.linear import NO_TP, ColumnParallelLinear, RowParallelLinear, default_weight_loader
 from pipeserve.layers.norm import RMSNorm
 from pipeserve.layers.rotary import RotaryEmbedding
@@ -76,7 +77,11 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x)  # (T, (nh + 2 nkv) * hd)
         t, nh, nkv, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         # q and k are adjacent columns of the fused output: one rotary pass over both.
-        qk = self.rope.rotate(qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd), meta.rope_tables)
+        qk = qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd)
+        if meta.rope_tables is None:  # the kernel path: rotated where it lies
+            qk = self.rope.rotate_(qk, meta.positions)
+        else:
+            qk = self.rope.rotate(qk, meta.rope_tables)
         v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)
         o = self.attn(qk[:, :nh], qk[:, nh:], v, kv_cache, meta)  # (T, nh, hd)
         return self.o_proj(o.reshape(t, -1))
@@ -92,7 +97,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, cfg.dtype, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        gate_up = self.gate_up_proj(x)  # (T, 2 * inter)
+        if uses_kernels(x):
+            from pipeserve.layers.fused import silu_mul
+
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -108,11 +118,10 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = hidden if residual is None else hidden + residual
-        hidden = self.self_attn(self.input_layernorm(residual), kv_cache, meta)
-        residual = hidden + residual
-        hidden = self.mlp(self.post_attention_layernorm(residual))
-        return hidden, residual
+        normed, residual = self.input_layernorm.add_forward(hidden, residual)
+        hidden = self.self_attn(normed, kv_cache, meta)
+        normed, residual = self.post_attention_layernorm.add_forward(hidden, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -141,12 +150,15 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None  # (T, hidden)
         else:
             hidden, residual = intermediate.hidden_states, intermediate.residual
-        meta.rope_tables = self.rope.tables(positions, self.cfg.dtype)  # shared by every layer of the step
+        if uses_kernels(positions):
+            meta.positions = positions  # the rotary kernel reads the tables itself
+        else:
+            meta.rope_tables = self.rope.tables(positions, self.cfg.dtype)  # shared by every layer of the step
         for i in range(self.stage.start_layer, self.stage.end_layer):
             hidden, residual = self.layers[i](hidden, residual, kv_caches[i - self.stage.start_layer], meta)
         if not self.stage.is_last:
             return IntermediateTensors(hidden, residual)
-        return self.norm(hidden + residual)
+        return self.norm.add_forward(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (S, vocab), gathered over TP ranks

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeserve.layers.attention import AttentionMetadata, PrefillChunk
+from pipeserve.layers.attention import AttentionMetadata, PrefillChunk, pack_prefills
+from pipeserve.layers.kernel_select import device_uses_kernels
 from pipeserve.types import ScheduledRequest, SchedulerOutput
 from pipeserve.worker.input_batch import InputBatch
 
@@ -169,6 +170,10 @@ def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cp
     if decodes:
         attn.block_tables, attn.context_lens = _decode_tables(decodes, block_size, device)
     row = len(decodes)
+    if prefills and device_uses_kernels(device):  # one kernel over every chunk: no per-chunk slots or masks
+        attn.packed_prefill = pack_prefills([(r.block_table, r.start_pos, r.num_tokens) for r in prefills],
+                                            block_size, device)
+        prefills = []
     for r in prefills:
         attn.prefills.append(_prefill_chunk(r, row, block_size, device))
         row += r.num_tokens
