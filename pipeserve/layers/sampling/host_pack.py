@@ -28,7 +28,8 @@ class HostPack:
         """Every section as a float64 view of one device tensor."""
         pinned = device.type == "cuda"
         flat = torch.tensor(self.values, dtype=torch.float64, pin_memory=pinned)  # (N,)
-        flat = flat.to(device, non_blocking=pinned)
+        if device.type != "cpu":
+            flat = flat.to(device, non_blocking=pinned)
         return {name: flat[a:b] for name, (a, b) in self.spans.items()}
 
 

@@ -39,6 +39,8 @@ def score_tokens(logits: torch.Tensor, targets: list[int], num_top: int) -> list
     """Row i's log-probability of targets[i], its rank, and the `num_top` most likely tokens (prompt logprobs).
     One copy each way between host and device."""
     pinned = logits.device.type == "cuda"
-    target = torch.tensor(targets, dtype=torch.long, pin_memory=pinned).to(logits.device, non_blocking=pinned)
+    target = torch.tensor(targets, dtype=torch.long, pin_memory=pinned)  # (N,)
+    if logits.device.type != "cpu":
+        target = target.to(logits.device, non_blocking=pinned)
     flat = to_host(torch.cat(logprob_columns(logits, target, num_top))).tolist()
     return unpack_records(flat, targets, [num_top] * len(targets), num_top)

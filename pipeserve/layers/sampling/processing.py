@@ -48,6 +48,14 @@ def adjust_logits(logits: torch.Tensor, step: StepParams) -> torch.Tensor:
 
 def sample_random_rows(logits: torch.Tensor, step: StepParams, hashes: torch.Tensor) -> torch.Tensor:
     """(R,) token ids drawn for the random rows of `logits` (S, V), float32, already adjusted."""
+    probs = filtered_probs(logits, step)  # (R, V)
+    noise = exponential_noise(step.dev["rand"].view(-1, 5)[:, 4].to(torch.int32), hashes)  # (R, V)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. is a draw from p (no renormalisation needed)
+    return (probs / noise).argmax(dim=-1)
+
+
+def filtered_probs(logits: torch.Tensor, step: StepParams) -> torch.Tensor:
+    """(R, V) the random rows' probabilities after temperature, top-k, top-p and min-p, not renormalised."""
     cols = step.dev["rand"].view(-1, 5)  # (R, 5)
     if not step.all_random:
         logits = logits.index_select(0, step.dev["rand_idx"].long())  # (R, V)
@@ -60,9 +68,7 @@ def sample_random_rows(logits: torch.Tensor, step: StepParams, hashes: torch.Ten
     if step.any_min_p:
         # keeps tokens at least min_p times as likely as the top one; min_p 0 drops nothing
         probs = probs.masked_fill(probs < cols[:, 3:4].float() * probs.amax(dim=-1, keepdim=True), 0.0)
-    noise = exponential_noise(cols[:, 4].to(torch.int32), hashes)  # (R, V)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. is a draw from p (no renormalisation needed)
-    return (probs / noise).argmax(dim=-1)
+    return probs
 
 
 def _top_k(x: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:
