@@ -72,7 +72,7 @@ class Sampler:
         if step.logprob_rows:  # the model's own distribution, before bias, penalties, bans and filters
             want = step.dev["want"].long()  # (W,)
             cols += logprob_columns(raw.index_select(0, want), ids.index_select(0, want), step.max_logprobs)
-        return ids, torch.cat(cols), step
+        return ids, (torch.cat(cols) if len(cols) > 1 else cols[0]), step
 
     def _next_unseeded_key(self) -> int:
         key = draw_key(self._stream, self._draws)
