@@ -149,8 +149,9 @@ def load_hf(path: str, device: str, dtype: torch.dtype):
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(m != "lm_head.weight" for m in missing):  # a tied head has no tensor of its own
         raise RuntimeError(f"checkpoint and HF model disagree: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    return model.eval()
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(dtype).eval()  # whatever dtype construction chose, HF computes in the engine's
 
 
 def run_hf(path: str, workloads: list[Workload], device: str, dtype: torch.dtype, vocab: int) -> dict:
