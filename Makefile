@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast test-gpu lint bench bench-llamacpp clean
+.PHONY: install run test test-fast test-gpu bench-gpu lint bench bench-llamacpp clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,13 @@ test-fast: install
 test-gpu:
 	PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider tests/gpu
 	PYTHONPATH=. python3 benchmarks/bench_cuda_kernels.py
+
+# Also for a lent GPU machine as it is: the 1B and 8B Llama shapes (random weights written on the GPU) through
+# pipeserve and HF generate, against the copy bandwidth and GEMM rate measured in the same run; under five
+# minutes on an H200. Writes results/gpu.md and results/gpu.json, and copies them to $(OUT) when it is set.
+# COMMIT=<hash> names the commit measured where the checkout has no .git.
+bench-gpu:
+	PYTHONPATH=. python3 benchmarks/bench_gpu.py $(if $(COMMIT),--commit $(COMMIT)) $(if $(OUT),--copy-to $(OUT))
 
 lint: install
 	$(BIN)/ruff check pipeserve tests benchmarks

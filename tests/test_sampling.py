@@ -95,7 +95,7 @@ def test_temperature_sampling_follows_softmax(temperature):
     assert (frequencies(got, 6) - expected).abs().max().item() < 0.02
 
 
-def test_unseeded_rows_share_the_engine_seeded_generator():
+def test_unseeded_rows_draw_from_the_engine_seed():
     logits = random_logits(1, 100, scale=0.3).repeat(50, 1)
     params = [SamplingParams(temperature=1.0)] * 50
     a = tokens(sampler(seed=11), logits, params)
@@ -131,7 +131,7 @@ def test_seeded_row_is_independent_of_batch_and_position():
                             SamplingParams(temperature=0.7, top_k=5, seed=seed + 1)]
             params = other_params[:pos] + [p] + other_params[pos:]
             n_outs = [5, 0, n_out][:pos] + [n_out] + [5, 0, n_out][pos:]
-            # a fresh sampler, and one whose shared generator has been used: neither may matter
+            # a fresh sampler, and one that has made unseeded draws: neither may matter
             for s in (sampler(seed=pos), sampler(seed=99)):
                 tokens(s, random_logits(2, vocab), [SamplingParams(temperature=1.0)] * 2)
                 assert tokens(s, batch, params, n_outs)[pos] == alone, (seed, n_out, pos)

@@ -1,139 +1,86 @@
-"""Turns the last stage's logits into tokens: logit bias, penalties, greedy, temperature, top-k, top-p, min-p,
-seeds, logprobs."""
+"""Turns the last stage's logits into tokens on the logits' device: logit bias, penalties, the min_tokens bans,
+greedy, temperature, top-k, top-p, min-p, seeds, logprobs. Only the sampled ids (and the logprobs a request
+asked for) cross to the host: one copy per step.
+
+What a seed guarantees: the same seed, prompt and sampling params give the same tokens whether the request
+runs alone or in any batch, in any order, and after a preemption or a recovery, on the same device type and
+dtype. A seeded request's randomness is a pure function of (seed, output index, token id); it does not carry
+across pipeserve versions or between devices (a CPU and a GPU compute slightly different probabilities).
+
+Unseeded requests draw from the engine seed: the sampler numbers their draws, one per random row in the
+order of the rows of each step, and each draw's key comes from (engine seed, draw number). Runs with the same
+engine seed and the same sequence of steps repeat; an unseeded request's tokens depend on what shares its
+steps.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from pipeserve.layers.sampling.host_pack import to_host
+from pipeserve.layers.sampling.logprobs import logprob_columns, score_tokens, unpack_records
+from pipeserve.layers.sampling.noise import draw_key, token_hashes, unseeded_stream
+from pipeserve.layers.sampling.processing import adjust_logits, sample_random_rows
+from pipeserve.layers.sampling.step_params import StepParams, build_step_params
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import SampledToken
 
-_SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, output index) pairs over the generator's seed space
+__all__ = ["Sampler", "score_tokens"]
 
 
 class Sampler:
-    """Samples one token per row of logits.
-
-    A seeded request draws its randomness from (seed, number of tokens it has output so far) alone, so it
-    samples the same tokens whatever else shares the batch, and after a preemption too. Unseeded requests
-    share one generator seeded from the engine seed.
-    """
+    """Samples one token per row of logits, batched on the logits' device."""
 
     def __init__(self, seed: int, eos_token_ids: tuple[int, ...]):
-        self.generator = torch.Generator().manual_seed(seed)
         self.eos_token_ids = list(eos_token_ids)
+        self._stream = unseeded_stream(seed)
+        self._draws = 0  # unseeded draws so far
+        self._hashes: dict[tuple[int, torch.device], torch.Tensor] = {}  # (vocab, device) -> token_hashes
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int],
                  seen: list[list[int] | None] | None = None) -> list[SampledToken]:
-        """`seen[i]`: every token row i's request has seen (prompt, then its outputs), for penalties."""
-        raw = logits.float().cpu()  # (S, V); sampling state (generators) lives on the CPU
-        logits = self._apply_bias_and_penalties(raw, params, num_outputs, seen or [None] * len(params))
-        logits = self._apply_min_tokens(logits, params, num_outputs)
-        token_ids = logits.argmax(dim=-1)  # greedy rows keep this
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:
-            rows = torch.tensor(random_rows)
-            probs = self._filtered_probs(logits[rows], [params[i] for i in random_rows])
-            for j, i in enumerate(random_rows):
-                noise = torch.empty_like(probs[j]).exponential_(generator=self._generator(params[i], num_outputs[i]))
-                token_ids[i] = (probs[j] / noise).argmax()  # exponential race: a draw from probs
-        return self._with_logprobs(raw, token_ids, params)  # logprobs of the model itself, before any ban
-
-    @staticmethod
-    def _apply_bias_and_penalties(logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int],
-                                  seen: list[list[int] | None]) -> torch.Tensor:
-        """As vLLM orders them: logit bias, then the repetition penalty (prompt and output tokens), then the
-        frequency and presence penalties (output tokens only)."""
-        rows = [i for i, p in enumerate(params) if p.logit_bias or p.penalized]
-        if not rows:
-            return logits
-        logits = logits.clone()
-        for i in rows:
-            p, row = params[i], logits[i]
-            if p.logit_bias:
-                row[torch.tensor(list(p.logit_bias))] += torch.tensor(list(p.logit_bias.values()))
-            if not p.penalized:
-                continue
-            tokens = seen[i]
-            if tokens is None:
-                raise RuntimeError("a penalized request reached the sampler without the tokens it has seen")
-            if p.repetition_penalty != 1.0:
-                ids = torch.tensor(tokens, dtype=torch.long).unique()
-                x = row[ids]
-                row[ids] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
-            k = num_outputs[i]
-            if k and (p.frequency_penalty or p.presence_penalty):
-                counts = torch.bincount(torch.tensor(tokens[len(tokens) - k:], dtype=torch.long),
-                                        minlength=row.numel()).float()
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-        return logits
-
-    def _apply_min_tokens(self, logits: torch.Tensor, params: list[SamplingParams],
-                          num_outputs: list[int]) -> torch.Tensor:
-        rows = [i for i, p in enumerate(params) if num_outputs[i] < p.min_tokens]
-        if not rows:
-            return logits
-        logits = logits.clone()
-        for i in rows:
-            p = params[i]
-            banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else self.eos_token_ids)
-            logits[i, banned] = float("-inf")
-        return logits
-
-    def _generator(self, p: SamplingParams, num_outputs: int) -> torch.Generator:
-        if p.seed is None:
-            return self.generator
-        return torch.Generator().manual_seed((p.seed * _SEED_MIX + num_outputs) % (1 << 63))
-
-    @staticmethod
-    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        temps = torch.tensor([p.temperature for p in params]).unsqueeze(1)
-        logits = logits / temps
-        top_k = [p.top_k for p in params]
-        if any(k > 0 for k in top_k):
-            vocab = logits.shape[-1]
-            ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k]).unsqueeze(1)
-            kth = logits.sort(dim=-1, descending=True).values.gather(1, ks - 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        top_p = torch.tensor([p.top_p for p in params]).unsqueeze(1)
-        if (top_p < 1.0).any():
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each token
-            drop_sorted = before >= top_p  # keeps the smallest prefix whose mass reaches top_p
-            probs = probs.masked_fill(drop_sorted.scatter(1, order, drop_sorted), 0.0)
-        min_p = torch.tensor([p.min_p for p in params]).unsqueeze(1)
-        if (min_p > 0).any():
-            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-        return probs / probs.sum(dim=-1, keepdim=True)
-
-    @staticmethod
-    def _with_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
-                       params: list[SamplingParams]) -> list[SampledToken]:
-        want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        out = [SampledToken(int(t)) for t in token_ids.tolist()]
-        if not want:
-            return out
-        rows = torch.tensor(want)
-        logprobs = logits[rows].log_softmax(dim=-1)  # the model's distribution, before sampling filters
-        chosen = logprobs.gather(1, token_ids[rows].unsqueeze(1))  # (W, 1)
-        ranks = (logprobs > chosen).sum(dim=-1) + 1
-        max_k = max(params[i].logprobs for i in want)
-        top_vals, top_ids = logprobs.topk(max(max_k, 1), dim=-1)
-        for j, i in enumerate(want):
-            k = params[i].logprobs
-            top = list(zip(top_ids[j, :k].tolist(), top_vals[j, :k].tolist(), strict=True))
-            out[i] = SampledToken(out[i].token_id, float(chosen[j, 0]), int(ranks[j]), top)
+        """logits (S, V); per row its request's params, outputs so far, and `seen[i]`: every token it has
+        seen (prompt, then outputs), needed only by penalized requests. One token (and record) per row."""
+        ids, packed, step = self.sample(logits, params, num_outputs, seen)
+        flat = to_host(packed).tolist()  # the step's one device-to-host copy
+        token_ids = [int(t) for t in flat[: len(params)]]
+        out = [SampledToken(t) for t in token_ids]
+        if step.logprob_rows:
+            rows = step.logprob_rows
+            records = unpack_records(flat[len(params):], [token_ids[i] for i in rows],
+                                     [params[i].logprobs for i in rows], step.max_logprobs)
+            for i, record in zip(rows, records, strict=True):
+                out[i] = record
         return out
 
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int],
+               seen: list[list[int] | None] | None = None) -> tuple[torch.Tensor, torch.Tensor, StepParams]:
+        """The device half of `__call__`: (S,) sampled ids and the float64 tensor to copy to the host (the
+        ids, then the logprob columns of the rows that asked), both on the logits' device."""
+        if logits.dim() != 2 or logits.shape[0] != len(params) or len(num_outputs) != len(params):
+            raise ValueError(f"logits {tuple(logits.shape)} need one row per params ({len(params)}) and "
+                             f"per num_outputs ({len(num_outputs)})")
+        raw = logits.float()  # (S, V)
+        step = build_step_params(params, num_outputs, seen or [None] * len(params), self.eos_token_ids,
+                                 raw.shape[1], self._next_unseeded_key, raw.device)
+        adjusted = adjust_logits(raw, step)  # (S, V)
+        ids = adjusted.argmax(dim=-1)  # (S,) greedy rows keep these
+        if step.random_rows:
+            drawn = sample_random_rows(adjusted, step, self._token_hashes(raw))  # (R,)
+            ids = drawn if step.all_random else ids.index_copy(0, step.dev["rand_idx"].long(), drawn)
+        cols = [ids.double()]
+        if step.logprob_rows:  # the model's own distribution, before bias, penalties, bans and filters
+            want = step.dev["want"].long()  # (W,)
+            cols += logprob_columns(raw.index_select(0, want), ids.index_select(0, want), step.max_logprobs)
+        return ids, (torch.cat(cols) if len(cols) > 1 else cols[0]), step
 
-def score_tokens(logits: torch.Tensor, targets: list[int], num_top: int) -> list[SampledToken]:
-    """Row i's log-probability of targets[i], its rank, and the `num_top` most likely tokens (prompt logprobs)."""
-    logprobs = logits.float().log_softmax(dim=-1)
-    target = torch.tensor(targets, dtype=torch.long, device=logits.device).unsqueeze(1)
-    chosen = logprobs.gather(1, target)
-    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-    top_vals, top_ids = logprobs.topk(max(num_top, 1), dim=-1)
-    top_vals, top_ids, chosen = top_vals[:, :num_top].tolist(), top_ids[:, :num_top].tolist(), chosen[:, 0].tolist()
-    return [SampledToken(t, c, r, list(zip(ids, vals, strict=True)))
-            for t, c, r, ids, vals in zip(targets, chosen, ranks, top_ids, top_vals, strict=True)]
+    def _next_unseeded_key(self) -> int:
+        key = draw_key(self._stream, self._draws)
+        self._draws += 1
+        return key
+
+    def _token_hashes(self, logits: torch.Tensor) -> torch.Tensor:
+        where = (logits.shape[1], logits.device)
+        if where not in self._hashes:
+            self._hashes[where] = token_hashes(*where)
+        return self._hashes[where]
