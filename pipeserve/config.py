@@ -190,6 +190,10 @@ class EngineConfig:
     # Stages keep a record of each step (for the trace, or a benchmark's timeline) only when asked: kept for
     # a server that runs for weeks they would be memory spent on nothing.
     record_steps: bool = False
+    # Every stop string is searched for in a request's text after each of its tokens: a request may ask for at
+    # most this many, each at most this long (OpenAI allows 4).
+    max_stop_strings: int = 64
+    max_stop_string_length: int = 1024
 
     @property
     def tokens_per_ve(self) -> int:

@@ -391,6 +391,6 @@ def test_callback_error_propagates_and_engine_recovers(llm):
     with pytest.raises(Boom):
         llm.generate(prompts, SamplingParams(max_tokens=6, **GREEDY), on_output=cb)
     assert not llm.engine.has_unfinished()
-    assert llm.engine.schedulers[0].block_manager.num_free_blocks == llm.config.num_blocks_per_ve
+    assert llm.engine.stats()[0].used_blocks == 0
     outs = llm.generate(prompts, SamplingParams(max_tokens=6, **GREEDY))
     assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6, 6]

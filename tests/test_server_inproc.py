@@ -34,7 +34,7 @@ def app_client(tiny_model):
     app = build_app(engine, ServeSettings(served_model_names=["tiny"]))
     with TestClient(app) as client:  # runs the lifespan: engine loops up, shutdown at exit
         yield client
-    assert engine._shut_down
+    assert engine.is_shut_down
 
 
 def _metrics(client) -> dict:
