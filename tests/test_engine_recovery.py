@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from helpers import FAKE_MODEL
 
 from pipeserve.config import EngineConfig, SchedulerConfig
@@ -99,6 +100,24 @@ def test_request_that_crashes_a_stage_twice_is_failed_alone():
     assert "was in 2 steps in a row that a stage failure lost" in str(results[2])
     assert [r for i, r in enumerate(results) if i != 2] == [e for i, e in enumerate(EXPECTED) if i != 2]
     assert executor.failures == 2  # the second failure isolated it: one suspect per step
+
+
+def test_a_failed_choice_ends_its_whole_request_and_frees_everything():
+    executor = FlakyExecutor(poison={20})
+    engine = make_engine(executor)
+
+    async def scenario():
+        async with engine.running():
+            bad = engine.add_request([20, 21], SamplingParams(n=2, max_tokens=6, ignore_eos=True))
+            good = engine.add_request([1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True))
+            with pytest.raises(RuntimeError, match="stage failure lost"):
+                async for _ in bad:
+                    pass
+            return [out async for out in good][-1]
+
+    out = asyncio.run(scenario())
+    assert out.outputs[0].token_ids == EXPECTED[0]
+    assert not any(engine.bookkeeping().values())
 
 
 def test_final_failure_fails_every_request_with_its_cause():

@@ -244,7 +244,9 @@ class AsyncEngine:
         """A request the scheduler gave up on (it was in too many failed steps): its listener gets `exc`, and
         its other choices end with it."""
         logger.error("%s", exc)
-        self._end(self._tracked[req.request_id].stream.request_id, exc)
+        tracked = self._tracked.get(req.request_id)
+        if tracked is not None:  # (None: a choice failed with it in the same step and ended the request)
+            self._end(tracked.stream.request_id, exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         self._error = exc
