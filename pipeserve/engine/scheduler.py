@@ -345,7 +345,7 @@ class Scheduler:
                ) -> list[Request]:
         """Advance the requests of a step in flight (steps are applied in planning order); returns those
         that received a new token. `find_stop_string(request)`: the stop string its text ends with now, if
-        any (the output side's answer, for requests with stop strings)."""
+        any (the output side's answer; needed once a request has stop strings)."""
         assert step.step_id == min(self._in_flight), "step results are applied in the order they were planned"
         advanced = []
         caching, block_size = self.block_manager.enable_prefix_caching, self.block_manager.block_size
@@ -385,7 +385,7 @@ class Scheduler:
         if token in req.stop_ids and req.num_tokens - len(req.prompt_token_ids) >= params.min_tokens:
             reason = token if token in params.stop_token_ids else None  # None: an EOS token
             return self._finish(req, RequestStatus.FINISHED_STOPPED, reason)
-        if req.stop_strings and find_stop_string is not None:
+        if req.stop_strings:
             stop = find_stop_string(req)
             if stop is not None:
                 return self._finish(req, RequestStatus.FINISHED_STOPPED, stop)
