@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, on_output=on_output)
         elapsed = time.perf_counter() - start
         records = stage_records(llm.engine.executor.collect_stats())
-        per_ve = [s.prefix_cache_queries for s in llm.engine.schedulers]
+        per_ve = [s.prefix_cache_queries for s in llm.engine.stats()]
     ttft = sorted(first_token[i] - start for i in range(len(prompts)))
     result = {
         "caching": args.caching, "elapsed_s": elapsed,

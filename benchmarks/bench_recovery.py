@@ -52,7 +52,7 @@ class KillHalfway:
 
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, kill: KillHalfway | None) -> dict:
     engine = llm.engine
-    recomputed = sum(s.num_recomputed_tokens for s in engine.schedulers)
+    recomputed = sum(s.num_recomputed_tokens for s in engine.stats())
     start = time.time()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, on_output=kill)
     elapsed = time.time() - start
@@ -64,7 +64,7 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, kill: KillHa
         first_after = min(t for t in kill.arrivals_after if t >= span.end)  # earlier ones left before the kill
         result.update(kill_to_detect_s=span.start - kill.kill_time, recover_s=span.end - span.start,
                       kill_to_first_token_s=first_after - kill.kill_time,
-                      recomputed_tokens=sum(s.num_recomputed_tokens for s in engine.schedulers) - recomputed)
+                      recomputed_tokens=sum(s.num_recomputed_tokens for s in engine.stats()) - recomputed)
     return result
 
 

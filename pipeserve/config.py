@@ -168,6 +168,10 @@ class EngineConfig:
     record_steps: bool = False
     # Decode steps run eagerly even where CUDA graphs could replay them (vLLM's --enforce-eager).
     enforce_eager: bool = False
+    # Every stop string is searched for in a request's text after each of its tokens: a request may ask for at
+    # most this many, each at most this long (OpenAI allows 4).
+    max_stop_strings: int = 64
+    max_stop_string_length: int = 1024
 
     @property
     def tokens_per_ve(self) -> int:

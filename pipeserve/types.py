@@ -1,6 +1,7 @@
 """The contracts between engine and stages. The architecture is these types.
 
-One step: `VirtualEngine.schedule() -> SchedulerOutput -> stages -> StepOutput -> VirtualEngine.update()`.
+One step of a virtual engine (one `Scheduler` over its own KV pool):
+`Scheduler.schedule() -> SchedulerOutput -> stages -> StepOutput -> Scheduler.update()`.
 Everything here is small and picklable: it crosses process and machine boundaries.
 """
 
@@ -74,13 +75,6 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.req_ids)
 
-    def entries(self) -> list[ScheduledRequest]:
-        """The same decodes as incremental entries (tests, and stages resolving a plan)."""
-        blocks = self.new_blocks
-        return [ScheduledRequest(r, [t], p, blocks.get(r, []), None, n, None, False, True)
-                for r, t, p, n in zip(self.req_ids, self.token_ids, self.start_pos, self.num_output_tokens,
-                                      strict=True)]
-
 
 @dataclass
 class SchedulerOutput:
@@ -93,10 +87,6 @@ class SchedulerOutput:
     requests: list[ScheduledRequest] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)  # the stages drop what they keep of these
     decodes: DecodeBatch = field(default_factory=DecodeBatch)
-
-    def all_requests(self) -> list[ScheduledRequest]:
-        """Every entry, the columnar decodes first."""
-        return self.decodes.entries() + self.requests if self.decodes else self.requests
 
     @property
     def num_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny random Llama checkpoints and the HF reference they are checked against."""
+"""Shared test helpers: tiny random Llama checkpoints and the HF reference they are checked against, and fake
+steps for driving a scheduler or engine without a model."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from pipeserve.config import ModelConfig
+from pipeserve.engine.scheduler import Scheduler
+from pipeserve.types import SchedulerOutput, StepOutput
 
 # Ties: in a random model two logits can agree to within float rounding, and then any engine (HF included)
 # may pick either. A mismatch is accepted only when HF's own logits put our token within this margin of
@@ -84,3 +89,34 @@ def leftover_bookkeeping(engine) -> dict[str, int]:
     """The per-request structures of `engine` and its stages that are not empty (`AsyncEngine.bookkeeping`;
     asks the stage processes, so call while no step is in flight)."""
     return {name: n for name, n in engine.bookkeeping(stages=True).items() if n}
+
+
+# ---- engine tests without a model ------------------------------------------------------------------------
+
+# A ModelConfig for an engine driven by a fake executor: nothing is loaded, only its sizes are read.
+FAKE_MODEL = ModelConfig(path="fake", vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4, rms_norm_eps=1e-5,
+                         rope_theta=1e4, rope_scaling=None, max_position_embeddings=256, tie_word_embeddings=False,
+                         attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_ids=(),
+                         dtype=torch.float32)
+
+
+def sampling_req_ids(sched: SchedulerOutput) -> list[str]:
+    """The requests a plan samples a token for: every columnar decode, and the entries marked `samples`."""
+    return list(sched.decodes.req_ids) + [r.req_id for r in sched.requests if r.samples]
+
+
+def fake_step(sched: SchedulerOutput, token: int = 7) -> StepOutput:
+    """What a model would return: `token` for each request that samples this step."""
+    return StepOutput(sched.step_id, sched.virtual_engine, dict.fromkeys(sampling_req_ids(sched), token))
+
+
+def run_to_completion(s: Scheduler, max_steps: int = 500) -> list[SchedulerOutput]:
+    """Plan and apply fake steps until the scheduler has no work; returns the plans."""
+    steps = []
+    while s.has_work():
+        out = s.schedule()
+        steps.append(out)
+        s.update(fake_step(out))
+        assert len(steps) < max_steps, "scheduler made no progress"
+    return steps

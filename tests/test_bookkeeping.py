@@ -61,8 +61,7 @@ def check_returns_to_empty(llm: LLM, seed: int) -> None:
         assert leftover_bookkeeping(llm.engine) == {}
         run_and_abort(llm, mixed_requests(rng, 30, shared))
         assert leftover_bookkeeping(llm.engine) == {}
-    for s in llm.engine.schedulers:
-        assert s.block_manager.num_used_blocks == 0
+    assert all(s.used_blocks == 0 for s in llm.engine.stats())
 
 
 def test_pp1_returns_to_empty(tiny_model):

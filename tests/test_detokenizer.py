@@ -62,7 +62,9 @@ def test_incremental_text_equals_a_full_decode(name: str, request) -> None:
         assert incremental(tok, ids) == tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
-def test_output_processor_forgets_every_request(byte_level) -> None:
+def test_output_processor_keeps_a_request_until_it_is_removed(byte_level) -> None:
+    """The engine removes a request when it ends (`AsyncEngine._end`), after its listener has read the final
+    output: building that output forgets nothing, and `remove` forgets everything."""
     from pipeserve.engine.request import Request, RequestStatus
     from pipeserve.sampling_params import SamplingParams
 
@@ -70,11 +72,13 @@ def test_output_processor_forgets_every_request(byte_level) -> None:
     reqs = [Request(f"r{i}", [1, 2], SamplingParams(max_tokens=2), 2) for i in range(50)]
     for req in reqs:
         outputs.add(req)
-        req.output_token_ids.append(1000)
-        outputs.new_token(req)
+        req.append_output(1000)
+        assert outputs.find_stop_string(req) is None
     for req in reqs[:25]:
         req.finish(RequestStatus.FINISHED_LENGTH)
-        assert outputs.output(req).finished
-    for req in reqs[25:]:
-        outputs.remove(req.request_id)  # aborted
-    assert len(outputs) == 0
+        first = outputs.output(req)
+        assert first.finished and outputs.output(req).outputs[0].text == first.outputs[0].text
+    assert outputs.bookkeeping()["detokenizers"] == 50
+    for req in reqs:
+        outputs.remove(req.request_id)
+    assert outputs.bookkeeping() == {"detokenizers": 0, "prompt_logprobs": 0}

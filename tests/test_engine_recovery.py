@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
+import pytest
+from helpers import FAKE_MODEL
 
-from pipeserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from pipeserve.config import EngineConfig, SchedulerConfig
 from pipeserve.engine.async_engine import AsyncEngine
 from pipeserve.executor.base import Executor, StepInterrupted
 from pipeserve.executor.recovery_log import RecoveryLog, RecoverySpan
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import SchedulerOutput, StepOutput
-
-MODEL = ModelConfig(path="fake", vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=1, head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4,
-                    rope_scaling=None, max_position_embeddings=256, tie_word_embeddings=False,
-                    attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_ids=(), dtype=torch.float32)
+from pipeserve.worker.request_states import RequestStates
 
 
 class FlakyExecutor(Executor):
@@ -27,19 +24,21 @@ class FlakyExecutor(Executor):
     def __init__(self, poison: set[int] = frozenset()):
         self.poison, self.fail_next, self.failures = poison, False, 0
         self.recoveries = RecoveryLog()
+        self.stage = RequestStates()  # plans are read whole, as a stage resolves them
 
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
         await asyncio.sleep(0)
         if generation not in (None, self.generation):
             raise StepInterrupted("planned before a failure", lost=False)
-        if self.fail_next or any(r.token_ids and r.token_ids[0] in self.poison for r in sched.all_requests()):
+        entries = self.stage.resolve(sched, self.generation).requests
+        if self.fail_next or any(r.token_ids and r.token_ids[0] in self.poison for r in entries):
             self.fail_next = False
             self.failures += 1
             self.generation += 1  # recovered instantly, stage 1 replaced: the next generation is ready
             self.recoveries.record(RecoverySpan(0.0, 0.0, "stage 1 died", [1], self.generation))
             raise StepInterrupted("stage 1 died")
         return StepOutput(sched.step_id, sched.virtual_engine,
-                          {r.req_id: r.context_len % 100 for r in sched.all_requests() if r.samples})
+                          {r.req_id: r.context_len % 100 for r in entries if r.samples})
 
     def collect_stats(self):
         return []
@@ -49,7 +48,7 @@ class FlakyExecutor(Executor):
 
 
 def make_engine(executor: Executor) -> AsyncEngine:
-    config = EngineConfig(MODEL, scheduler=SchedulerConfig(max_num_batched_tokens=64, max_model_len=256),
+    config = EngineConfig(FAKE_MODEL, scheduler=SchedulerConfig(max_num_batched_tokens=64, max_model_len=256),
                           num_virtual_engines=2, num_blocks_per_ve=64)
     return AsyncEngine(config, executor, tokenizer=None)
 
@@ -101,6 +100,24 @@ def test_request_that_crashes_a_stage_twice_is_failed_alone():
     assert "was in 2 steps in a row that a stage failure lost" in str(results[2])
     assert [r for i, r in enumerate(results) if i != 2] == [e for i, e in enumerate(EXPECTED) if i != 2]
     assert executor.failures == 2  # the second failure isolated it: one suspect per step
+
+
+def test_a_failed_choice_ends_its_whole_request_and_frees_everything():
+    executor = FlakyExecutor(poison={20})
+    engine = make_engine(executor)
+
+    async def scenario():
+        async with engine.running():
+            bad = engine.add_request([20, 21], SamplingParams(n=2, max_tokens=6, ignore_eos=True))
+            good = engine.add_request([1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True))
+            with pytest.raises(RuntimeError, match="stage failure lost"):
+                async for _ in bad:
+                    pass
+            return [out async for out in good][-1]
+
+    out = asyncio.run(scenario())
+    assert out.outputs[0].token_ids == EXPECTED[0]
+    assert not any(engine.bookkeeping().values())
 
 
 def test_final_failure_fails_every_request_with_its_cause():
@@ -156,9 +173,9 @@ def test_abort_during_recovery_frees_the_request_blocks():
             executor.fail_next = True  # a step is lost once the request holds KV blocks
             while not executor.recovering:
                 await asyncio.sleep(0.01)
-            held = sum(s.block_manager.num_used_blocks for s in engine.schedulers)
+            held = sum(s.used_blocks for s in engine.stats())
             engine.abort(stream.request_id)  # the client leaves while the pipeline recovers
-            used = [s.block_manager.num_used_blocks for s in engine.schedulers]
+            used = [s.used_blocks for s in engine.stats()]
             executor.recovering = False
             return held, used
 

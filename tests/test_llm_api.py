@@ -107,13 +107,15 @@ def test_min_tokens_delays_stop_token(llm):
     ([{"prompt_token_ids": ids(3)}] * 2, [SamplingParams()] * 3, "2 prompts but 3 SamplingParams"),
     ([{"prompt_token_ids": ids(3)}] * 2, [SamplingParams()], "2 prompts but 1 SamplingParams"),
     ([42], None, "prompt"),
+    ([{"prompt_token_ids": ids(3)}], SamplingParams(stop=["s"] * 65), r"65 strings.*\(--max-stop-strings\)"),
+    ([{"prompt_token_ids": ids(3)}], SamplingParams(stop=["s" * 1025]), r"1025 characters.*--max-stop-string-length"),
 ])
 def test_bad_requests_raise_before_any_work(llm, monkeypatch, prompts, params, match):
     steps = count_steps(llm, monkeypatch)
     with pytest.raises(ValueError, match=match):
         llm.generate(prompts, params)
     assert steps == []
-    assert not llm.engine.has_unfinished()
+    assert not llm.engine.has_unfinished() and not any(llm.engine.bookkeeping().values())
     # the engine still works afterwards
     out = llm.generate({"prompt_token_ids": ids(3)}, SamplingParams(max_tokens=2, **GREEDY))
     assert len(out[0].outputs[0].token_ids) == 2 and steps
@@ -277,6 +279,26 @@ def test_stop_string_completed_one_token_before_the_limit(tok_llm, last_token_st
     assert out.finish_reason == "stop" and out.stop_reason == stop
 
 
+def test_a_stop_list_at_the_limits_still_stops(tok_llm, last_token_stop):
+    prompt, n, stop, text = last_token_stop
+    never = [f"never-{i:03d}".ljust(1024, "~") for i in range(63)]  # 63 strings of 1,024 characters, not in the text
+    out = tok_llm.generate(prompt, SamplingParams(max_tokens=n, stop=never + [stop], **GREEDY))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop and out.text == text[: text.find(stop)]
+
+
+def test_stop_limits_are_engine_settings(tiny_model):
+    with LLM(tiny_model, dtype="float32", max_model_len=64, threads_per_worker=1, max_stop_strings=100,
+             max_stop_string_length=2000) as llm:
+        params = SamplingParams(max_tokens=2, stop=["s" * 2000] * 100, **GREEDY)
+        assert len(llm.generate({"prompt_token_ids": ids(3)}, params)[0].outputs[0].token_ids) == 2
+        with pytest.raises(ValueError, match=r"101 strings.*limit of 100"):
+            llm.generate({"prompt_token_ids": ids(3)}, SamplingParams(stop=["s"] * 101))
+        with pytest.raises(ValueError, match=r"2001 characters.*limit of 2000"):
+            llm.generate({"prompt_token_ids": ids(3)}, SamplingParams(stop=["s" * 2001]))
+    with pytest.raises(ValueError, match="max_stop_strings must be >= 1"):
+        LLM(tiny_model, max_stop_strings=0)
+
+
 @pytest.fixture(scope="module")
 def stop_token_case(tok_llm):
     """(prompt, stop_id, greedy token ids): a visible token that first appears after a few others."""
@@ -391,6 +413,6 @@ def test_callback_error_propagates_and_engine_recovers(llm):
     with pytest.raises(Boom):
         llm.generate(prompts, SamplingParams(max_tokens=6, **GREEDY), on_output=cb)
     assert not llm.engine.has_unfinished()
-    assert llm.engine.schedulers[0].block_manager.num_free_blocks == llm.config.num_blocks_per_ve
+    assert llm.engine.stats()[0].used_blocks == 0
     outs = llm.generate(prompts, SamplingParams(max_tokens=6, **GREEDY))
     assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6, 6]

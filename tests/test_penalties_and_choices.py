@@ -98,7 +98,7 @@ def test_presence_and_frequency_penalties_match_openai_formula(llm, hf_models, p
 def test_n_choices_are_seeded_apart_and_share_the_prompt(llm):
     prompt = {"prompt_token_ids": list(range(100, 150))}
     params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
-    hits = sum(s.prefix_cache_hits for s in llm.engine.schedulers)
+    hits = sum(s.prefix_cache_hits for s in llm.engine.stats())
     (out,) = llm.generate([prompt], params)
     assert [c.index for c in out.outputs] == [0, 1, 2, 3] and out.finished
     choices = [c.token_ids for c in out.outputs]
@@ -108,7 +108,7 @@ def test_n_choices_are_seeded_apart_and_share_the_prompt(llm):
         (single,) = llm.generate([prompt], SamplingParams(temperature=1.0, seed=7 + i, max_tokens=8, ignore_eos=True))
         assert single.outputs[0].token_ids == got
     # Choices 1..3 waited for choice 0 to compute the prompt, then took its 3 full blocks from the cache.
-    assert sum(s.prefix_cache_hits for s in llm.engine.schedulers) - hits >= 3 * 48
+    assert sum(s.prefix_cache_hits for s in llm.engine.stats()) - hits >= 3 * 48
 
 
 def test_n_greedy_choices_agree_and_stream_together(llm):
@@ -131,5 +131,5 @@ def test_penalized_requests_through_pipeline_preemption_and_cached_prefixes(tiny
         with LLM(tiny_models["gqa"], dtype="float32", **{"max_model_len": 256, **kwargs}) as llm:
             outs.append(run(llm, params, prompts))
             if kwargs:
-                assert sum(s.num_preemptions for s in llm.engine.schedulers) > 0
+                assert sum(s.num_preemptions for s in llm.engine.stats()) > 0
     assert outs[0] == outs[1]

@@ -44,10 +44,10 @@ def test_pipeline_matches_single_process_and_hf(layout, tiny_models, hf_models):
     piped, llm = run(tiny_models[family], **kwargs)
     try:
         if "num_kv_blocks" in kwargs:
-            assert sum(s.num_preemptions for s in llm.engine.schedulers) > 0
-        assert len(llm.engine.schedulers) == kwargs.get("num_virtual_engines", kwargs["pipeline_parallel_size"])
+            assert sum(s.num_preemptions for s in llm.engine.stats()) > 0
+        assert len(llm.engine.stats()) == kwargs.get("num_virtual_engines", kwargs["pipeline_parallel_size"])
         if layout in PIPELINED:  # a prompt's chunks were in flight together, up to one per stage
-            assert max(s.max_steps_in_flight for s in llm.engine.schedulers) == kwargs["pipeline_parallel_size"]
+            assert max(s.max_steps_in_flight for s in llm.engine.stats()) == kwargs["pipeline_parallel_size"]
     finally:
         llm.shutdown()
     assert piped == single

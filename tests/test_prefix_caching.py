@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from helpers import fake_step, run_to_completion
+
 from pipeserve.config import SchedulerConfig
 from pipeserve.engine.block_hashing import extend_block_hashes, hash_block
 from pipeserve.engine.block_manager import BlockManager
@@ -9,7 +11,6 @@ from pipeserve.engine.placement import choose_virtual_engine
 from pipeserve.engine.request import Request
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.sampling_params import SamplingParams
-from tests.test_scheduler import fake_step, run_to_completion
 
 BS = 4
 
@@ -96,17 +97,22 @@ def test_salted_requests_share_only_with_the_same_salt():
 
 
 def test_generated_tokens_are_cached_too_and_a_preempted_request_finds_its_own_blocks():
-    s = make_scheduler()
-    s.add_request(request("a", PROMPT[:6], max_tokens=8))
-    for _ in range(5):
+    # 4 blocks of 4 tokens: o, admitted first, needs its second block for its 5th token while a holds the
+    # other three, so a (the newer) is preempted, with 6 prompt + 4 generated tokens.
+    s = make_scheduler(blocks=4)
+    o, a = request("o", [50], max_tokens=5), request("a", PROMPT[:6], max_tokens=8)
+    s.add_request(o)
+    s.add_request(a)
+    while not a.num_preemptions:
         s.update(fake_step(s.schedule(), token=9))
-    req = s.requests["a"]
-    assert req.num_computed_tokens == 10 and s.block_manager.num_registered_blocks("a") == 2
-    s._preempt(req)
+    assert a.num_tokens == 10 and o.status.finished
     step = s.schedule()
-    # prompt + 5 outputs = 11 tokens; 2 full blocks come back from the cache, 3 tokens are recomputed
-    assert step.requests[0].start_pos == 8 and step.requests[0].token_ids == [9, 9, 9]
-    assert req.num_cached_tokens == 0  # reported as at first admission
+    # its 2 full blocks (the prompt and 2 generated tokens) come back from the cache; 2 tokens are recomputed
+    assert [(r.req_id, r.start_pos, r.token_ids) for r in step.requests] == [("a", 8, [9, 9])]
+    assert a.num_cached_tokens == 0  # reported as at first admission
+    s.update(fake_step(step, token=9))
+    run_to_completion(s)
+    assert a.output_token_ids == [9] * 5 + [7] * 3  # none lost, none repeated
 
 
 def test_blocks_shared_by_running_requests_survive_an_abort_of_either():

@@ -35,7 +35,7 @@ def run(path: str, **kwargs):
     with LLM(path, dtype="float32", **{"max_model_len": 256, "max_num_batched_tokens": 16, **kwargs}) as llm:
         llm.generate([{"prompt_token_ids": PROMPTS[2]}], SamplingParams(max_tokens=1))  # cache it: must not be used
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-        preemptions = sum(s.num_preemptions for s in llm.engine.schedulers)
+        preemptions = sum(s.num_preemptions for s in llm.engine.stats())
     return outs, preemptions
 
 

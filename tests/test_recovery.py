@@ -64,7 +64,7 @@ def pp2(tiny_models):
 
 
 def prefix_cache_hits(llm: LLM) -> int:
-    return sum(s.prefix_cache_hits for s in llm.engine.schedulers)
+    return sum(s.prefix_cache_hits for s in llm.engine.stats())
 
 
 def test_kill_stage1_at_pp2_loses_nothing(pp2, hf_models):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from helpers import fake_step, run_to_completion
 
 from pipeserve.config import SchedulerConfig
 from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.types import ScheduledRequest, SchedulerOutput, StepOutput
+from pipeserve.types import ScheduledRequest, SchedulerOutput
 from pipeserve.worker.request_states import RequestStates
 
 EOS = 2
@@ -24,22 +25,6 @@ def make_scheduler(blocks: int = 64, block_size: int = 4, budget: int = 16, max_
 
 def request(rid: str, prompt_len: int, max_tokens: int = 4, **params) -> Request:
     return Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=max_tokens, **params), max_tokens)
-
-
-def fake_step(sched: SchedulerOutput, token: int = 7) -> StepOutput:
-    """What a model would return: one token for each request that samples this step."""
-    return StepOutput(sched.step_id, sched.virtual_engine,
-                      {r.req_id: token for r in sched.all_requests() if r.samples})
-
-
-def run_to_completion(s: Scheduler, max_steps: int = 500) -> list[SchedulerOutput]:
-    steps = []
-    while s.has_work():
-        out = s.schedule()
-        steps.append(out)
-        s.update(fake_step(out))
-        assert len(steps) < max_steps, "scheduler made no progress"
-    return steps
 
 
 def test_block_manager_allocates_and_frees():
@@ -71,8 +56,8 @@ def test_decodes_and_prefill_chunks_share_a_step():
     s.update(fake_step(s.schedule()))  # a's prefill
     s.add_request(request("b", 30))
     step = s.schedule()
-    kinds = {r.req_id: r.num_tokens for r in step.all_requests()}
-    assert kinds == {"a": 1, "b": 15} and step.kind == "mixed"
+    assert step.decodes.req_ids == ["a"] and step.decodes.start_pos == [3]  # a's decode, as a column
+    assert [(r.req_id, r.num_tokens) for r in step.requests] == [("b", 15)] and step.kind == "mixed"
 
 
 def test_without_chunking_a_prompt_waits_for_a_step_with_room():
@@ -106,6 +91,30 @@ def test_requests_finish_on_length_eos_and_stop_token():
     assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
 
 
+def test_a_stop_string_the_output_side_finds_ends_the_request_through_the_scheduler():
+    """The output side only answers whether the text now ends with a stop string; the scheduler finishes the
+    request: a stop string completed by the last token allowed is a stop, not a length; a stop token comes
+    first (it adds no text, so the output side is not asked)."""
+    s = make_scheduler()
+    early, last, token = (request("early", 4, max_tokens=5, stop=["ab"]), request("last", 4, max_tokens=2, stop=["ab"]),
+                          request("token", 4, max_tokens=5, stop=["ab"], stop_token_ids=[7]))
+    asked = []
+
+    def find_stop_string(req: Request) -> str | None:  # the text "ends with" the stop string at these lengths
+        asked.append(req.request_id)
+        return "ab" if len(req.output_token_ids) == {"early": 1, "last": 2}.get(req.request_id) else None
+
+    for r in (early, last, token):
+        s.add_request(r)
+    while s.has_work():
+        s.update(fake_step(s.schedule()), find_stop_string)
+    assert (early.status, early.stop_reason, len(early.output_token_ids)) == (RequestStatus.FINISHED_STOPPED, "ab", 1)
+    assert (last.status, last.stop_reason, len(last.output_token_ids)) == (RequestStatus.FINISHED_STOPPED, "ab", 2)
+    assert (token.status, token.stop_reason) == (RequestStatus.FINISHED_STOPPED, 7)
+    assert asked == ["early", "last", "last"]
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks and not s.requests
+
+
 def test_preemption_recomputes_and_loses_no_tokens():
     # 6 blocks of 4 tokens: two requests of 8 prompt + 8 output tokens (4 blocks each) cannot both run.
     s = make_scheduler(blocks=6, block_size=4, budget=32)
@@ -116,7 +125,7 @@ def test_preemption_recomputes_and_loses_no_tokens():
     assert s.num_preemptions >= 1 and b.num_preemptions >= 1
     assert a.output_token_ids == [7] * 8 and b.output_token_ids == [7] * 8
     # After preemption b recomputes prompt + outputs so far in one prefill, then samples the next token.
-    recompute = [r for st in steps for r in st.all_requests() if r.req_id == "b" and r.start_pos == 0][-1]
+    recompute = [r for st in steps for r in st.requests if r.req_id == "b" and r.start_pos == 0][-1]
     assert recompute.token_ids[8:] == [7] * (len(recompute.token_ids) - 8)
     assert s.block_manager.num_free_blocks == 6
 
@@ -147,8 +156,8 @@ def test_prefill_chunks_are_planned_while_earlier_ones_are_in_flight():
     assert req.num_computed_tokens == 40 and req.output_token_ids == [7] and req.num_inflight_tokens == 0
     decode = s.schedule()  # a decode of a request the stages know: a row of the columnar decodes
     assert not decode.requests and decode.decodes.req_ids == ["a"] and decode.kind == "decode"
-    (entry,) = decode.all_requests()
-    assert (entry.start_pos, entry.token_ids, entry.samples, entry.new) == (40, [7], True, False)
+    assert (decode.decodes.start_pos, decode.decodes.token_ids) == ([40], [7])
+    assert decode.decodes.new_blocks == {"a": s.block_manager.block_tables["a"][10:]}  # token 41 opens block 11
     assert s.schedule().is_empty  # the decode waits for its token
 
 
@@ -188,12 +197,14 @@ def test_block_tables_cover_every_computed_token():
     stage = RequestStates()
     while s.has_work():
         step = s.schedule()
-        for r in step.all_requests():
-            assert r.new or len(r.block_table) <= 2  # only the blocks an 8-token step appends
-        for r, whole in zip(step.all_requests(), stage.resolve(step).requests, strict=True):
-            assert whole.block_table == s.block_manager.block_tables[r.req_id]
+        appended = [r.block_table for r in step.requests if not r.new] + list(step.decodes.new_blocks.values())
+        assert all(len(blocks) <= 2 for blocks in appended)  # only the blocks an 8-token step appends
+        resolved = stage.resolve(step).requests
+        assert {r.req_id for r in resolved} == {r.req_id for r in step.requests} | set(step.decodes.req_ids)
+        for whole in resolved:
+            assert whole.block_table == s.block_manager.block_tables[whole.req_id]
             assert len(whole.block_table) * 4 >= whole.context_len
-            assert (whole.sampling_params is not None) == r.samples
+            assert (whole.sampling_params is not None) == whole.samples
         s.update(fake_step(step))
     assert s.num_preemptions > 0
     # What finished in the last step is dropped with the VE's next step (an empty plan is never sent).
@@ -207,7 +218,8 @@ def test_a_new_generation_resends_every_request_whole():
     s.add_request(request("a", 4, max_tokens=5))
     stage = RequestStates()
     s.update(fake_step(stage.resolve(s.schedule(), generation=0)))
-    assert not s.schedule().all_requests()[0].new
+    decode = s.schedule()  # a decode of a request the stages know: never sent whole
+    assert decode.decodes.req_ids == ["a"] and not decode.requests
     s.abandon_steps(lost=False)
     s.forget_stage_state()  # what the engine does when the group's generation changes
     step = s.schedule()
@@ -242,7 +254,8 @@ def test_recompute_all_catches_up_only_the_stages_that_lost_their_kv():
     assert catch_up.for_stage(1).is_empty and catch_up.for_stage(0) is catch_up
     s.update(fake_step(catch_up))
     resume = s.schedule()  # then the decode of the token already produced, on every stage
-    assert [(r.token_ids, r.start_pos, r.last_stage) for r in resume.all_requests()] == [([7], 5, None)] * 3
+    # (as columnar decodes: those always run on every stage)
+    assert (resume.decodes.token_ids, resume.decodes.start_pos, resume.requests) == ([7] * 3, [5] * 3, [])
     s.update(fake_step(resume))
     run_to_completion(s)
     assert all(r.output_token_ids == [7] * 6 for r in reqs)  # nothing lost, nothing repeated
@@ -278,14 +291,24 @@ def test_recompute_on_every_stage_is_one_prefill_up_to_the_next_sample():
 
 
 def test_preempting_a_request_that_catches_up_recomputes_it_on_every_stage():
-    s = make_scheduler(budget=64)
-    r = request("a", 8, max_tokens=4)
-    s.add_request(r)
-    s.update(fake_step(s.schedule()))
+    # 3 blocks of 4 tokens, 2 tokens a step: after a recovery, x (the older) catches up, then decodes while a
+    # catches up one token a step; x's 9th token needs the third block, a's, and a (the newer) is preempted.
+    s = make_scheduler(blocks=3, block_size=4, budget=2)
+    x, a = request("x", 2, max_tokens=10), request("a", 4, max_tokens=4)
+    s.add_request(x)
+    s.add_request(a)
+    while not a.output_token_ids:
+        s.update(fake_step(s.schedule()))
     s.recompute_all(last_stage=0)
-    s._preempt(r)  # the pool ran dry: its blocks, and the KV later stages held in them, are gone
-    step = s.schedule()
-    assert step.requests[0].start_pos == 0 and step.requests[0].last_stage is None
+    while not a.num_preemptions:
+        assert a.catch_up_stage == 0 and a.status == RequestStatus.RUNNING
+        s.update(fake_step(s.schedule()))
+    # Its blocks, and the KV later stages held in them, are gone: it is computed again on every stage.
+    assert a.catch_up_stage is None and a.kv_held_tokens == 0
+    steps = run_to_completion(s)
+    first = next(r for step in steps for r in step.requests if r.req_id == "a")
+    assert (first.start_pos, first.last_stage, first.new) == (0, None, True)
+    assert x.output_token_ids == [7] * 10 and a.output_token_ids == [7] * 4
 
 
 def test_suspects_of_a_lost_step_run_one_per_step_and_a_repeat_offender_fails_alone():

@@ -34,7 +34,7 @@ def app_client(tiny_model):
     app = build_app(engine, ServeSettings(served_model_names=["tiny"]))
     with TestClient(app) as client:  # runs the lifespan: engine loops up, shutdown at exit
         yield client
-    assert engine._shut_down
+    assert engine.is_shut_down
 
 
 def _metrics(client) -> dict:
@@ -59,6 +59,24 @@ def test_pp1_completion_stream_and_metrics(app_client):
     m = _metrics(app_client)
     assert metric_sum(m, "pipeserve_stage_busy_seconds_total", stage="0") > 0  # PP=1 knows its busy time
     assert metric_sum(m, "pipeserve_kv_blocks_used") == 0
+
+
+def test_a_bad_prompt_in_a_list_starts_nothing(app_client):
+    before = _metrics(app_client)
+    body = {"prompt": [PROMPT, [5, 10**6]], "max_tokens": 2}  # the second prompt has a token outside the vocab
+    r = app_client.post("/v1/completions", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "prompt" and err["message"].startswith("prompt 1: prompt token")
+    after = _metrics(app_client)
+    for name in ("pipeserve_prefix_cache_queries_total", "pipeserve_request_success_total"):
+        assert metric_sum(after, name) == metric_sum(before, name), name  # the first was never admitted
+    assert metric_sum(after, "pipeserve_kv_blocks_used") == 0
+
+
+def test_stop_lists_at_the_limits_are_accepted(app_client):
+    stops = [f"{i:04d}" * 256 for i in range(64)]  # 64 strings of 1,024 characters: the most allowed by default
+    r = app_client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "stop": stops})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
 def test_pp1_prefix_cache_in_usage_and_metrics(app_client):

@@ -71,6 +71,6 @@ def test_smollm2_same_with_and_without_prefix_caching(smollm2):
                  max_model_len=128, num_kv_blocks=32, block_size=8, max_num_batched_tokens=32,
                  enable_prefix_caching=caching) as llm:
             runs.append(tokens(llm))
-            assert sum(s.num_preemptions for s in llm.engine.schedulers) > 0
-            assert (sum(s.prefix_cache_hits for s in llm.engine.schedulers) > 0) == caching
+            assert sum(s.num_preemptions for s in llm.engine.stats()) > 0
+            assert (sum(s.prefix_cache_hits for s in llm.engine.stats()) > 0) == caching
     assert runs[0] == runs[1] == runs[2]

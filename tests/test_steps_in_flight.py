@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from test_engine_recovery import MODEL
+from helpers import FAKE_MODEL
 
 from pipeserve.config import EngineConfig, ParallelConfig, SchedulerConfig
 from pipeserve.engine.async_engine import AsyncEngine
 from pipeserve.executor.base import Executor
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import SchedulerOutput, StepOutput
+from pipeserve.worker.request_states import RequestStates
 
 PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
@@ -30,9 +31,10 @@ class SlowPipeline(Executor):
         self.issued: list[tuple[int, bool, int, int, int]] = []
         self.requests_in_flight: dict[tuple[int, int], set[str]] = {}
         self.early_decodes: list[str] = []  # decodes issued while a step of the same request was in flight
+        self.stage = RequestStates()  # plans are read whole, as a stage resolves them
 
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
-        ve, entries = sched.virtual_engine, sched.all_requests()
+        ve, entries = sched.virtual_engine, self.stage.resolve(sched).requests
         decodes = sum(r.is_decode for r in entries)
         prompt_tokens = sum(r.num_tokens for r in entries if not r.is_decode)
         second = any(v == ve for v, _ in self.in_flight)
@@ -54,7 +56,7 @@ class SlowPipeline(Executor):
 
 def run(prompts: list[list[int]]) -> tuple[SlowPipeline, list[list[int]]]:
     executor = SlowPipeline()
-    config = EngineConfig(MODEL, scheduler=SchedulerConfig(max_num_batched_tokens=8, max_model_len=256,
+    config = EngineConfig(FAKE_MODEL, scheduler=SchedulerConfig(max_num_batched_tokens=8, max_model_len=256,
                                                            max_steps_in_flight_per_ve=2),
                           parallel=ParallelConfig(pipeline_parallel_size=2), num_virtual_engines=2,
                           num_blocks_per_ve=64)
@@ -94,7 +96,7 @@ def test_decodes_wait_for_their_token_while_chunks_go_ahead():
 
 def test_one_step_per_virtual_engine_when_asked():
     executor = SlowPipeline()
-    config = EngineConfig(MODEL, scheduler=replace(SchedulerConfig(max_model_len=256, max_num_batched_tokens=8),
+    config = EngineConfig(FAKE_MODEL, scheduler=replace(SchedulerConfig(max_model_len=256, max_num_batched_tokens=8),
                                                    max_steps_in_flight_per_ve=1),
                           parallel=ParallelConfig(pipeline_parallel_size=2), num_virtual_engines=2,
                           num_blocks_per_ve=64)

@@ -58,6 +58,8 @@ class EngineArgs:
     distributed_executor_backend: str = "mp"
     ray_address: str | None = None
     ray_cpus_per_rank: float = 1.0
+    max_stop_strings: int = 64
+    max_stop_string_length: int = 1024
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -88,8 +90,12 @@ class EngineArgs:
             raise ValueError(f"the KV cache holds {blocks * self.block_size} tokens per virtual engine, fewer than "
                              f"max_model_len={max_len}: raise num_kv_blocks / kv_cache_memory_gb or lower "
                              f"max_model_len")
+        for name in ("max_stop_strings", "max_stop_string_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks, self.trace_file,
-                            self.record_steps or self.trace_file is not None, self.enforce_eager)
+                            self.record_steps or self.trace_file is not None, self.enforce_eager,
+                            self.max_stop_strings, self.max_stop_string_length)
 
     def _parallel_config(self, model: ModelConfig) -> ParallelConfig:
         pp, tp = self.pipeline_parallel_size, self.tensor_parallel_size

@@ -32,6 +32,7 @@ from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.engine.request_stream import RequestStream
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.engine.stats import BusyClock, VirtualEngineStats
+from pipeserve.engine.validation import validate_request
 from pipeserve.executor.base import Executor, StepInterrupted
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.timeline import Span, StepRecord, stage_records, write_trace
@@ -53,7 +54,7 @@ class AsyncEngine:
 
     def __init__(self, config: EngineConfig, executor: Executor, tokenizer: Any | None):
         self.config, self.executor, self.tokenizer = config, executor, tokenizer
-        self.schedulers = [
+        self._schedulers = [
             Scheduler(config.scheduler, BlockManager(config.num_blocks_per_ve, config.cache.block_size,
                                                      config.cache.enable_prefix_caching),
                       config.model.eos_token_ids, virtual_engine=i)
@@ -70,72 +71,63 @@ class AsyncEngine:
 
     # ---- requests ------------------------------------------------------------------------------------
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None) -> int:
-        """Check a request against the engine's limits; returns its resolved max_tokens."""
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise ValueError("cache_salt must be a non-empty string")
-        n, limit = len(prompt_token_ids), self.config.scheduler.max_model_len
-        if n == 0:
-            raise ValueError("prompt must not be empty")
-        vocab = self.config.model.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in params.stop_token_ids or ()):  # the sampler indexes logits by them
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in params.logit_bias or ()):
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
-        if n + max_tokens > limit:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "
-                             f"max_model_len={limit}")
-        if max_tokens < 1:
-            raise ValueError(f"the prompt ({n} tokens) leaves no room to generate within max_model_len={limit}")
-        return max_tokens
-
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None, final_only: bool = False,
                     cache_salt: str | None = None) -> RequestStream:
-        """Queue a request on a virtual engine (`choose_virtual_engine`); iterate the result (`final_only`:
-        only the finished output, as offline generation needs). Requests with different `cache_salt`s never
-        share cached KV."""
-        max_tokens = self.validate(prompt_token_ids, params, cache_salt)
+        """Check the request against the engine's limits (`validate_request`: a ValueError names what is wrong,
+        and nothing is queued), then queue it on a virtual engine (`choose_virtual_engine`); iterate the result
+        (`final_only`: only the finished output, as offline generation needs). Requests with different
+        `cache_salt`s never share cached KV."""
+        max_tokens = validate_request(self.config, prompt_token_ids, params, cache_salt)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         children = [Request(child_id, prompt_token_ids, child_params, max_tokens, prompt, cache_salt)
                     for child_id, child_params in _choices(request_id, params)]
-        ve = choose_virtual_engine(self.schedulers, children[0])  # the choices share the prompt: one VE
-        stream = self._streams[request_id] = RequestStream(request_id, children, self, final_only)
+        ve = choose_virtual_engine(self._schedulers, children[0])  # the choices share the prompt: one VE
+        stream = RequestStream(request_id, children, self.outputs.output, self.abort, final_only)
+        self._streams[request_id] = stream
         leader = children[0]
         for req in children:
             self._tracked[req.request_id] = _Tracked(ve, stream)
             self.outputs.add(req)
-            self.schedulers[ve].add_request(req, after=None if req is leader else leader)
+            self._schedulers[ve].add_request(req, after=None if req is leader else leader)
         if self._wakeups:
             self._wakeups[ve].set()
         return stream
 
     def abort(self, request_id: str) -> None:
-        """Stop a submitted request (every choice) and free its KV blocks at once (no-op once finished)."""
+        """End a submitted request (every choice): its caller or client is done with it. Frees everything it
+        holds at once; a no-op once it has ended."""
+        self._end(request_id)
+
+    def _end(self, request_id: str, error: BaseException | None = None) -> None:
+        """The one place a submitted request ends, however it ends: its listener has read the last output, it
+        was aborted, its client went away, or it failed (`error`, raised to its listener). Finishes every choice
+        still running (freeing its KV blocks; the stages drop theirs with the VE's next step) and forgets
+        everything the engine holds for it."""
         stream = self._streams.pop(request_id, None)
-        for req in stream.children if stream is not None else ():
-            tracked = self._tracked.pop(req.request_id, None)
+        if stream is None:
+            return
+        for req in stream.children:
+            tracked = self._tracked.pop(req.request_id)
             self.outputs.remove(req.request_id)
-            if tracked is not None:
-                self.schedulers[tracked.virtual_engine].abort(req.request_id)
-                if self._wakeups:  # an idle VE wakes to tell the stages (see Scheduler.owes_release)
-                    self._wakeups[tracked.virtual_engine].set()
+            self._schedulers[tracked.virtual_engine].abort(req.request_id)
+            if self._wakeups:  # an idle VE wakes to tell the stages (see Scheduler.owes_release)
+                self._wakeups[tracked.virtual_engine].set()
+        if error is not None:
+            stream.fail(error)
 
     # ---- the loops -----------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[AsyncEngine]:
         """Run the virtual-engine loops in the current event loop for the duration of the block."""
-        self._wakeups = [asyncio.Event() for _ in self.schedulers]
+        self._wakeups = [asyncio.Event() for _ in self._schedulers]
         for ve, event in enumerate(self._wakeups):
-            if self.schedulers[ve].has_work():
+            if self._schedulers[ve].has_work():
                 event.set()
-        tasks = [asyncio.create_task(self._ve_loop(ve)) for ve in range(len(self.schedulers))]
+        tasks = [asyncio.create_task(self._ve_loop(ve)) for ve in range(len(self._schedulers))]
         try:
             yield self
         except (asyncio.CancelledError, GeneratorExit):
@@ -157,13 +149,13 @@ class AsyncEngine:
         returning) holds nothing for them anywhere. Skipped while requests still run (a server shutting down);
         bounded by the step deadline, and cut short by a failed loop, so it never hangs."""
         deadline = time.monotonic() + self.config.parallel.step_timeout_s
-        while (not any(s.has_work() for s in self.schedulers)
-               and any(s.num_steps_in_flight or s.owes_release for s in self.schedulers)
+        while (not any(s.has_work() for s in self._schedulers)
+               and any(s.num_steps_in_flight or s.owes_release for s in self._schedulers)
                and not any(t.done() for t in tasks) and time.monotonic() < deadline):
             await asyncio.sleep(0.001)
 
     async def _ve_loop(self, ve: int) -> None:
-        scheduler, wakeup = self.schedulers[ve], self._wakeups[ve]
+        scheduler, wakeup = self._schedulers[ve], self._wakeups[ve]
         in_flight: collections.deque[asyncio.Task] = collections.deque()  # this VE's steps, in planning order
         generation = self.executor.generation
         try:
@@ -189,7 +181,7 @@ class AsyncEngine:
                         if not in_flight[0].done():
                             continue
                     step = await in_flight.popleft()
-                    self._publish(scheduler, scheduler.update(step))
+                    self._publish(scheduler.update(step, self.outputs.find_stop_string))
                 except StepInterrupted as exc:  # a stage failed; the executor is recovering
                     lost = exc.lost or any(await _interruptions(in_flight))
                     for req in scheduler.abandon_steps(lost=lost):
@@ -241,49 +233,39 @@ class AsyncEngine:
             scheduler.recompute_all(None if lost == self.config.parallel.pipeline_parallel_size - 1 else lost)
         return ready
 
-    def _publish(self, scheduler: Scheduler, advanced: list[Request]) -> None:
+    def _publish(self, advanced: list[Request]) -> None:
         """Tell the listeners of requests that got a token. Nothing is detokenized or built here (the stream
-        does it when its listener reads) unless a stop string may end the request; a `final_only` listener
-        (offline generation) hears only of the end."""
+        does it when its listener reads); a `final_only` listener (offline generation) hears only of the end."""
         tracked_of, running = self._tracked, RequestStatus.RUNNING
         for req in advanced:
-            tracked = tracked_of.get(req.request_id)
-            if tracked is None:
-                continue
-            if req.stop_strings:  # the text is needed now: a stop string ends the request
-                stop = self.outputs.new_token(req)
-                if stop is not None:
-                    scheduler.finish_stopped(req, stop)
-            finished = req.status is not running
-            if finished:
-                del tracked_of[req.request_id]
-            tracked.stream.wake(finished)  # (a final_only stream wakes only at the end)
+            tracked_of[req.request_id].stream.wake(req.status is not running)
 
     def _fail_request(self, req: Request, exc: BaseException) -> None:
+        """A request the scheduler gave up on (it was in too many failed steps): its listener gets `exc`, and
+        its other choices end with it."""
         logger.error("%s", exc)
-        tracked = self._tracked.pop(req.request_id, None)
-        self.outputs.remove(req.request_id)
-        if tracked is not None:
-            tracked.stream.fail(exc)  # the listener's exit aborts the other choices
+        tracked = self._tracked.get(req.request_id)
+        if tracked is not None:  # (None: a choice failed with it in the same step and ended the request)
+            self._end(tracked.stream.request_id, exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         self._error = exc
-        for stream in list(self._streams.values()):
-            stream.fail(exc)
-        self._tracked.clear()
-        self._streams.clear()
-        self.outputs = OutputProcessor(self.tokenizer)
+        for request_id in list(self._streams):
+            self._end(request_id, exc)
 
     # ---- state ---------------------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return any(s.has_work() for s in self.schedulers)
+        return any(s.has_work() for s in self._schedulers)
 
     def stats(self) -> list[VirtualEngineStats]:
-        """Requests running and waiting, and KV blocks in use, per virtual engine (cheap: no stage is asked)."""
+        """Per virtual engine: requests running and waiting, KV blocks in use, and its counters since start
+        (cheap: no stage is asked)."""
         return [VirtualEngineStats(len(s.running), len(s.waiting), s.block_manager.num_used_blocks,
                                    s.block_manager.num_blocks, s.block_manager.num_evictable_cached_blocks,
-                                   s.prefix_cache_queries, s.prefix_cache_hits) for s in self.schedulers]
+                                   s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
+                                   s.max_steps_in_flight, s.num_recomputed, s.num_recomputed_tokens)
+                for s in self._schedulers]
 
     def check_health(self) -> None:
         """Raise if the engine can no longer run steps: a stage failed and could not be recovered."""
@@ -298,7 +280,7 @@ class AsyncEngine:
 
     def num_recomputed(self) -> int:
         """Requests sent back to recompute by stage failures, over the engine's life."""
-        return sum(s.num_recomputed for s in self.schedulers)
+        return sum(s.num_recomputed for s in self._schedulers)
 
     def bookkeeping(self, stages: bool = False) -> dict[str, int]:
         """How many entries every per-request (and per-step) structure holds, summed over virtual engines:
@@ -307,7 +289,7 @@ class AsyncEngine:
         request has ended, however it ended: nothing grows with the number of requests served."""
         counts = {"tracked": len(self._tracked), "streams": len(self._streams), **self.outputs.bookkeeping(),
                   "executor_steps_pending": self.executor.num_steps_pending()}
-        for scheduler in self.schedulers:
+        for scheduler in self._schedulers:
             for name, n in scheduler.bookkeeping().items():
                 counts[name] = counts.get(name, 0) + n
         if stages:
@@ -322,6 +304,11 @@ class AsyncEngine:
         """Every recovery from a stage failure so far, for timelines."""
         log = self.executor.recoveries
         return [Span(s.start, s.end, s.cause) for s in log.spans] if log is not None else []
+
+    @property
+    def is_shut_down(self) -> bool:
+        """Whether `shutdown` has stopped the stages."""
+        return self._shut_down
 
     def shutdown(self) -> None:
         """Write the trace if one was asked for, then stop the stages; safe to call twice."""

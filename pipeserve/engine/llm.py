@@ -51,14 +51,9 @@ class LLM:
         if len(param_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(param_list)} SamplingParams")
         prepared = []
-        for i, (prompt, p) in enumerate(zip(prompts, param_list, strict=True)):
+        for prompt, p in zip(prompts, param_list, strict=True):
             ids, text = self._token_ids(prompt)
-            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-            try:
-                self.engine.validate(ids, p, salt)
-            except ValueError as exc:
-                raise ValueError(f"prompt {i}: {exc}") from None
-            prepared.append((ids, text, p, salt))
+            prepared.append((ids, text, p, prompt.get("cache_salt") if isinstance(prompt, dict) else None))
         return prepared
 
     # ---- generation ----------------------------------------------------------------------------------
@@ -74,15 +69,24 @@ class LLM:
 
     async def _run(self, prepared, on_output) -> list[RequestOutput]:
         async with self.engine.running():
-            final_only = on_output is None  # nobody watches intermediate outputs: build only the last
-            streams = [self.engine.add_request(tok, p, text, final_only=final_only, cache_salt=salt)
-                       for tok, text, p, salt in prepared]
+            streams: list[RequestStream] = []
             try:
+                self._add_all(prepared, on_output is None, streams)
                 return list(await asyncio.gather(*(self._collect(i, s, on_output) for i, s in enumerate(streams))))
             except BaseException:
                 for stream in streams:  # the others stop now, not whenever their iterations are collected
                     self.engine.abort(stream.request_id)
                 raise
+
+    def _add_all(self, prepared: list[_Prepared], final_only: bool, streams: list[RequestStream]) -> None:
+        """Queue every prompt (onto `streams`). The engine checks each as it takes it; nothing runs before the
+        last is queued (no await here), so a bad prompt raises before any step, and the caller ends those
+        already queued. `final_only`: nobody watches intermediate outputs, so only the last is built."""
+        for i, (tok, text, p, salt) in enumerate(prepared):
+            try:
+                streams.append(self.engine.add_request(tok, p, text, final_only=final_only, cache_salt=salt))
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
 
     async def _collect(self, index: int, stream: RequestStream, on_output) -> RequestOutput:
         final = None

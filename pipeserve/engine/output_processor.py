@@ -3,8 +3,8 @@
 Detokenizes incrementally, and only when the text is needed (a stop string to look for, or a listener
 reading), finds stop strings (cutting them from the text), holds back streamed text that
 could still become a stop string (so streamed text never shrinks), and builds logprob dicts. It never
-changes a request's status: a stop string it finds is reported to the caller, which has the request's
-scheduler finish it.
+changes a request's status: the scheduler asks it, as it applies a token, whether the request's text now
+ends with a stop string (`find_stop_string`), and finishes the request itself.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pipeserve.types import SampledToken
 
 
 class OutputProcessor:
-    """Per-request detokenizer state, from `add` until `remove`."""
+    """Per-request detokenizer state, from `add` until `remove` (when the request ends: `AsyncEngine._end`)."""
 
     def __init__(self, tokenizer: Any | None):
         self.tokenizer = tokenizer
@@ -38,7 +38,7 @@ class OutputProcessor:
     def bookkeeping(self) -> dict[str, int]:
         return {"detokenizers": len(self._detok), "prompt_logprobs": len(self._prompt_lps)}
 
-    def new_token(self, req: Request) -> str | None:
+    def find_stop_string(self, req: Request) -> str | None:
         """Take the request's new tokens into its text now; returns the stop string they completed, if any
         (already cut from the text), for the scheduler to finish the request with."""
         detok = self._detok[req.request_id]
@@ -59,7 +59,7 @@ class OutputProcessor:
         return "".join(detok.append(t) for t in req.output_token_ids[len(detok.token_ids): upto])
 
     def output(self, req: Request) -> RequestOutput:
-        """The request's cumulative output now; the last one (finished) also forgets the request."""
+        """The request's cumulative output now."""
         params = req.sampling_params
         detok = self._detok[req.request_id]
         self._catch_up(req, detok)
@@ -76,8 +76,6 @@ class OutputProcessor:
             completion.logprobs = [self._logprob_dict(s) for s in req.output_logprobs]
             completion.cumulative_logprob = sum(s.logprob for s in req.output_logprobs)
         prompt_logprobs = self._prompt_logprobs(req)
-        if finished:
-            self.remove(req.request_id)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], finished=finished,
                              num_cached_tokens=req.num_cached_tokens, prompt_logprobs=prompt_logprobs)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 
 from pipeserve.engine.block_hashing import extend_block_hashes
 from pipeserve.sampling_params import SamplingParams
@@ -53,7 +52,6 @@ class Request:
         # `kv_held_tokens` tokens, so only stages up to it recompute them.
         self.kv_held_tokens = 0
         self.catch_up_stage: int | None = None
-        self.arrival_time = time.monotonic()
         # Prefix caching: hashes of the leading full blocks of prompt + outputs, extended as needed, and how
         # many prompt tokens the cache supplied when the request was first admitted (None: not admitted yet).
         self.cache_salt = cache_salt
@@ -61,16 +59,13 @@ class Request:
         self.num_cached_tokens: int | None = None
         self.held_for: Request | None = None  # queued only once this sibling has computed the shared prompt
         self.stop_ids: frozenset[int] = frozenset()  # set by the scheduler: tokens that may end it
-        self.length_limit = len(self.prompt_token_ids) + max_tokens  # (and max_model_len, by the scheduler)
+        # It ends by length here; validation (`validate_request`) keeps this within max_model_len.
+        self.length_limit = len(self.prompt_token_ids) + max_tokens
         self.stop_strings = sampling_params.stop_strings
 
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.num_tokens += 1
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
 
     def full_block_hashes(self, num_tokens: int, block_size: int) -> list[bytes]:
         """The prefix-cache hashes of the full blocks among its first `num_tokens` tokens (computed once, kept)."""

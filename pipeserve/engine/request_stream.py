@@ -8,14 +8,10 @@ is. With n = 1 the one child is the request itself.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
 
 from pipeserve.engine.request import Request
 from pipeserve.outputs import CompletionOutput, RequestOutput
-
-if TYPE_CHECKING:
-    from pipeserve.engine.async_engine import AsyncEngine
 
 
 class RequestStream:
@@ -24,12 +20,17 @@ class RequestStream:
     An output is built when the listener asks for the next one, from the requests' state at that moment:
     a listener that falls behind gets one output covering every token since its last (as vLLM's streams
     coalesce), and a `final_only` stream (offline generation) is woken, and builds an output, only once
-    every choice has finished. Leaving the iteration early (a client that went away) aborts every choice
-    and frees their blocks.
+    every choice has finished. However the iteration ends (the last output read, or a listener that left
+    early: a client that went away) the stream calls `end(request_id)`, which ends every choice still running
+    and frees what the request holds.
     """
 
-    def __init__(self, request_id: str, children: list[Request], engine: AsyncEngine, final_only: bool = False):
-        self.request_id, self.children, self._engine = request_id, children, engine
+    def __init__(self, request_id: str, children: list[Request], output: Callable[[Request], RequestOutput],
+                 end: Callable[[str], None], final_only: bool = False):
+        """`output(request)`: a child's cumulative output now; `end(request_id)`: the engine's one way to end
+        a request."""
+        self.request_id, self.children = request_id, children
+        self._output, self._end = output, end
         self.final_only = final_only
         self._ready = asyncio.Event()
         self._error: BaseException | None = None
@@ -55,12 +56,12 @@ class RequestStream:
 
     def _build(self) -> RequestOutput:
         if len(self.children) == 1:  # the common case: the request's own output is the stream's (same id)
-            return self._engine.outputs.output(self.children[0])
+            return self._output(self.children[0])
         completions = []
         for i, req in enumerate(self.children):
             c = self._done.get(i)
             if c is None:
-                out = self._engine.outputs.output(req)
+                out = self._output(req)
                 c = out.outputs[0]
                 c.index = i
                 if i == 0 and out.prompt_logprobs is not None:
@@ -85,4 +86,4 @@ class RequestStream:
                 if out.finished:
                     return
         finally:
-            self._engine.abort(self.request_id)
+            self._end(self.request_id)

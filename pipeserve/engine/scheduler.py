@@ -24,6 +24,7 @@ alone, and one lost in MAX_FAILED_STEPS steps in a row is failed on its own.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from pipeserve.config import SchedulerConfig
 from pipeserve.engine.block_manager import BlockManager
@@ -64,10 +65,9 @@ class Scheduler:
         """Queue a request. `after`: a sibling with the same prompt (another choice of an n > 1 request); with
         prefix caching this one waits until the sibling has computed the prompt, then reuses its full blocks."""
         self.requests[req.request_id] = req
-        # What update checks per token: ids that may stop it, and the length (max_tokens, max_model_len).
+        # What update checks per token, with `length_limit`: the ids that may stop it.
         params = req.sampling_params
         req.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        req.length_limit = min(len(req.prompt_token_ids) + req.max_tokens, self.config.max_model_len)
         if after is not None and self.block_manager.enable_prefix_caching and \
                 len(req.prompt_token_ids) > self.block_manager.block_size:
             req.held_for = after
@@ -160,9 +160,9 @@ class Scheduler:
                 tokens.append(req.output_token_ids[-1])
                 starts.append(start)
                 num_outputs.append(len(req.output_token_ids))
-                if len(table) > req.blocks_sent:
-                    new_blocks[req_id] = table[req.blocks_sent:]
-                    req.blocks_sent = len(table)
+                blocks = _take_unsent_blocks(req, table)
+                if blocks:
+                    new_blocks[req_id] = blocks
                 req.num_inflight_tokens += 1
                 in_flight[req_id] = (req, 1, req.epoch)
                 budget -= 1
@@ -306,11 +306,9 @@ class Scheduler:
     def _scheduled_request(self, req: Request, n: int, start: int) -> ScheduledRequest:
         """The request's plan entry, from token `start`: whole if the stages do not know it, else only its new
         blocks."""
-        table = self.block_manager.block_tables[req.request_id]
         num_outputs = req.num_tokens - len(req.prompt_token_ids)
         new = req.blocks_sent is None
-        blocks = list(table) if new else table[req.blocks_sent:]
-        req.blocks_sent = len(table)
+        blocks = _take_unsent_blocks(req, self.block_manager.block_tables[req.request_id])
         params = req.sampling_params
         return ScheduledRequest(
             req_id=req.request_id,
@@ -343,9 +341,11 @@ class Scheduler:
 
     # ---- results -------------------------------------------------------------------------------------
 
-    def update(self, step: StepOutput) -> list[Request]:
+    def update(self, step: StepOutput, find_stop_string: Callable[[Request], str | None] | None = None
+               ) -> list[Request]:
         """Advance the requests of a step in flight (steps are applied in planning order); returns those
-        that received a new token."""
+        that received a new token. `find_stop_string(request)`: the stop string its text ends with now, if
+        any (the output side's answer; needed once a request has stop strings)."""
         assert step.step_id == min(self._in_flight), "step results are applied in the order they were planned"
         advanced = []
         caching, block_size = self.block_manager.enable_prefix_caching, self.block_manager.block_size
@@ -372,30 +372,25 @@ class Scheduler:
                 lp = logprobs.get(req_id)
                 if lp is not None:
                     req.output_logprobs.append(lp)
-            if token in req.stop_ids or req.num_tokens >= req.length_limit:
-                self._check_stop(req, token)
+            if token in req.stop_ids or req.num_tokens >= req.length_limit or req.stop_strings:
+                self._check_stop(req, token, find_stop_string)
             advanced.append(req)
         return advanced
 
-    def _check_stop(self, req: Request, token: int) -> None:
-        """The token may end the request (update checks `stop_ids` and `length_limit` first, cheaply)."""
+    def _check_stop(self, req: Request, token: int, find_stop_string: Callable[[Request], str | None] | None
+                    ) -> None:
+        """The token may end the request: a stop token (once past min_tokens; it adds no text), else a stop
+        string its text now ends with, else the length limit. Update calls this only when one may apply."""
         params = req.sampling_params
-        num_outputs = req.num_tokens - len(req.prompt_token_ids)
-        if num_outputs >= params.min_tokens:
-            if token in params.stop_token_ids:
-                return self._finish(req, RequestStatus.FINISHED_STOPPED, token)
-            if not params.ignore_eos and token in self.eos_token_ids:
-                return self._finish(req, RequestStatus.FINISHED_STOPPED, None)
+        if token in req.stop_ids and req.num_tokens - len(req.prompt_token_ids) >= params.min_tokens:
+            reason = token if token in params.stop_token_ids else None  # None: an EOS token
+            return self._finish(req, RequestStatus.FINISHED_STOPPED, reason)
+        if req.stop_strings:
+            stop = find_stop_string(req)
+            if stop is not None:
+                return self._finish(req, RequestStatus.FINISHED_STOPPED, stop)
         if req.num_tokens >= req.length_limit:
             self._finish(req, RequestStatus.FINISHED_LENGTH)
-
-    def finish_stopped(self, req: Request, stop_reason: str) -> None:
-        """End a request because the engine found a stop string in its text. If its last allowed token
-        completed the string, the request already finished by length: it is relabelled a stop."""
-        if req.status == RequestStatus.FINISHED_LENGTH:
-            req.finish(RequestStatus.FINISHED_STOPPED, stop_reason)
-            return
-        self._finish(req, RequestStatus.FINISHED_STOPPED, stop_reason)
 
     def _finish(self, req: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
         if req.status.finished:
@@ -411,6 +406,14 @@ class Scheduler:
         self.block_manager.free(req.request_id)
         self._stages_forget(req)
         self.requests.pop(req.request_id, None)
+
+
+def _take_unsent_blocks(req: Request, table: list[int]) -> list[int]:
+    """The blocks of the request's table its next plan entry carries: those the stages do not hold yet (the
+    whole table when they do not know the request), counted as sent from here on."""
+    sent = req.blocks_sent or 0
+    req.blocks_sent = len(table)
+    return table[sent:]
 
 
 def _has_suspect(in_flight: dict[str, tuple[Request, int, int]]) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class VirtualEngineStats:
-    """One virtual engine's load at this instant."""
+    """One virtual engine's load at this instant, and its counters since start."""
 
     running: int
     waiting: int
@@ -17,6 +17,10 @@ class VirtualEngineStats:
     cached_blocks: int = 0  # free, but holding a cached prefix until evicted
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # of those, tokens found cached
+    num_preemptions: int = 0  # running requests sent back to the queue because the KV pool ran dry
+    max_steps_in_flight: int = 0  # the most steps it has had in the pipeline at once
+    num_recomputed: int = 0  # requests sent back to recompute by stage failures
+    num_recomputed_tokens: int = 0  # tokens whose KV they had, computed again
 
 
 class BusyClock:

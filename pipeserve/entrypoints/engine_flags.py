@@ -39,6 +39,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
                    help="run every decode step eagerly: no CUDA graphs (they are captured at start on CUDA "
                         "stages whose tensor-parallel group is one device)")
+    g.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
+                   help="most stop strings one request may ask for; each is searched for after every token "
+                        f"(default {d.max_stop_strings}; OpenAI allows 4; more is refused with a 400)")
+    g.add_argument("--max-stop-string-length", type=int, default=d.max_stop_string_length,
+                   help=f"longest stop string a request may ask for, in characters (default "
+                        f"{d.max_stop_string_length}; longer is refused with a 400)")
     p = parser.add_argument_group("parallelism")
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=d.pipeline_parallel_size)
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=d.tensor_parallel_size)

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from pipeserve.engine.async_engine import AsyncEngine
+from pipeserve.engine.request_stream import RequestStream
 from pipeserve.entrypoints.openai.errors import APIError, error_body, param_of
 from pipeserve.entrypoints.openai.metrics import RequestTimer, ServerMetrics
 from pipeserve.entrypoints.openai.protocol import SamplingFields
@@ -185,20 +186,20 @@ class OpenAIServing(abc.ABC):
 
     def submit(self, request_id: str, prompts: list[Prompt], params: SamplingParams, arrival: float,
                cache_salt: str | None = None) -> list[EngineRequest]:
-        """Validate every prompt first (so a bad one starts nothing), then queue them all."""
+        """Queue every prompt. The engine checks each as it takes it; nothing runs before the last is queued (no
+        await here), so a bad one is answered with a 400 after ending those already queued: it starts nothing."""
+        streams: list[RequestStream] = []
         for i, p in enumerate(prompts):
             try:
-                self.engine.validate(p.token_ids, params, cache_salt)
+                streams.append(self.engine.add_request(p.token_ids, params, p.text, request_id=f"{request_id}-{i}",
+                                                       cache_salt=cache_salt))
             except ValueError as exc:
+                for stream in streams:
+                    self.engine.abort(stream.request_id)
                 where = f"prompt {i}: " if len(prompts) > 1 else ""
                 raise APIError(f"{where}{exc}", 400, param_of(str(exc), _PARAM_NAMES)) from None
-        requests = []
-        for i, p in enumerate(prompts):
-            stream = self.engine.add_request(p.token_ids, params, p.text, request_id=f"{request_id}-{i}",
-                                             cache_salt=cache_salt)
-            requests.append(EngineRequest(self.engine, stream, RequestTimer(self.metrics, arrival,
-                                                                             len(p.token_ids))))
-        return requests
+        return [EngineRequest(self.engine, stream, RequestTimer(self.metrics, arrival, len(p.token_ids)))
+                for stream, p in zip(streams, prompts, strict=True)]
 
     @staticmethod
     def now() -> float:
