@@ -21,7 +21,7 @@ from pipeserve.layers.quantization import GROUP_SIZE, Int4Codes, QuantizedWeight
 NO_TP = TPGroup()
 
 # Rows up to which the quantized kernel beats the dense GEMM (measured on this repo's 2-core AVX2 machine,
-# SmolLM2 shapes: int4/int8 win 1.3-4x at 1-4 rows and lose 2-3x at 32; see README "Token latency").
+# SmolLM2 shapes: int4/int8 win 1.3-4x at 1-4 rows and lose 2-3x at 32; see docs/benchmarks.md, "Token latency").
 QUANT_MAX_ROWS = 4
 
 
@@ -76,7 +76,7 @@ class QuantizableWeight(nn.Module):
     def quantize(self, method: str, codes: Int4Codes | None = None) -> None:
         """Hold the weight as `method` too (int4 from `codes` when given, exactly). The dense weight becomes
         the dequantized copy, so both kernels compute the same model; it serves steps of many rows, where a
-        dense GEMM is 2-4x faster than the quantized kernels (README "Token latency")."""
+        dense GEMM is 2-4x faster than the quantized kernels (docs/benchmarks.md, "Token latency")."""
         source = codes if codes is not None else self.weight.detach()
         self.quantized = QuantizedWeight(method, source, self.weight.device)
         values = self.quantized.take_dequantized().to(self.weight.dtype).to(self.weight.device)

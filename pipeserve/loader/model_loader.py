@@ -47,8 +47,8 @@ def quantize_model(model: torch.nn.Module, cfg: ModelConfig) -> str:
 
     * int4 / int8: every matmul weight, from the checkpoint's 4-bit codes where it has them (exact).
     * auto: a GGUF's Q4_0/Q4_1 weights stay exactly 4-bit; the LM head, stored Q8_0 by llama.cpp's
-      converters, becomes int8 per channel (as int4 it changed 2 of 13 argmaxes on SmolLM2, README); other
-      tensors stay dense. HF checkpoints stay dense.
+      converters, becomes int8 per channel (as int4 it changed 2 of 13 argmaxes on SmolLM2: docs/usage.md,
+      "Quantized weights"); other tensors stay dense. HF checkpoints stay dense.
     Dense weights are kept beside quantized ones for steps of many rows, where the dense GEMM is faster.
     """
     counts: dict[str, int] = {}
