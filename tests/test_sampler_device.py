@@ -41,7 +41,7 @@ def test_greedy_is_argmax_of_the_float_logits(dtype):
     (SamplingParams(temperature=0.0), 0, True),
     (SamplingParams(temperature=0.0, min_tokens=2), 2, True),  # its bans no longer apply
     (SamplingParams(temperature=0.0, min_tokens=2), 1, False),
-    (SamplingParams(temperature=0.0, logit_bias={EOS: -500.0}), 0, False),
+    (SamplingParams(temperature=0.0, logit_bias={EOS: -100.0}), 0, False),
     (SamplingParams(temperature=0.0, repetition_penalty=1.2), 0, False),
     (SamplingParams(temperature=0.0, logprobs=0), 0, False),
     (SamplingParams(temperature=0.5, seed=1), 0, False),
@@ -50,7 +50,7 @@ def test_plain_greedy_rows_take_the_raw_argmax(params, num_outputs, plain):
     """Only rows whose token is the raw argmax take the argmax shortcut; the others still see their bans,
     bias, penalties and records (EOS is the argmax of every row here)."""
     logits = logits_of(2, 40, seed=3)
-    logits[:, EOS] = 100.0
+    logits[:, EOS] = 50.0
     rows = [SamplingParams(temperature=0.0), params]
     assert Sampler.plain_greedy(rows, [num_outputs] * 2) is plain
     got = Sampler(0, (EOS,))(logits, rows, [num_outputs] * 2, [[1, EOS]] * 2)
