@@ -55,7 +55,7 @@ def test_plain_greedy_rows_take_the_raw_argmax(params, num_outputs, plain):
     assert Sampler.plain_greedy(rows, [num_outputs] * 2) is plain
     got = Sampler(0, (EOS,))(logits, rows, [num_outputs] * 2, [[1, EOS]] * 2)
     assert got[0].token_id == EOS
-    assert (got[1].token_id == EOS) is (plain or params.repetition_penalty != 1.0 or params.logprobs is not None)
+    assert (got[1].token_id == EOS) is not (params.logit_bias or num_outputs < params.min_tokens)
     assert (got[1].logprob is not None) is (params.logprobs is not None)
 
 
