@@ -16,6 +16,10 @@ from pipeserve.worker.request_states import RequestStates
 
 BLOCK_SIZE, BLOCKS_PER_REQUEST, MAX_MODEL_LEN = 4, 24, 96
 GREEDY = SamplingParams(temperature=0)
+MIXED = {"a": GREEDY,  # plain greedy; the others sample through the whole sampler
+         "b": SamplingParams(temperature=0, logprobs=2),
+         "c": SamplingParams(temperature=0, repetition_penalty=1.5),
+         "d": SamplingParams(temperature=0.8, seed=7, top_k=20)}
 PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": list(range(3, 22)), "c": [100], "d": [7, 7, 7, 300, 12]}
 
 

@@ -10,9 +10,8 @@ import argparse
 import numpy as np
 import pytest
 import torch
-from decode_driver import make_runners, run_scenario
+from decode_driver import MIXED, make_runners, run_scenario
 
-from pipeserve import SamplingParams
 from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.entrypoints.engine_flags import add_engine_flags, engine_kwargs
 from pipeserve.worker.cuda_graphs import capture_sizes
@@ -36,12 +35,6 @@ def test_padded_static_decode_equals_unpadded(tiny_model, stages):
         for layer_e, layer_s in zip(e.kv_caches[1], s.kv_caches[1], strict=True):
             torch.testing.assert_close(layer_s[:, :, :-1], layer_e[:, :, :-1], rtol=1e-4, atol=1e-4)
     assert all(r.graphs.stats()["cuda_graph_count"] == 0 for r in static_runners)  # no CUDA: nothing captured
-
-
-MIXED = {"a": SamplingParams(temperature=0),  # plain greedy
-         "b": SamplingParams(temperature=0, logprobs=2),
-         "c": SamplingParams(temperature=0, repetition_penalty=1.5),
-         "d": SamplingParams(temperature=0.8, seed=7, top_k=20)}
 
 
 @pytest.mark.parametrize("params", [{}, MIXED], ids=["greedy", "mixed"])
