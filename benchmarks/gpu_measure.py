@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from pipeserve import LLM, SamplingParams
 from pipeserve.timeline import stage_records
+from pipeserve.worker.gpu_timeline import idle_fraction
 
 
 @dataclass
@@ -80,17 +81,18 @@ def run_pipeserve(path: str, workloads: list[Workload], engine_kwargs: dict, voc
         stats = llm.engine.executor.collect_stats()[0]
         out["graphs"] = {k: stats[k] for k in ("cuda_graph_capture_s", "cuda_graph_memory_bytes", "cuda_graph_count")
                          if k in stats}
-        greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-        llm.generate([{"prompt_token_ids": [5] * 16}], greedy)  # warm-up: first kernels, allocator
         for i, w in enumerate(workloads):
             prompts = [{"prompt_token_ids": p} for p in prompts_for(w, vocab, seed=i)]
+            warm_up(llm, prompts)
             params = SamplingParams(temperature=0.0, max_tokens=w.output_len, ignore_eos=True)
+            spans_before = len(gpu_spans(llm))
             sync(engine_kwargs["device"])
             since, start = time.time(), time.perf_counter()
             outs = llm.generate(prompts, params)
             elapsed = time.perf_counter() - start
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            out["workloads"][w.name] = {"elapsed_s": elapsed, "output_tokens": tokens, "tok_s": tokens / elapsed}
+            out["workloads"][w.name] = {"elapsed_s": elapsed, "output_tokens": tokens, "tok_s": tokens / elapsed,
+                                        "gpu_idle_between_decodes": _idle(gpu_spans(llm)[spans_before:])}
             if w.num_prompts in step_batches:
                 records = stage_records(llm.engine.executor.collect_stats())
                 out["step_s"][w.num_prompts] = steady_step_s(records, w.num_prompts, since)
@@ -99,6 +101,24 @@ def run_pipeserve(path: str, workloads: list[Workload], engine_kwargs: dict, voc
         out["graphs"]["cuda_graph_replays"] = stats.get("cuda_graph_replays")
     release(engine_kwargs["device"])
     return out
+
+
+WARM_UP_TOKENS = 4
+
+
+def warm_up(llm, prompts: list[dict]) -> None:
+    """An untimed run of the workload's prompts for a few tokens: the prefill and decode shapes it meets
+    (kernel compiles, allocator growth, first-use costs) are paid before it is timed."""
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=WARM_UP_TOKENS, ignore_eos=True))
+
+
+def gpu_spans(llm) -> list:
+    """Every kept step's span on the GPU (worker/gpu_timeline.py); empty where steps are not timed on one."""
+    return llm.engine.executor.collect_stats()[0].get("gpu_spans", [])
+
+
+def _idle(spans: list) -> float | None:
+    return idle_fraction(spans) if spans else None
 
 
 def kernels_per_decode_step(llm, device: str, short: int, long: int) -> dict:

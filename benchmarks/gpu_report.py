@@ -42,9 +42,14 @@ def markdown(results: dict) -> str:
         f"Measured in the same run: device-to-device copy {peak['copy_bytes_per_s'] / 1e9:,.0f} GB/s (bytes read "
         f"+ written), GEMM {peak['gemm_flops_per_s'] / 1e12:.2f} TFLOP/s. Random weights, greedy, "
         f"`ignore_eos`, prefix caching off. Reproduce: `make bench-gpu` ({results['elapsed_s']:.0f} s).",
+        "Each workload is timed in steady state: an untimed run of its prompts for a few tokens comes first. "
+        "GPU idle between decode steps: over consecutive decode steps, the share of the time the GPU waited "
+        "between one step's work and the next's (CUDA events around each step; one engine process, PP=1, "
+        "one virtual engine).",
         "",
-        "| shape | workload | pipeserve tok/s | HF tok/s (HF output len) | ratio | limit tok/s | fraction of limit |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| shape | workload | pipeserve tok/s | HF tok/s (HF output len) | ratio | limit tok/s | fraction of limit "
+        "| GPU idle between decode steps |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["shapes"].items():
         for w in r["workloads"]:
@@ -53,8 +58,9 @@ def markdown(results: dict) -> str:
             lim = r["limits"]["workloads"][w["name"]]
             hf_cell = f"{hf['tok_s']:,.0f} ({hf['output_len']})" if hf else "—"
             ratio = f"{ours / hf['tok_s']:.1f}x" if hf else "—"
+            idle = r["pipeserve"]["workloads"][w["name"]].get("gpu_idle_between_decodes")
             lines.append(f"| {name} | {w['name']} | {ours:,.0f} | {hf_cell} | {ratio} | {lim['limit_tok_s']:,.0f} | "
-                         f"{lim['fraction']:.1%} |")
+                         f"{lim['fraction']:.1%} | {_cell(idle, '.1%')} |")
     lines += ["", "Steady decode step (start to start, every request decoding; limit: weights + KV at the "
               "workload's middle context, read at the measured bandwidth):", "",
               "| shape | batch | context | step ms | limit ms | fraction of limit |", "|---|---:|---:|---:|---:|---:|"]

@@ -15,6 +15,11 @@ from pipeserve.worker.model_runner import ModelRunner
 from pipeserve.worker.request_states import RequestStates
 
 BLOCK_SIZE, BLOCKS_PER_REQUEST, MAX_MODEL_LEN = 4, 24, 96
+GREEDY = SamplingParams(temperature=0)
+MIXED = {"a": GREEDY,  # plain greedy; the others sample through the whole sampler
+         "b": SamplingParams(temperature=0, logprobs=2),
+         "c": SamplingParams(temperature=0, repetition_penalty=1.5),
+         "d": SamplingParams(temperature=0.8, seed=7, top_k=20)}
 PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": list(range(3, 22)), "c": [100], "d": [7, 7, 7, 300, 12]}
 
 
@@ -45,8 +50,12 @@ class Scenario:
     """Greedy decoding of PROMPTS on virtual engine 1: a, b, c start together; after 3 decode steps b
     finishes and d arrives (a mixed step); then a, c, d decode (3 rows: padded to 4 on the static path)."""
 
-    def __init__(self, runners: list[ModelRunner]):
-        self.runners = runners
+    def __init__(self, runners: list[ModelRunner], params: dict[str, SamplingParams] | None = None,
+                 execute: bool = False):
+        """`params`: per request (default greedy); `execute`: run steps through ModelRunner.execute (single
+        stage), the runner sampling, instead of taking the argmax of the logits here."""
+        self.runners, self.params, self.execute = runners, params or {}, execute
+        self.outputs: list = []  # per step, with `execute`: the StepOutput
         self.states = [RequestStates() for _ in runners]
         self.tokens: dict[str, list[int]] = {}  # running requests' outputs
         self.done: dict[str, list[int]] = {}
@@ -66,6 +75,13 @@ class Scenario:
 
     def step(self, new: list[str] = (), finished: list[str] = ()) -> None:
         plan = self._plan(list(new), list(finished))
+        if self.execute:
+            sched = self.states[0].resolve(plan)
+            step = self.runners[0].execute(sched, None, self.states[0].batch)
+            self.outputs.append(step)
+            for req_id, t in step.sampled.items():
+                self.tokens.setdefault(req_id, []).append(t)
+            return
         out = None
         for runner, states in zip(self.runners, self.states, strict=True):
             sched = states.resolve(plan)
@@ -90,12 +106,14 @@ class Scenario:
         for r in new:
             first = "abcd".index(r) * BLOCKS_PER_REQUEST  # disjoint tables, whole from the start
             entries.append(ScheduledRequest(r, PROMPTS[r], 0, list(range(first, first + BLOCKS_PER_REQUEST)),
-                                            SamplingParams(temperature=0), samples=True))
+                                            self.params.get(r, SamplingParams(temperature=0)), samples=True,
+                                            prefix_token_ids=[] if self.params.get(r, GREEDY).penalized else None))
         return SchedulerOutput(self._step, 1, entries, finished, d)
 
 
-def run_scenario(runners: list[ModelRunner]) -> tuple[dict[str, list[int]], Scenario]:
-    """(every request's greedy outputs, the scenario with its per-step logits)."""
+def run_scenario(runners: list[ModelRunner], params: dict[str, SamplingParams] | None = None,
+                 execute: bool = False) -> tuple[dict[str, list[int]], Scenario]:
+    """(every request's outputs, the scenario with its per-step logits or StepOutputs)."""
     with torch.inference_mode():
-        scenario = Scenario(runners)
+        scenario = Scenario(runners, params, execute)
         return scenario.run(), scenario

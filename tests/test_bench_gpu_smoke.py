@@ -39,4 +39,7 @@ def test_bench_gpu_smoke_runs_and_reports(tmp_path):
     assert set(steps) == {"1", "8", "64"} and all(s["step_s"] > 0 and s["limit_s"] > 0 for s in steps.values())
     assert tiny["pipeserve"]["kernels_per_decode_step"]["per_step"] > 0
     assert all(0 < w["fraction"] for w in tiny["limits"]["workloads"].values())
+    # the GPU's idle share needs CUDA events: a column on every workload, n/a on the CPU
+    assert all(r["gpu_idle_between_decodes"] is None for r in tiny["pipeserve"]["workloads"].values())
+    assert "GPU idle between decode steps |" in text and "untimed run of its prompts" in text
     assert text.count("| tiny |") == len(tiny["workloads"]) + len(steps) + 1  # every table has its rows

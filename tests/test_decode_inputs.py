@@ -10,7 +10,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
-from decode_driver import make_runners, run_scenario
+from decode_driver import MIXED, make_runners, run_scenario
 
 from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.entrypoints.engine_flags import add_engine_flags, engine_kwargs
@@ -35,6 +35,36 @@ def test_padded_static_decode_equals_unpadded(tiny_model, stages):
         for layer_e, layer_s in zip(e.kv_caches[1], s.kv_caches[1], strict=True):
             torch.testing.assert_close(layer_s[:, :, :-1], layer_e[:, :, :-1], rtol=1e-4, atol=1e-4)
     assert all(r.graphs.stats()["cuda_graph_count"] == 0 for r in static_runners)  # no CUDA: nothing captured
+
+
+@pytest.mark.parametrize("params", [{}, MIXED], ids=["greedy", "mixed"])
+def test_static_decode_samples_from_the_logits_of_its_graph(tiny_model, monkeypatch, params):
+    """The static path's LM head and argmax run with the layers (in the graph on CUDA): the runner samples
+    the same tokens and logprobs as the eager path, and a step of plain-greedy requests reads only the argmax
+    ids (the sampler is not called)."""
+    eager, eager_run = run_scenario(make_runners(tiny_model), params, execute=True)
+    runners = make_runners(tiny_model, static=True)
+    calls = {"static": 0, "sampler": 0}
+    run, call = runners[0].graphs.run, type(runners[0].sampler).__call__
+
+    def counted_run(*args, **kwargs):
+        calls["static"] += 1
+        return run(*args, **kwargs)
+
+    def counted_call(*args, **kwargs):
+        calls["sampler"] += 1
+        return call(*args, **kwargs)
+
+    monkeypatch.setattr(runners[0].graphs, "run", counted_run)
+    monkeypatch.setattr(type(runners[0].sampler), "__call__", counted_call)
+    static, static_run = run_scenario(runners, params, execute=True)
+    assert static == eager and calls["static"] == 8
+    assert calls["sampler"] == (2 if not params else 10)  # the two prefill steps; with MIXED every step
+    for a, b in zip(eager_run.outputs, static_run.outputs, strict=True):
+        assert a.sampled == b.sampled and a.logprobs.keys() == b.logprobs.keys()
+        for req_id, record in a.logprobs.items():
+            assert b.logprobs[req_id].logprob == pytest.approx(record.logprob, abs=1e-4)
+            assert [t for t, _ in b.logprobs[req_id].top_logprobs] == [t for t, _ in record.top_logprobs]
 
 
 def test_capture_sizes():

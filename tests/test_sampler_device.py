@@ -37,6 +37,28 @@ def test_greedy_is_argmax_of_the_float_logits(dtype):
     assert got == logits.float().argmax(dim=-1).tolist()
 
 
+@pytest.mark.parametrize(("params", "num_outputs", "plain"), [
+    (SamplingParams(temperature=0.0), 0, True),
+    (SamplingParams(temperature=0.0, min_tokens=2), 2, True),  # its bans no longer apply
+    (SamplingParams(temperature=0.0, min_tokens=2), 1, False),
+    (SamplingParams(temperature=0.0, logit_bias={EOS: -100.0}), 0, False),
+    (SamplingParams(temperature=0.0, repetition_penalty=1.2), 0, False),
+    (SamplingParams(temperature=0.0, logprobs=0), 0, False),
+    (SamplingParams(temperature=0.5, seed=1), 0, False),
+])
+def test_plain_greedy_rows_take_the_raw_argmax(params, num_outputs, plain):
+    """Only rows whose token is the raw argmax take the argmax shortcut; the others still see their bans,
+    bias, penalties and records (EOS is the argmax of every row here)."""
+    logits = logits_of(2, 40, seed=3)
+    logits[:, EOS] = 50.0
+    rows = [SamplingParams(temperature=0.0), params]
+    assert Sampler.plain_greedy(rows, [num_outputs] * 2) is plain
+    got = Sampler(0, (EOS,))(logits, rows, [num_outputs] * 2, [[1, EOS]] * 2)
+    assert got[0].token_id == EOS
+    assert (got[1].token_id == EOS) is not (params.logit_bias or num_outputs < params.min_tokens)
+    assert (got[1].logprob is not None) is (params.logprobs is not None)
+
+
 def test_device_half_returns_the_same_ids():
     logits = logits_of(5, 64, seed=1)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=3, logprobs=2)] * 2

@@ -37,10 +37,25 @@ class Sampler:
         self._draws = 0  # unseeded draws so far
         self._hashes: dict[tuple[int, torch.device], torch.Tensor] = {}  # (vocab, device) -> token_hashes
 
+    @staticmethod
+    def plain_greedy(params: list[SamplingParams], num_outputs: list[int]) -> bool:
+        """Whether every row's token is the argmax of its raw logits: greedy, and nothing changes the logits
+        or asks for more than the token (no bias, penalties, min_tokens bans or logprobs)."""
+        return all(p.greedy and not p.logit_bias and not p.penalized and p.logprobs is None
+                   and k >= p.min_tokens for p, k in zip(params, num_outputs, strict=True))
+
+    @staticmethod
+    def greedy_tokens(ids: torch.Tensor) -> list[SampledToken]:
+        """The tokens of a `plain_greedy` step from its argmax ids (S,), computed wherever the logits are."""
+        return [SampledToken(int(t)) for t in to_host(ids).tolist()]  # the step's one device-to-host copy
+
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int],
                  seen: list[list[int] | None] | None = None) -> list[SampledToken]:
         """logits (S, V); per row its request's params, outputs so far, and `seen[i]`: every token it has
         seen (prompt, then outputs), needed only by penalized requests. One token (and record) per row."""
+        if logits.dim() == 2 and logits.shape[0] == len(params) and self.plain_greedy(params, num_outputs):
+            # argmax of the logits as they are: a float32 copy has the same maximum at the same index
+            return self.greedy_tokens(logits.argmax(dim=-1))
         ids, packed, step = self.sample(logits, params, num_outputs, seen)
         flat = to_host(packed).tolist()  # the step's one device-to-host copy
         token_ids = [int(t) for t in flat[: len(params)]]

@@ -4,8 +4,10 @@ A graph bakes in the addresses of every tensor it touches, so it runs on static 
 (step_inputs.DecodeInputs), the hand-off from the previous stage (`hidden_in`, `residual_in`) and the
 stage's output (`hidden_out`, `residual_out`). A step of n requests pads to the smallest captured size
 >= n; padding rows point at the scratch block (see DecodeInputs). Each virtual engine has its own KV
-tensors, hence its own graphs; all graphs share one memory pool, since they run one at a time. The LM head
-and the sampler run outside the graph, on the first n rows of the output.
+tensors, hence its own graphs; all graphs share one memory pool, since they run one at a time. On the last
+stage the graph also runs the LM head into `logits_out` and takes each row's argmax into `greedy_ids`: a step
+whose requests all want the plain argmax (Sampler.plain_greedy) only copies those ids to the host, and any
+other step samples from `logits_out` (logprobs, penalties and the rest need nothing the graph lacks).
 
 Where CUDA is absent the same padded static-buffer path runs eagerly (capture does nothing, replay calls
 the model on the static buffers), so a CPU test can check it against the unpadded path.
@@ -44,6 +46,11 @@ class DecodeGraphs:
         self.hidden_in, self.residual_in = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(
             shape, dtype=dtype, device=device)  # (max_batch, hidden) each
         self.hidden_out, self.residual_out = torch.zeros_like(self.hidden_in), torch.zeros_like(self.hidden_in)
+        self.logits_out: torch.Tensor | None = None  # (max_batch, vocab), last stage only
+        self.greedy_ids: torch.Tensor | None = None  # (max_batch,) int64: each row's argmax of logits_out
+        if model.stage.is_last:
+            self.logits_out = torch.zeros(inputs.max_batch, model.cfg.vocab_size, dtype=dtype, device=device)
+            self.greedy_ids = torch.zeros(inputs.max_batch, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.replays = 0  # decode steps served by a replayed graph
         self.capture_seconds = 0.0
@@ -91,11 +98,15 @@ class DecodeGraphs:
             self.residual_out[:size].copy_(out.residual)
         else:
             self.hidden_out[:size].copy_(out)
+            logits = self.model.compute_logits(out)  # (size, vocab)
+            self.logits_out[:size].copy_(logits)
+            self.greedy_ids[:size].copy_(logits.argmax(dim=-1))  # a float32 copy has the same argmax
 
     def run(self, ve: int, n: int, size: int,
             intermediate: IntermediateTensors | None) -> IntermediateTensors | torch.Tensor:
         """One decode step of n requests at captured size `size` (inputs already filled up to `size`): the
-        first n rows of the stage's output, views of the static output buffers (valid until the next step)."""
+        first n rows of the stage's output, views of the static output buffers (valid until the next step; on
+        the last stage `logits_out` and `greedy_ids` hold the step's logits and argmax ids too)."""
         if intermediate is not None:
             self.hidden_in[:n].copy_(intermediate.hidden_states)
             self.residual_in[:n].copy_(intermediate.residual)

@@ -65,8 +65,10 @@ class ModelRunner:
         afresh)."""
         start = time.time()
         gpu_start = self.gpu_timeline.mark() if self.gpu_timeline is not None else None
-        # A named range for torch.profiler (benchmarks/profile_decode.py); near free when no profiler runs.
-        with torch.profiler.record_function(f"pipeserve::{sched.kind}_step"):
+        if torch.autograd.profiler._is_profiler_enabled:  # a named range for benchmarks/profile_decode.py
+            with torch.profiler.record_function(f"pipeserve::{sched.kind}_step"):
+                out = self._forward(sched, intermediate, batch)
+        else:  # entering a range costs tens of microseconds even with no profiler running
             out = self._forward(sched, intermediate, batch)
         if gpu_start is not None:
             self.gpu_timeline.add(sched.step_id, sched.virtual_engine, sched.kind, gpu_start)
@@ -101,12 +103,18 @@ class ModelRunner:
         reqs = sched.requests if inp is None else inp.sampled_requests
         if not reqs:
             return step
-        rows = None if inp is None else inp.sample_rows
-        logits = self.model.compute_logits(out if rows is None else out[rows])  # (S, vocab)
+        if inp is None:  # a static decode step: the LM head and the argmax ran with the layers
+            logits = self.graphs.logits_out[: len(reqs)]  # (S, vocab)
+        else:
+            rows = inp.sample_rows
+            logits = self.model.compute_logits(out if rows is None else out[rows])  # (S, vocab)
         if not self.samples:
             return step
-        tokens = self.sampler(logits, [r.sampling_params for r in reqs], [r.num_output_tokens for r in reqs],
-                              [r.seen_token_ids for r in reqs])
+        params, num_outputs = [r.sampling_params for r in reqs], [r.num_output_tokens for r in reqs]
+        if inp is None and Sampler.plain_greedy(params, num_outputs):
+            tokens = Sampler.greedy_tokens(self.graphs.greedy_ids[: len(reqs)])
+        else:
+            tokens = self.sampler(logits, params, num_outputs, [r.seen_token_ids for r in reqs])
         step.sampled = {r.req_id: t.token_id for r, t in zip(reqs, tokens, strict=True)}
         step.logprobs = {r.req_id: t for r, t in zip(reqs, tokens, strict=True)
                          if r.sampling_params.logprobs is not None}

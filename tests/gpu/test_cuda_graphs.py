@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from decode_driver import make_runners, run_scenario
+from decode_driver import MIXED, make_runners, run_scenario
 from helpers import assert_greedy_match, hf_greedy
 
 from pipeserve import LLM, SamplingParams
@@ -78,6 +78,20 @@ def test_replayed_decode_step_synchronises_only_for_the_sampled_ids(tiny_model):
             torch.cuda.set_sync_debug_mode(0)
     assert inp is None and runner.graphs.replays == replays + 1
     assert ids.shape == (3,)
+
+
+@pytest.mark.parametrize("params", [{}, MIXED], ids=["greedy", "mixed"])
+def test_graph_step_samples_as_the_eager_step(tiny_model, params):
+    """Through ModelRunner.execute: the graph's LM head and argmax (plain-greedy steps) and its logits (the
+    other steps: logprobs, penalties, seeds) give the tokens and logprobs of the eager path."""
+    want, eager_run = run_scenario(make_runners(tiny_model, 1, device="cuda"), params, execute=True)
+    graphs = make_runners(tiny_model, 1, device="cuda", enforce_eager=False)
+    got, graph_run = run_scenario(graphs, params, execute=True)
+    assert got == want and graphs[0].graphs.replays == 8
+    for a, b in zip(eager_run.outputs, graph_run.outputs, strict=True):
+        assert a.logprobs.keys() == b.logprobs.keys()
+        for req_id, record in a.logprobs.items():
+            assert b.logprobs[req_id].logprob == pytest.approx(record.logprob, abs=1e-4)
 
 
 @pytest.mark.parametrize("stages", [1, 2])
