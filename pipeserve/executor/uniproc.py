@@ -11,7 +11,7 @@ import torch
 from pipeserve.config import EngineConfig
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor
-from pipeserve.types import SchedulerOutput, StepOutput
+from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 from pipeserve.worker.worker import StageWorker
 
 
@@ -31,6 +31,12 @@ class UniProcExecutor(Executor):
         if self.offload:
             return await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.run_step, sched)
         return self.worker.run_step(sched)
+
+    def profile_memory(self) -> list[MemoryProfile]:
+        return [self.worker.profile_memory()]
+
+    def allocate_kv(self, num_blocks_per_ve: int) -> None:
+        self.worker.allocate_kv(num_blocks_per_ve)
 
     def busy_seconds(self) -> list[float]:
         return [self.worker.busy_s]
