@@ -111,10 +111,10 @@ class CacheConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = 2 << 30  # budget per stage; None: sized from gpu_memory_utilization
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks whose prefix was computed before
     # On CUDA without a budget: the share of each device's memory the engine's stages may use in all, KV
     # included; the KV pool gets what the stages' profiled step leaves of it (engine/kv_sizing.py).
     gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True  # reuse the KV of full blocks whose prefix was computed before
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,9 @@ class EngineArgs:
         if budget_gb is not None and budget_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {budget_gb}")
         budget = None if budget_gb is None else int(budget_gb * (1 << 30))
-        return CacheConfig(self.block_size, self.num_kv_blocks, budget, self.enable_prefix_caching,
-                           self.gpu_memory_utilization)
+        return CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+                           kv_cache_memory_bytes=budget, gpu_memory_utilization=self.gpu_memory_utilization,
+                           enable_prefix_caching=self.enable_prefix_caching)
 
     def _parallel_config(self, model: ModelConfig) -> ParallelConfig:
         pp, tp = self.pipeline_parallel_size, self.tensor_parallel_size

@@ -87,7 +87,8 @@ def _dummy_steps(runner: ModelRunner, max_num_batched_tokens: int) -> tuple[int,
     decode = dummy_decode(runner.max_num_seqs, runner.max_model_len, bs, blocks)
     num_layers = runner.stage.end_layer - runner.stage.start_layer
     kv = allocate_kv_caches(cfg, num_layers, blocks, bs, runner.device, runner.kv_heads)  # freed on return
-    return _peak(lambda: _run(runner, prefill, kv), device), _peak(lambda: _run(runner, decode, kv), device)
+    prefill_peak = _peak(lambda: run_dummy_step(runner, prefill, kv), device)
+    return prefill_peak, _peak(lambda: run_dummy_step(runner, decode, kv), device)
 
 
 def decode_buffer_bytes(runner: ModelRunner, decode_peak: int) -> int:
@@ -120,7 +121,7 @@ def _peak(step: Callable[[], None], device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def _run(runner: ModelRunner, sched: SchedulerOutput, kv: list[torch.Tensor]) -> None:
+def run_dummy_step(runner: ModelRunner, sched: SchedulerOutput, kv: list[torch.Tensor]) -> None:
     """The stage's forward pass on the dummy step; the last stage also computes the logits and samples."""
     cfg, stage = runner.model_cfg, runner.stage
     inp = build_model_input(sched, runner.block_size, runner.device)
