@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -47,4 +48,8 @@ class UniProcExecutor(Executor):
     def shutdown(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=False, cancel_futures=True)
+        on_cuda = self.worker is not None and torch.device(self.worker.config.parallel.device).type == "cuda"
         self.worker = None
+        if on_cuda:  # hand the KV pool and the graphs' memory back to the device (torch would keep it cached)
+            gc.collect()
+            torch.cuda.empty_cache()
