@@ -65,12 +65,12 @@ def profile_memory(runner: ModelRunner, max_num_batched_tokens: int,
     """Run the dummy steps on `runner` (a CUDA stage without its KV pool) and measure. `before_measuring` runs
     once the temporary memory is released (a barrier, so that ranks sharing the device measure it when all
     of them are done)."""
-    device, cfg = torch.device(runner.device), runner.model_cfg
+    device, cfg = _indexed(runner.device), runner.model_cfg
     num_layers = runner.stage.end_layer - runner.stage.start_layer
     gc.collect()  # an earlier engine's tensors in this process, still cached by torch: give them back first
     torch.cuda.empty_cache()
     activation, decode = _dummy_steps(runner, max_num_batched_tokens)
-    torch.cuda.empty_cache()  # the temporary cache and the steps' activations: not in use once the pool exists
+    torch.cuda.empty_cache()  # give back the temporary cache and the activations: the reading below is what stays
     if before_measuring is not None:
         before_measuring()
     free, total = torch.cuda.mem_get_info(device)
@@ -81,7 +81,7 @@ def profile_memory(runner: ModelRunner, max_num_batched_tokens: int,
 
 def _dummy_steps(runner: ModelRunner, max_num_batched_tokens: int) -> tuple[int, int]:
     """(peak of the prefill, peak of the decode), each beyond the weights and the temporary cache."""
-    cfg, bs, device = runner.model_cfg, runner.block_size, torch.device(runner.device)
+    cfg, bs, device = runner.model_cfg, runner.block_size, _indexed(runner.device)
     prefill, blocks = dummy_prefill(max_num_batched_tokens, runner.max_num_seqs, runner.max_model_len, bs,
                                     cfg.vocab_size)
     decode = dummy_decode(runner.max_num_seqs, runner.max_model_len, bs, blocks)
@@ -105,9 +105,14 @@ def decode_buffer_bytes(runner: ModelRunner, decode_peak: int) -> int:
 
 def device_id(device: torch.device) -> str:
     """The physical GPU, the same string in every process that uses it."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
-    return f"{socket.gethostname()}:{getattr(props, 'uuid', index)}"
+    props = torch.cuda.get_device_properties(device)
+    return f"{socket.gethostname()}:{getattr(props, 'uuid', device.index)}"
+
+
+def _indexed(device: str) -> torch.device:
+    """`cuda` as the device it means in this process (`cuda:N`)."""
+    dev = torch.device(device)
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _peak(step: Callable[[], None], device: torch.device) -> int:
