@@ -106,12 +106,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache sizing. `num_kv_blocks` wins over the memory budget when set."""
+    """Paged KV cache sizing. `num_kv_blocks` wins over the memory budget, which wins over the device fraction."""
 
     block_size: int = 16
     num_kv_blocks: int | None = None
-    kv_cache_memory_bytes: int = 2 << 30  # budget per stage when num_kv_blocks is None
+    kv_cache_memory_bytes: int | None = 2 << 30  # budget per stage; None: sized from gpu_memory_utilization
     enable_prefix_caching: bool = True  # reuse the KV of full blocks whose prefix was computed before
+    # On CUDA without a budget: the share of each device's memory the engine's stages may use in all, KV
+    # included; the KV pool gets what the stages' profiled step leaves of it (engine/kv_sizing.py).
+    gpu_memory_utilization: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,9 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
     num_virtual_engines: int = 1
-    num_blocks_per_ve: int = 0  # resolved from CacheConfig by EngineArgs
+    # Resolved from CacheConfig by EngineArgs; 0 until the stages have profiled their memory (CUDA without an
+    # explicit budget): the engine then decides it at start (engine/kv_sizing.py).
+    num_blocks_per_ve: int = 0
     trace_file: str | None = None  # write a Chrome trace (and a PNG Gantt chart) of every stage's steps
     # Stages keep a record of each step (for the trace, or a benchmark's timeline) only when asked: kept for
     # a server that runs for weeks they would be memory spent on nothing.

@@ -144,3 +144,20 @@ class StepOutput:
     # Requests that asked for prompt logprobs: (the prompt position of the first entry, one entry per prompt
     # token from there, each scored given the tokens before it).
     prompt_logprobs: dict[str, tuple[int, list[SampledToken]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What one rank's device can give its KV pool, measured after loading its weights (engine/kv_sizing.py), sent to
+    the engine in a MemoryProfiled message.
+
+    `used_bytes` is everything in use on the device (every process on it) with no KV pool allocated and no
+    step running; `activation_bytes` the peak a step at the largest batch adds; `graph_bytes` what the CUDA
+    graphs will take (their pool and static buffers), 0 where there are none."""
+
+    device: str  # the physical device: ranks with the same id share its memory
+    total_bytes: int
+    used_bytes: int
+    activation_bytes: int
+    graph_bytes: int
+    kv_bytes_per_block: int  # one block of one virtual engine on this rank (its layers, its KV heads)

@@ -9,7 +9,7 @@ import pytest
 
 from pipeserve.control import messages as m
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.types import SampledToken, ScheduledRequest, SchedulerOutput, StepOutput
+from pipeserve.types import MemoryProfile, SampledToken, ScheduledRequest, SchedulerOutput, StepOutput
 
 SCHED = SchedulerOutput(3, 1, [ScheduledRequest("r", [1, 2], 0, [4], SamplingParams(temperature=0))])
 EXAMPLES = [
@@ -23,6 +23,11 @@ EXAMPLES = [
     m.StageError(rank=1, generation=2, cause="IndexError: x", details="Traceback ..."),
     m.Pong(rank=1, nonce=5, generation=2), m.BusyReport(rank=1, seconds=1.5, generation=2),
     m.StatsReply(rank=1, stats={"records": []}, generation=2),
+    m.ProfileMemory(generation=0), m.AllocateKV(num_blocks_per_ve=512, generation=0),
+    m.MemoryProfiled(rank=1, generation=0, profile=MemoryProfile(device="h:GPU-1", total_bytes=8 << 30,
+                                                                 used_bytes=1 << 30, activation_bytes=1 << 28,
+                                                                 graph_bytes=1 << 26, kv_bytes_per_block=1 << 16)),
+    m.KVAllocated(rank=1, generation=0),
 ]
 
 

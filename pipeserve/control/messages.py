@@ -18,9 +18,14 @@ A group forms in two phases, so that no rank ever waits in a rendezvous for a pe
 load: every new rank loads its stage (StartStage → Loaded) and every surviving rank drops its old group
 (Release → Released); only then are all told to Join the new generation (Join → Ready).
 
-    engine → rank:   StartStage, Release, Join, RunStep, Ping, StatsRequest, Stop
-    rank → engine:   RankHello, Loaded, Released, Ready, StepResult, GroupLost, StageError, Pong, BusyReport,
-                     StatsReply
+When the KV pool is sized from device memory (CUDA without an explicit budget), the first generation has no KV
+pool yet: once every rank is Ready, each profiles its memory (ProfileMemory → MemoryProfiled), the engine
+decides the block count, and each allocates its pool and captures its graphs (AllocateKV → KVAllocated). A
+replacement rank gets the count in its StartStage's spec and allocates while it loads.
+
+    engine → rank:   StartStage, Release, Join, ProfileMemory, AllocateKV, RunStep, Ping, StatsRequest, Stop
+    rank → engine:   RankHello, Loaded, Released, Ready, MemoryProfiled, KVAllocated, StepResult, GroupLost,
+                     StageError, Pong, BusyReport, StatsReply
     engine → agent:  StartRanks, KillRanks, Stop
     agent → engine:  NodeHello
 """
@@ -30,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeserve.types import SchedulerOutput, StepOutput
+from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 
 # ---- introductions (the first message on a new connection) ------------------------------------------
 
@@ -107,6 +112,22 @@ class Join:
 
 
 @dataclass(frozen=True)
+class ProfileMemory:
+    """Run the profiling step (worker/memory_profile.py) and answer MemoryProfiled; every rank of the group
+    takes part (TP ranks run its collectives together, and ranks sharing a device measure it together)."""
+
+    generation: int
+
+
+@dataclass(frozen=True)
+class AllocateKV:
+    """Allocate `num_blocks_per_ve` KV blocks per virtual engine, capture the CUDA graphs; answer KVAllocated."""
+
+    num_blocks_per_ve: int
+    generation: int
+
+
+@dataclass(frozen=True)
 class Ping:
     """Answered by the rank's control thread even while its main thread computes or waits on a peer."""
 
@@ -148,6 +169,21 @@ class Ready:
     rank: int
     generation: int
     num_params: int
+
+
+@dataclass(frozen=True)
+class MemoryProfiled:
+    rank: int
+    generation: int
+    profile: MemoryProfile
+
+
+@dataclass(frozen=True)
+class KVAllocated:
+    """The rank holds its KV pool (and its graphs): it can run steps."""
+
+    rank: int
+    generation: int
 
 
 @dataclass(frozen=True)

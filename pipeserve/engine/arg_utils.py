@@ -11,12 +11,15 @@ import torch
 from pipeserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.partition import parse_partition
+from pipeserve.engine.kv_sizing import check_kv_capacity
 from pipeserve.loader.default_model import resolve_model_path
 from pipeserve.loader.model_config import load_model_config
 from pipeserve.models.llama import kv_head_range
 from pipeserve.worker.kv_cache import kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_GB = 2.0  # a CPU stage's KV budget unless told otherwise (a CPU's memory is not profiled)
 
 
 @dataclass
@@ -33,7 +36,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     block_size: int = 16
     num_kv_blocks: int | None = None
-    kv_cache_memory_gb: float = 2.0
+    kv_cache_memory_gb: float | None = None  # default: 2 on CPU; on CUDA unset: sized by gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9  # CUDA: share of each device's memory the stages use, KV pool included
     seed: int = 0
     pipeline_parallel_size: int = 1
     tensor_parallel_size: int = 1
@@ -79,23 +83,35 @@ class EngineArgs:
         scheduler = self._scheduler_config(max_len, self.pipeline_parallel_size, parallel.device)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        cache = CacheConfig(self.block_size, self.num_kv_blocks, int(self.kv_cache_memory_gb * (1 << 30)),
-                            self.enable_prefix_caching)
+        cache = self._cache_config(parallel.device)
         num_ve = parallel.pipeline_parallel_size if self.num_virtual_engines is None else self.num_virtual_engines
         if num_ve < 1:
             raise ValueError(f"num_virtual_engines must be >= 1, got {num_ve}")
-        # Every stage holds the same number of blocks; the stage with the most layers sets how many fit.
-        blocks = self._num_blocks(model, cache, max(parallel.stage_layers), parallel.tensor_parallel_size) // num_ve
-        if blocks * self.block_size < max_len:
-            raise ValueError(f"the KV cache holds {blocks * self.block_size} tokens per virtual engine, fewer than "
-                             f"max_model_len={max_len}: raise num_kv_blocks / kv_cache_memory_gb or lower "
-                             f"max_model_len")
+        blocks = 0  # CUDA without a budget: the stages profile their memory at start (engine/kv_sizing.py)
+        if cache.num_kv_blocks is not None or cache.kv_cache_memory_bytes is not None:
+            # Every stage holds the same number of blocks; the stage with the most layers sets how many fit.
+            blocks = self._num_blocks(model, cache, max(parallel.stage_layers), parallel.tensor_parallel_size)
+            blocks //= num_ve
+            check_kv_capacity(blocks, self.block_size, max_len, "raise num_kv_blocks / kv_cache_memory_gb")
         for name in ("max_stop_strings", "max_stop_string_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         return EngineConfig(model, cache, scheduler, parallel, self.seed, num_ve, blocks, self.trace_file,
                             self.record_steps or self.trace_file is not None, self.enforce_eager,
                             self.max_stop_strings, self.max_stop_string_length)
+
+    def _cache_config(self, device: str) -> CacheConfig:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        budget_gb = self.kv_cache_memory_gb
+        if budget_gb is None and not device.startswith("cuda"):
+            budget_gb = CPU_KV_CACHE_GB
+        if budget_gb is not None and budget_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {budget_gb}")
+        budget = None if budget_gb is None else int(budget_gb * (1 << 30))
+        return CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+                           kv_cache_memory_bytes=budget, gpu_memory_utilization=self.gpu_memory_utilization,
+                           enable_prefix_caching=self.enable_prefix_caching)
 
     def _parallel_config(self, model: ModelConfig) -> ParallelConfig:
         pp, tp = self.pipeline_parallel_size, self.tensor_parallel_size

@@ -25,8 +25,8 @@ class LLM:
         if unknown:
             raise TypeError(f"LLM() got unknown arguments: {', '.join(sorted(unknown))}")
         self.engine_args = EngineArgs(model=model, **kwargs)
-        self.config = self.engine_args.create_engine_config()
-        self.engine = build_async_engine(self.config)
+        self.engine = build_async_engine(self.engine_args.create_engine_config())
+        self.config = self.engine.config  # with the KV block count the stages were sized for
         self.tokenizer = self.engine.tokenizer
 
     # ---- inputs --------------------------------------------------------------------------------------

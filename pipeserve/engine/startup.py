@@ -11,12 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pipeserve.config import EngineConfig
 from pipeserve.engine.async_engine import AsyncEngine
+from pipeserve.engine.kv_sizing import size_kv_cache
 from pipeserve.executor.factory import create_executor
 from pipeserve.loader.tokenizer import load_tokenizer
 
 
 def build_async_engine(config: EngineConfig, offload: bool = False) -> AsyncEngine:
-    """The engine with its stages started and its tokenizer loaded (`offload`: see create_executor)."""
+    """The engine with its stages started, their KV pools sized (kv_sizing.py) and its tokenizer loaded
+    (`offload`: see create_executor). The engine's config is `config` with the block count decided."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeserve-tokenizer")
     tokenizer = pool.submit(load_tokenizer, config.model.path)
     try:
@@ -25,6 +27,7 @@ def build_async_engine(config: EngineConfig, offload: bool = False) -> AsyncEngi
         pool.shutdown(wait=False, cancel_futures=True)  # the stage failure is the error to report, now
         raise
     try:
+        config = size_kv_cache(config, executor)
         return AsyncEngine(config, executor, tokenizer.result())
     except BaseException:
         executor.shutdown()

@@ -30,8 +30,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="reuse the KV of prompt prefixes computed before (default: on, as in vLLM)")
     g.add_argument("--block-size", type=int, default=d.block_size)
-    g.add_argument("--num-kv-blocks", type=int, default=d.num_kv_blocks)
-    g.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb)
+    g.add_argument("--num-kv-blocks", type=int, default=d.num_kv_blocks,
+                   help="KV blocks per stage, split among the virtual engines (overrides the memory settings)")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb,
+                   help="KV pool per stage in GiB (default: 2 on CPU; on CUDA unset: --gpu-memory-utilization)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="CUDA: share of each GPU's memory the engine may use, KV pool included; the pool gets "
+                        "what weights and a profiled step at the largest batch leave (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker,
                    help="torch threads of each process that runs the model (default: cores / processes)")

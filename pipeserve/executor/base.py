@@ -6,7 +6,7 @@ import abc
 from typing import Any
 
 from pipeserve.executor.recovery_log import RecoveryLog
-from pipeserve.types import SchedulerOutput, StepOutput
+from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 
 
 class StepInterrupted(RuntimeError):
@@ -30,6 +30,17 @@ class Executor(abc.ABC):
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
         """Run one step; steps are executed in the order this is called. A step planned for an older
         `generation` than the current one raises StepInterrupted(lost=False) without running."""
+
+    def profile_memory(self) -> list[MemoryProfile]:
+        """Every rank's memory profile, for an engine whose CUDA stages started without a KV pool
+        (engine/kv_sizing.py); then allocate_kv."""
+        raise NotImplementedError(f"{type(self).__name__} cannot size KV pools from device memory: "
+                                  f"set num_kv_blocks")
+
+    def allocate_kv(self, num_blocks_per_ve: int) -> None:
+        """Have every rank allocate this many KV blocks per virtual engine; steps can run once it returns."""
+        raise NotImplementedError(f"{type(self).__name__} cannot size KV pools from device memory: "
+                                  f"set num_kv_blocks")
 
     async def wait_ready(self) -> int:
         """Wait until steps can run again (after a recovery); the generation then current."""

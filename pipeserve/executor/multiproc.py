@@ -24,6 +24,7 @@ import secrets
 import socket
 import threading
 import time
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -31,11 +32,15 @@ from typing import Any
 from pipeserve.config import EngineConfig
 from pipeserve.control.launcher import control_address, discard_warm_ranks
 from pipeserve.control.messages import (
+    AllocateKV,
     BusyReport,
     GroupLost,
+    KVAllocated,
     Loaded,
+    MemoryProfiled,
     NodeHello,
     Pong,
+    ProfileMemory,
     RankHello,
     Ready,
     Released,
@@ -54,7 +59,7 @@ from pipeserve.executor.formation import FormationInterrupted, GroupFormation, S
 from pipeserve.executor.rank_launcher import ClusterLauncher, RankLauncher
 from pipeserve.executor.rank_table import RankTable
 from pipeserve.executor.recovery_log import RecoveryLog, RecoverySpan, RestartBudget
-from pipeserve.types import SchedulerOutput, StepOutput
+from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 from pipeserve.worker.worker import WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -91,6 +96,7 @@ class MultiprocExecutor(Executor):
         self._steps_issued = itertools.count()
         self._stats: queue.Queue = queue.Queue()
         self._busy: dict[int, float] = {}
+        self._sizing: dict[int, object] = {}  # rank -> its answer in the KV sizing handshake (kv_sizing.py)
         self._closed = False
         authkey = par.cluster_key.encode() if par.cluster_key else secrets.token_bytes(32)
         self._listener = ControlListener(listen, authkey, world, self._rank_connected, self._agent_connected)
@@ -105,7 +111,8 @@ class MultiprocExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-        self.state = "running"
+        # Without a block count the ranks hold no KV pool yet: no step runs until the handshake has sized it.
+        self.state = "running" if config.num_blocks_per_ve else "sizing"
 
     def _launcher(self, authkey: bytes) -> RankLauncher:
         par = self.config.parallel
@@ -147,6 +154,43 @@ class MultiprocExecutor(Executor):
                     with contextlib.suppress(OSError, ValueError):  # a dead rank: the monitor starts recovery
                         conn.send_bytes(msg)  # what conn.send(RunStep) sends: the rank's recv() unpickles it
         return await future
+
+    # ---- the KV sizing handshake (start-up, when the block count is decided from device memory) -----------
+
+    def profile_memory(self) -> list[MemoryProfile]:
+        answers = self._ask_every_rank(ProfileMemory(self.generation), "profile its memory")
+        return [answers[r].profile for r in range(self.table.world_size)]
+
+    def allocate_kv(self, num_blocks_per_ve: int) -> None:
+        """Every rank allocates; a replacement started later gets the count in its spec (no handshake)."""
+        self.config = replace(self.config, num_blocks_per_ve=num_blocks_per_ve)
+        self.specs[:] = [replace(spec, config=self.config) for spec in self.specs]  # the formation's list too
+        self._ask_every_rank(AllocateKV(num_blocks_per_ve, self.generation), "allocate its KV cache")
+        with self.table.cv:
+            self.state = "running"
+
+    def _ask_every_rank(self, msg: object, what: str) -> dict[int, object]:
+        t = self.table
+        with t.cv:
+            if self.state != "sizing":
+                raise RuntimeError(f"the KV pool is sized once, at start (executor state {self.state!r})")
+            self._sizing = {}
+        for r in range(t.world_size):
+            t.send(r, msg)
+        deadline = time.monotonic() + self.config.parallel.join_timeout_s
+        with t.cv:
+            t.wait_for(lambda: len(self._sizing) == t.world_size, deadline, self._check_sizing)
+            missing = [r for r in range(t.world_size) if r not in self._sizing]
+            if missing:
+                raise StageFailure(f"{self.who(missing[0])} did not {what} within "
+                                   f"{self.config.parallel.join_timeout_s:.0f} s (--join-timeout-s)")
+            return dict(self._sizing)
+
+    def _check_sizing(self) -> None:
+        if self.table.dead:
+            rank, cause = next(iter(self.table.dead.items()))
+            raise StageFailure(f"{self.who(rank)} on {self.launcher.where(rank)} failed while the KV cache was "
+                               f"sized: {cause}")
 
     async def wait_ready(self) -> int:
         while True:
@@ -236,6 +280,8 @@ class MultiprocExecutor(Executor):
                     t.ready[rank] = msg.num_params
                 elif isinstance(msg, Pong):
                     t.pongs[rank] = msg.nonce
+                elif isinstance(msg, (MemoryProfiled, KVAllocated)) and msg.generation == self.generation:
+                    self._sizing[rank] = msg
                 t.cv.notify_all()
 
     def _resolve(self, step: StepOutput) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from pipeserve.config import EngineConfig
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor
-from pipeserve.types import SchedulerOutput, StepOutput
+from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 from pipeserve.worker.worker import StageWorker
 
 
@@ -32,6 +33,12 @@ class UniProcExecutor(Executor):
             return await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.run_step, sched)
         return self.worker.run_step(sched)
 
+    def profile_memory(self) -> list[MemoryProfile]:
+        return [self.worker.profile_memory()]
+
+    def allocate_kv(self, num_blocks_per_ve: int) -> None:
+        self.worker.allocate_kv(num_blocks_per_ve)
+
     def busy_seconds(self) -> list[float]:
         return [self.worker.busy_s]
 
@@ -41,4 +48,8 @@ class UniProcExecutor(Executor):
     def shutdown(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=False, cancel_futures=True)
+        on_cuda = self.worker is not None and torch.device(self.worker.config.parallel.device).type == "cuda"
         self.worker = None
+        if on_cuda:  # hand the KV pool and the graphs' memory back to the device (torch would keep it cached)
+            gc.collect()
+            torch.cuda.empty_cache()

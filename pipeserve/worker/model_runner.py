@@ -38,24 +38,33 @@ class ModelRunner:
                  disable_progress: bool = False, tp: TPGroup = NO_TP, max_num_seqs: int = 64,
                  enforce_eager: bool = False, time_gpu: bool = False):
         self.stage, self.block_size, self.device = stage, block_size, device
+        self.model_cfg, self.num_virtual_engines, self.max_model_len = model_cfg, num_virtual_engines, max_model_len
+        self.max_num_seqs, self.kv_heads = max_num_seqs, kv_head_range(model_cfg, tp)[1]
+        self.uses_graphs = not enforce_eager and torch.device(device).type == "cuda" and tp.size == 1
         self.model = load_model(model_cfg, stage, max_model_len, device, disable_progress, tp)
-        num_layers = stage.end_layer - stage.start_layer
-        kv_heads = kv_head_range(model_cfg, tp)[1]
-        self.kv_caches = [allocate_kv_caches(model_cfg, num_layers, num_blocks_per_ve + 1, block_size, device,
-                                             kv_heads) for _ in range(num_virtual_engines)]
-        self.decode_inputs = DecodeInputs(max_num_seqs, -(-max_model_len // block_size), block_size,
-                                          num_blocks_per_ve, device)
+        self.kv_caches: list[list[torch.Tensor]] = []  # per VE, per layer; empty until allocate_kv
         self.graphs: DecodeGraphs | None = None
-        if not enforce_eager and torch.device(device).type == "cuda" and tp.size == 1:
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.decode_inputs, model_cfg.hidden_size,
-                                       model_cfg.dtype, device)
-            self.graphs.capture()
+        if num_blocks_per_ve > 0:  # 0: the engine decides after profiling (engine/kv_sizing.py)
+            self.allocate_kv(num_blocks_per_ve)
         # Every TP rank of the last stage has the full logits; rank 0 alone samples and answers the engine.
         self.samples = stage.is_last and tp.rank == 0
         self.sampler = Sampler(seed, model_cfg.eos_token_ids) if self.samples else None
         self.last_record: StepRecord | None = None  # timing of the latest step, for traces
         # When each step ran on the GPU (benchmarks: how long the GPU waits between steps).
         self.gpu_timeline = GpuTimeline() if time_gpu and torch.device(device).type == "cuda" else None
+
+    def allocate_kv(self, num_blocks_per_ve: int) -> None:
+        """Allocate each virtual engine's KV cache, the decode buffers that index it, and capture the graphs
+        that bake in its addresses."""
+        cfg, num_layers = self.model_cfg, self.stage.end_layer - self.stage.start_layer
+        self.kv_caches = [allocate_kv_caches(cfg, num_layers, num_blocks_per_ve + 1, self.block_size, self.device,
+                                             self.kv_heads) for _ in range(self.num_virtual_engines)]
+        self.decode_inputs = DecodeInputs(self.max_num_seqs, -(-self.max_model_len // self.block_size),
+                                          self.block_size, num_blocks_per_ve, self.device)
+        if self.uses_graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.decode_inputs, cfg.hidden_size, cfg.dtype,
+                                       self.device)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, intermediate: IntermediateTensors | None = None,

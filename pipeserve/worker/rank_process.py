@@ -26,12 +26,16 @@ import torch
 import torch.distributed as dist
 
 from pipeserve.control.messages import (
+    AllocateKV,
     BusyReport,
     GroupLost,
     Join,
+    KVAllocated,
     Loaded,
+    MemoryProfiled,
     Ping,
     Pong,
+    ProfileMemory,
     Ready,
     Release,
     Released,
@@ -161,6 +165,14 @@ class RankProcess:
             elif isinstance(msg, Join):
                 self.leave()
                 self.join(msg.generation)
+            elif isinstance(msg, ProfileMemory):
+                # Ranks sharing a GPU (gloo: see choose_backend) read its memory once all have profiled.
+                barrier = dist.barrier if self.backend == "gloo" else None
+                profile = self.worker.profile_memory(barrier)
+                self.channel.send(MemoryProfiled(self.spec.rank, msg.generation, profile))
+            elif isinstance(msg, AllocateKV):
+                self.worker.allocate_kv(msg.num_blocks_per_ve)
+                self.channel.send(KVAllocated(self.spec.rank, msg.generation))
             elif isinstance(msg, StatsRequest):
                 if self.in_group:
                     self.worker.link.wait_sends()

@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 import resource
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
+
+import torch
 
 from pipeserve.config import EngineConfig
 from pipeserve.distributed.comm import StageLink
@@ -19,8 +22,9 @@ from pipeserve.distributed.rank_layout import RankLayout
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.linear import NO_TP
 from pipeserve.timeline import StepRecord
-from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
+from pipeserve.types import IntermediateTensors, MemoryProfile, SchedulerOutput, StepOutput
 from pipeserve.worker.allocator import fix_mmap_threshold
+from pipeserve.worker.memory_profile import profile_memory
 from pipeserve.worker.model_runner import ModelRunner
 from pipeserve.worker.request_states import RequestStates
 from pipeserve.worker.step_inputs import rows_for
@@ -59,6 +63,22 @@ class StageWorker:
         self.requests = RequestStates()
         self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS if config.record_steps else 0)
         self.busy_s = 0.0  # cumulative compute seconds (records are bounded; this is not)
+        self.memory_profile: MemoryProfile | None = None  # set when the engine sized the KV pool by profiling
+
+    def profile_memory(self, before_measuring: Callable[[], None] | None = None) -> MemoryProfile:
+        """Profile this rank's memory for the engine's KV sizing (CUDA, before the KV pool exists)."""
+        if torch.device(self.config.parallel.device).type != "cuda":
+            raise ValueError("only a CUDA stage profiles its memory: a CPU stage's KV pool is sized by "
+                             "kv_cache_memory_gb / num_kv_blocks")
+        if self.runner.kv_caches:
+            raise RuntimeError("the KV pool is already allocated: profile before allocate_kv")
+        self.memory_profile = profile_memory(self.runner, self.config.scheduler.max_num_batched_tokens,
+                                             before_measuring)
+        return self.memory_profile
+
+    def allocate_kv(self, num_blocks_per_ve: int) -> None:
+        """Allocate the KV pool the engine decided on (and capture the graphs over it)."""
+        self.runner.allocate_kv(num_blocks_per_ve)
 
     def weights_summary(self) -> str:
         return getattr(self.runner.model, "weights_summary", "")
@@ -97,7 +117,8 @@ class StageWorker:
         return {"rank": self.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank,
                 "records": list(self.records), "bytes_sent": self.link.bytes_sent,
                 "num_params": self.num_params(), "requests_held": len(self.requests),
-                "malloc_mmap_threshold": self.mmap_threshold, **self.memory(), **self.graph_stats()}
+                "malloc_mmap_threshold": self.mmap_threshold, **self.memory(), **self.graph_stats(),
+                "memory_profile": None if self.memory_profile is None else asdict(self.memory_profile)}
 
     def graph_stats(self) -> dict[str, Any]:
         """CUDA graph sizes, count, capture seconds and memory, and decode steps replayed (none when the stage
