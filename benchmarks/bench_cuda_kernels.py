@@ -8,22 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from pipeserve.bench.kernel_count import cuda_time_us
 from pipeserve.layers.quantization import QuantizedWeight
 
 SHAPES = {"smollm2 gate_up": (3072, 576), "smollm2 lm_head": (49152, 576), "llama70b gate_up/8": (7168, 8192),
           "llama70b down/8": (8192, 3584)}
-
-
-def timed(fn, reps: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1000  # microseconds
 
 
 def main() -> None:
@@ -37,9 +26,9 @@ def main() -> None:
         q4, q8 = QuantizedWeight("int4", w.float(), "cuda"), QuantizedWeight("int8", w.float(), "cuda")
         for rows in (1, 32):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            dense = timed(lambda: torch.nn.functional.linear(x, w))  # noqa: B023
-            int4 = timed(lambda: q4.mm(x))  # noqa: B023
-            int8 = timed(lambda: q8.mm(x))  # noqa: B023
+            dense = cuda_time_us(lambda: torch.nn.functional.linear(x, w))  # noqa: B023
+            int4 = cuda_time_us(lambda: q4.mm(x))  # noqa: B023
+            int8 = cuda_time_us(lambda: q8.mm(x))  # noqa: B023
             print(f"{name:<20} {rows:>4} {dense:>8.1f} {int4:>8.1f} {int8:>8.1f}")
 
 

@@ -1,4 +1,4 @@
-"""Kernels per step: how many device kernels (CUDA) or operators (CPU) one call of a step function launches.
+"""Measurements of a step on a device: kernels one call launches (CUDA) or operators (CPU), and CUDA-event timings.
 
 A decode step's cost on a GPU at small batch is mostly its number of launches, so benchmarks report this
 next to the step time: `kernels_per_step(lambda: llm_step(), steps=8)`.
@@ -47,3 +47,16 @@ def _under_aten(event) -> bool:
             return True
         parent = parent.cpu_parent
     return False
+
+
+def cuda_time_us(fn: Callable[[], object], reps: int = 100, warmup: int = 5) -> float:
+    """Mean microseconds per call of `fn` on the current CUDA stream, by CUDA events around `reps` calls."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps * 1000

@@ -75,6 +75,22 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 
 @triton.jit
+def _attend_tile(q, k_base, v_offset, kv_rows, kv_mask, visible, scale, m, l_sum, acc, PREC: tl.constexpr):
+    """One tile of keys and values into an online softmax: q (R, HD), keys at k_base + kv_rows (N, HD), values
+    v_offset further; `visible` (R, N) or (1, N) masks scores. Returns the running (max, sum, acc)."""
+    k = tl.load(k_base + kv_rows, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (R, N) float32
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    v = tl.load(k_base + v_offset + kv_rows, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_sum, acc
+
+
+@triton.jit
 def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, mid_o_ptr, mid_ml_ptr, scale,
                    stride_qb, stride_qh, stride_kv, stride_ch, stride_cb, stride_cs, stride_tb,
                    GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -104,16 +120,8 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, mid_o_ptr, m
         block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         rows = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs)[:, None] + d[None, :]  # (TILE, HD)
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_base + rows, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (G, TILE) float32
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(k_base + stride_kv + rows, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m = m_new
+        m, l_sum, acc = _attend_tile(q, k_base, stride_kv, rows, kv_mask, valid[None, :], scale, m, l_sum, acc,
+                                     PREC)  # (G, TILE) scores
         tile += 1
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # context 0: acc is 0, so is the output
@@ -226,16 +234,9 @@ def _prefill_kernel(q_ptr, cache_ptr, tables_ptr, cu_q_ptr, start_ptr, out_ptr, 
             block = tl.load(tables_ptr + c * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             kv_rows = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs)[:, None] + d[None, :]
             kv_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(k_base + kv_rows, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (M, N)
-            s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))  # finite: position 0 is visible to every row
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, 1)
-            v = tl.load(k_base + stride_kv + kv_rows, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m = m_new
+            visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])  # (M, N): causal, offset by the start
+            # The running max stays finite: position 0 is visible to every row.
+            m, l_sum, acc = _attend_tile(q, k_base, stride_kv, kv_rows, kv_mask, visible, scale, m, l_sum, acc, PREC)
             n += TILE_N
         out = acc / l_sum[:, None]
         dst = out_ptr + ((q_start + rows)[:, None] * num_heads + h) * HD + d[None, :]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeserve.bench.kernel_count import cuda_time_us
 from pipeserve.layers.attention import AttentionMetadata, PagedAttention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -105,18 +106,6 @@ def test_fused_kernels_model_shapes():
     torch.testing.assert_close(fused.silu_mul(gate_up), F.silu(gate) * up, rtol=1.6e-2, atol=1e-2)
 
 
-def _time_us(fn, reps: int = 100) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1000
-
-
 def test_print_decode_timing():
     """One layer's decode attention at Llama-3.2-1B's shape (32 heads, 8 KV heads, head_dim 64), context 640."""
     nh, nkv, hd, ctx = 32, 8, 64, 640
@@ -128,8 +117,8 @@ def test_print_decode_timing():
         attn = PagedAttention(nh, nkv, hd)
         meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long, device="cuda"), num_decodes=b,
                                  block_tables=tables, context_lens=lens)
-        kernel = _time_us(lambda: triton_attention.paged_decode(q, cache, tables, lens, hd**-0.5))  # noqa: B023
-        gather = _time_us(lambda: attn._decode(q, cache, meta))  # noqa: B023
+        kernel = cuda_time_us(lambda: triton_attention.paged_decode(q, cache, tables, lens, hd**-0.5))  # noqa: B023
+        gather = cuda_time_us(lambda: attn._decode(q, cache, meta))  # noqa: B023
         splits = triton_attention.decode_splits(b, nkv, tables.shape[1] * BS, q.device)
         print(f"{b:>6} {kernel:>10.1f} {gather:>10.1f} {splits:>7}")
         torch.testing.assert_close(triton_attention.paged_decode(q, cache, tables, lens, hd**-0.5),
