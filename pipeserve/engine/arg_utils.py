@@ -24,7 +24,7 @@ class EngineArgs:
 
     model: str | None = None
     dtype: str = "auto"
-    quantization: str = "auto"
+    quantization: str = "none"  # dense: batch-invariant; the quantized kernels are opt-in (engine_flags.py)
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
