@@ -95,8 +95,9 @@ def test_recovered_streams_equal_the_fault_free_ones(hf_model):
     they had, in other batch shapes than the first time, and must continue as they would have."""
     with LLM(dtype="float32", pipeline_parallel_size=2) as llm:
         tok = llm.get_tokenizer()
-        prompts = [tok.encode(text) for text, _ in PROBES[:4] + OTHERS[2:]]
-        params = [p for _, p in PROBES[:4] + OTHERS[2:]]
+        streams = PROBES[:4] + OTHERS[3:]  # the short ones, greedy or seeded (unseeded draws differ by design)
+        prompts = [tok.encode(text) for text, _ in streams]
+        params = [p for _, p in streams]
         reference = run(llm, prompts, params, "fault-free")
         kill = KillStage(rank=1, after=MAX_TOKENS // 3)
         recovered = run(llm, prompts, params, "recovered", on_output=kill)
