@@ -74,7 +74,8 @@ def test_probes_alone_and_in_a_batch_agree(hf_model):
     in_batch = batch[2:2 + len(PROBES)]
     for prompt, p, ours, ref in zip(probes, params, in_batch, alone, strict=True):
         assert_sampled_match(hf_model, prompt, p, ours, ref)
-        if p.greedy:  # and the default outputs are HF's
+    for prompt, p, ref in zip(probes, params, alone, strict=True):  # and the default greedy outputs are HF's
+        if p.greedy:
             assert_greedy_match(hf_model, prompt, ref, hf_greedy(hf_model, prompt, MAX_TOKENS))
 
 
