@@ -32,7 +32,9 @@ def logbook(title: str, days: int) -> str:
     return f"{title}\n" + "\n".join(lines) + "\nDay"
 
 
-# Probes, each with its own sampling: short prompts, and two longer than one step's token budget.
+# Probes, each with its own sampling: short prompts, and two longer than one step's token budget. The seeds are
+# ones whose draws `--quantization auto` changes between a probe alone and in the batch (its kernels depend on
+# the step's number of rows), so the test catches a default that is not batch-invariant.
 PROBES = [("The capital of France is", GREEDY),
           ("def fibonacci(n):\n    ", GREEDY),
           ("Pipeline parallelism splits a model into", seeded(13)),
