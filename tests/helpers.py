@@ -3,8 +3,11 @@ steps for driving a scheduler or engine without a model."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +59,43 @@ def assert_greedy_match(model: LlamaForCausalLM, prompt: list[int], ours: list[i
         gap = (logits[b] - logits[a]).abs().item()
         assert gap < near_tie, f"token {i}: ours {a}, HF {b}, HF logit gap {gap:.3g} is not a tie"
         return
+
+
+def assert_sampled_match(model: LlamaForCausalLM, prompt: list[int], params, ours: list[int], expected: list[int],
+                         near_tie: float = NEAR_TIE) -> None:
+    """`assert_greedy_match` for any SamplingParams: a seeded draw is an exponential race over the
+    probabilities, so the first differing token is accepted when, in HF's logits, adding `near_tie` to
+    either token's logit makes the same seeded draw pick that token."""
+    if params.greedy:
+        assert_greedy_match(model, prompt, ours, expected, near_tie)
+        return
+    for i, (a, b) in enumerate(zip(ours, expected, strict=True)):
+        if a == b:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + expected[:i]], device=model.device)).logits[0, -1:]  # (1, V)
+        picks = [_seeded_draw(logits.float().cpu(), params, i, favoured, near_tie) for favoured in (a, b)]
+        assert picks == [a, b], f"token {i}: ours {a}, expected {b}: not a near-tie of the seeded draw"
+        return
+
+
+def _seeded_draw(logits: torch.Tensor, params, index: int, favoured: int, bias: float = NEAR_TIE) -> int:
+    """The token pipeserve's sampler draws from `logits` (1, V) as output `index`, with `bias` added to one."""
+    from pipeserve.layers.sampler import Sampler
+
+    biased = dataclasses.replace(params, logit_bias={**(params.logit_bias or {}), favoured: bias})
+    return Sampler(0, ())(logits, [biased], [index])[0].token_id
+
+
+def hf_embedded_model() -> LlamaForCausalLM:
+    """HF transformers' float32 model of the embedded SmolLM2-135M, read from the same GGUF file."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeserve.loader.default_model import default_model_path
+
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
 
 
 def dequantized_hf(hf_model: LlamaForCausalLM, method: str) -> LlamaForCausalLM:
@@ -120,3 +160,14 @@ def run_to_completion(s: Scheduler, max_steps: int = 500) -> list[SchedulerOutpu
         s.update(fake_step(out))
         assert len(steps) < max_steps, "scheduler made no progress"
     return steps
+
+
+def rank_pid(parent_pid: int, rank: int) -> int:
+    """The stage process of `rank` among `parent_pid`'s children (forked or spawned, each names itself)."""
+    from server_utils import child_pids
+
+    for pid in child_pids(parent_pid):
+        with contextlib.suppress(OSError):  # a child that has just exited
+            if Path(f"/proc/{pid}/comm").read_text().strip() == f"pipeserve-r{rank}":
+                return pid
+    raise AssertionError(f"no process of rank {rank} under pid {parent_pid}")

@@ -4,33 +4,22 @@ failure makes `serve` exit non-zero, and a killed `serve` takes its stage proces
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-from helpers import tiny_with_tokenizer
-from server_utils import child_pids, metric_sum, read_metrics, start_server, wait_all_gone
+from helpers import rank_pid, tiny_with_tokenizer
+from server_utils import metric_sum, read_metrics, start_server, wait_all_gone
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = [f"Story {i}: once upon a time" for i in range(8)]
 N_OUT = 160
-
-
-def rank_pid(server_pid: int, rank: int) -> int:
-    """The stage process of `rank` among the server's children (forked or spawned, each names itself)."""
-    for pid in child_pids(server_pid):
-        with contextlib.suppress(OSError):  # a child that has just exited
-            if Path(f"/proc/{pid}/comm").read_text().strip() == f"pipeserve-r{rank}":
-                return pid
-    raise AssertionError(f"no process of rank {rank} under pid {server_pid}")
 
 
 def stream(url: str, prompt: str, on_chunk=None) -> tuple[str, list[str]]:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
-from helpers import assert_greedy_match, hf_greedy
-from transformers import AutoModelForCausalLM
+from helpers import assert_greedy_match, hf_embedded_model, hf_greedy
 
 from pipeserve import LLM, SamplingParams
-from pipeserve.loader.default_model import default_model_path
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 16
@@ -18,9 +13,7 @@ MAX_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def hf_smollm2():
-    path = default_model_path()
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+    return hf_embedded_model()
 
 
 @pytest.fixture(scope="module")

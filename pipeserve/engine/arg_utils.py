@@ -28,7 +28,7 @@ class EngineArgs:
 
     model: str | None = None
     dtype: str = "auto"
-    quantization: str = "auto"
+    quantization: str = "none"  # dense: batch-invariant; the quantized kernels are opt-in (engine_flags.py)
     max_model_len: int | None = None
     max_num_seqs: int | None = None  # default: 64 on CPU, 256 on CUDA
     max_num_batched_tokens: int | None = None  # default: 512 on CPU, 8192 on CUDA (max_model_len unchunked)

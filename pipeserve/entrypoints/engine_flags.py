@@ -18,8 +18,11 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="HF folder, .gguf file, or 'smollm2-135m-instruct' (default)")
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--quantization", "-q", default=d.quantization, choices=QUANTIZATION_METHODS,
-                   help="weight-only quantization: auto keeps a GGUF's 4-bit blocks 4-bit (HF checkpoints stay "
-                        "dense); int8/int4 quantize on load")
+                   help="weight-only quantization. none (default): dense weights; a request gets the same "
+                        "tokens alone and in any batch (float32). auto keeps a GGUF's 4-bit blocks 4-bit and "
+                        "its LM head int8 (HF checkpoints stay dense); int8/int4 quantize every matmul on load. "
+                        "These run the quantized kernels (bfloat16) on steps of up to 4 rows and the dense copy "
+                        "on larger ones: faster decode of a few streams, but not batch-invariant")
     g.add_argument("--max-model-len", type=int, default=d.max_model_len)
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                    help="running requests per virtual engine (default: 64 on CPU, 256 on CUDA)")
