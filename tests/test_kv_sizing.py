@@ -1,6 +1,6 @@
 """KV pool sizing: the arithmetic that turns stage memory profiles into a block count, the overrides, the
 start-up log line, the handshake against a recording executor, the dummy profiling steps on CPU, and a CPU
-engine that never profiles (the GPU side is tests/gpu/test_kv_sizing.py)."""
+engine that never profiles (the GPU side is tests/gpu/test_cuda_kv_sizing.py)."""
 
 from __future__ import annotations
 
