@@ -63,6 +63,18 @@ def test_partition_and_scheduler_are_serves(small_folder):
         assert scheduler_for(256, pp, "cpu") == engine.scheduler
 
 
+@pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_cpu_kv_pool_is_the_one_serve_sizes(small_folder, tp, pp):
+    cfg = plan_model_config(small_folder, "float32", "cpu")
+    engine = EngineArgs(model=small_folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, device="cpu",
+                        dtype="float32", max_model_len=256).create_engine_config()
+    cluster = Cluster(PRESETS["cpu"], 1, tp * pp, "pcie", 1)
+    row = plan_layout(cfg, cluster, Layout(tp, pp, 1, tp * pp), Workload(16, 16, 256, None, 0.9))
+    assert row.status == "ok", row.reason
+    assert row.virtual_engines == engine.num_virtual_engines
+    assert row.kv_tokens_per_device == engine.tokens_per_ve * engine.num_virtual_engines
+
+
 @pytest.mark.parametrize("tp,pp", [(3, 1), (16, 1), (1, 7)])
 def test_layouts_serve_rejects_carry_serves_message(small_folder, tp, pp):
     cfg = plan_model_config(small_folder, "float32", "cpu")

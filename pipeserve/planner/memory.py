@@ -13,7 +13,7 @@ from pipeserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.partition import parse_partition
 from pipeserve.distributed.rank_layout import RankLayout
-from pipeserve.engine.arg_utils import EngineArgs, check_tensor_parallel
+from pipeserve.engine.arg_utils import CPU_KV_CACHE_GB, EngineArgs, check_tensor_parallel
 from pipeserve.engine.kv_sizing import blocks_per_ve, check_kv_capacity
 from pipeserve.models.llama import head_ranges
 from pipeserve.planner.hardware import Device
@@ -112,8 +112,11 @@ def activation_bytes(model: ModelConfig, stage: Stage, tp: int, sched: Scheduler
 
 def kv_blocks_per_ve(model: ModelConfig, device: Device, layout: Layout, stages: list[Stage],
                      sched: SchedulerConfig, utilization: float, num_ve: int) -> int:
-    """Blocks per virtual engine by serve's rule (engine/kv_sizing.py), from profiles written from the shape.
-    ValueError (serve's message, or the weights' own) where nothing fits."""
+    """Blocks per virtual engine by serve's rule: on a GPU from `gpu_memory_utilization` (engine/kv_sizing.py)
+    with profiles written from the shape; on a CPU from serve's fixed KV budget per stage. ValueError (serve's
+    message, or the weights' own) where nothing fits."""
+    if device.name == "cpu":
+        return _cpu_blocks_per_ve(model, device, layout, stages, sched, num_ve)
     total = int(device.memory_gb * 1e9)
     reserve = int(RUNTIME_RESERVE_GB * 1e9)
     allowed = total * utilization
@@ -130,4 +133,19 @@ def kv_blocks_per_ve(model: ModelConfig, device: Device, layout: Layout, stages:
             profiles.append(MemoryProfile(f"rank{rank}", total, stage.weight_bytes + reserve, act, 0, per_block))
     blocks = blocks_per_ve(profiles, utilization, num_ve)
     check_kv_capacity(blocks, BLOCK_SIZE, sched.max_model_len, "use more devices")
+    return blocks
+
+
+def _cpu_blocks_per_ve(model: ModelConfig, device: Device, layout: Layout, stages: list[Stage],
+                       sched: SchedulerConfig, num_ve: int) -> int:
+    """serve on a CPU: a KV budget of CPU_KV_CACHE_GB per stage, sized by EngineArgs itself; the weights and the
+    budget must fit the process's memory."""
+    budget = int(CPU_KV_CACHE_GB * (1 << 30))
+    for s, stage in enumerate(stages):
+        if stage.weight_bytes + budget > device.memory_gb * 1e9:
+            raise ValueError(f"stage {s}'s weights take {stage.weight_bytes / 1e9:.1f} GB per process, with "
+                             f"{CPU_KV_CACHE_GB:g} GiB of KV more than its {device.memory_gb:g} GB")
+    cache = CacheConfig(block_size=BLOCK_SIZE, kv_cache_memory_bytes=budget)
+    blocks = EngineArgs()._num_blocks(model, cache, max(st.layers for st in stages), layout.tp) // num_ve
+    check_kv_capacity(blocks, BLOCK_SIZE, sched.max_model_len, "raise num_kv_blocks / kv_cache_memory_gb")
     return blocks

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 
 from pipeserve.config import ModelConfig
+from pipeserve.engine.arg_utils import CPU_KV_CACHE_GB
 from pipeserve.planner.cost_model import LINK_LATENCY_S
 from pipeserve.planner.memory import RUNTIME_RESERVE_GB
 from pipeserve.planner.plan import Cluster, Row, Workload
@@ -23,9 +24,10 @@ def assumptions(cluster: Cluster) -> list[str]:
         f"effective fractions: bandwidth {d.eff_bw:.2f}, FLOPs {d.eff_flops:.2f}, links {d.eff_link:.2f} "
         f"({d.eff_source}); host time {d.host_ms:g} ms per step",
         f"between nodes: {cluster.inter_gbps:g} Gbit/s; latency per hop: {lat}",
-        f"per device: {RUNTIME_RESERVE_GB:g} GB runtime reserve (CUDA context, allocator, graphs) besides "
-        f"weights, KV and the largest step's activations",
-    ]
+    ] + ([f"per process: serve's CPU KV budget of {CPU_KV_CACHE_GB:g} GiB per stage (gpu-memory-utilization "
+          f"does not apply)"] if d.name == "cpu" else
+         [f"per device: {RUNTIME_RESERVE_GB:g} GB runtime reserve (CUDA context, allocator, graphs) besides "
+          f"weights, KV and the largest step's activations"])
 
 
 def best(rows: list[Row]) -> Row:
