@@ -54,6 +54,7 @@ class Row:
     kv_tokens_per_device: int = 0
     max_len_requests: int = 0  # requests of max_model_len that fit, all virtual engines together
     concurrency: int = 0
+    concurrency_capped: bool = False  # fewer than --concurrency fit
     ttft_ms: float = 0.0
     tpot_ms: float = 0.0
     output_tok_s: float = 0.0
@@ -109,6 +110,7 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: Layout, work: Work
     per_request = math.ceil((work.input_len + work.output_len) / BLOCK_SIZE)
     room = min(sched.max_num_seqs, blocks // per_request) * ves
     row.concurrency = room if work.concurrency is None else min(work.concurrency, room)
+    row.concurrency_capped = work.concurrency is not None and room < work.concurrency
     _predict(model, cluster, layout, stages, sched, work, row)
     return row
 

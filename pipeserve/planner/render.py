@@ -37,7 +37,8 @@ def best(rows: list[Row]) -> Row:
 
 def _cells(r: Row) -> tuple[str, ...]:
     return (str(r.tp), str(r.pp), str(r.nodes), str(r.virtual_engines), str(r.steps_in_flight),
-            f"{r.weights_gb:.1f}", f"{r.kv_tokens_per_device:,}", f"{r.max_len_requests:,}", str(r.concurrency),
+            f"{r.weights_gb:.1f}", f"{r.kv_tokens_per_device:,}", f"{r.max_len_requests:,}",
+            f"{r.concurrency}{'*' if r.concurrency_capped else ''}",
             f"{r.ttft_ms:,.0f}", f"{r.tpot_ms:.1f}", f"{r.output_tok_s:,.0f}", f"{r.bubble:.0%}",
             f"{r.link_share:.0%}", r.bottleneck)
 
@@ -54,6 +55,9 @@ def render_table(model: ModelConfig, cluster: Cluster, work: Workload, rows: lis
     lines.append("  ".join(h.rjust(w) for h, w in zip(_HEADER, widths, strict=True)).rstrip())
     for r in fitting:
         lines.append("  ".join(c.rjust(w) for c, w in zip(_cells(r), widths, strict=True)).rstrip())
+    if any(r.concurrency_capped for r in fitting):
+        lines.append(f"* the KV cache (or max_num_seqs per virtual engine) holds fewer than --concurrency "
+                     f"{work.concurrency} requests of {work.input_len + work.output_len} tokens")
     others = [r for r in rows if r.status != "ok"]
     if others:
         lines += ["", f"not shown (the smallest that fits: TP={smallest.tp} x PP={smallest.pp}, "

@@ -35,5 +35,5 @@ def plan_model_config(model: str, dtype: str, device_kind: str) -> ModelConfig:
     try:
         path = resolve_model_path(model)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"model {model!r}: {exc}; built-in shapes: {', '.join(BUILTIN_SHAPES)}") from None
+        raise ValueError(f"{exc}; built-in shapes: {', '.join(BUILTIN_SHAPES)}") from None
     return replace(load_model_config(path), dtype=resolved)
