@@ -12,6 +12,7 @@ import torch
 
 from pipeserve.config import ModelConfig
 from pipeserve.engine.arg_utils import EngineArgs
+from pipeserve.planner.cost_model import LINK_LATENCY_S, Links, Step, allreduce_time, step_time
 from pipeserve.planner.hardware import PRESETS, Device, load_device_spec
 from pipeserve.planner.memory import BLOCK_SIZE, Layout, build_stages, check_layout, kv_blocks_per_ve, scheduler_for
 from pipeserve.planner.plan import Cluster, Workload, candidate_layouts, plan, plan_layout
@@ -176,3 +177,41 @@ def test_json_from_a_device_spec_without_any_model_file(tmp_path):
     assert {(row["tp"], row["pp"]) for row in result["layouts"]} == {(1, 1), (1, 2), (2, 1)}
     assert all(row["status"] == "ok" for row in result["layouts"])
     assert (result["recommended"]["tp"], result["recommended"]["pp"]) in {(1, 1), (1, 2), (2, 1)}
+
+
+def test_step_time_by_hand():
+    """One stage, TP=2 on one machine: the device term is the larger of FLOPs and bytes, then 2 all-reduces per
+    layer at ring cost, then the host's time."""
+    cfg = small()
+    device = Device("toy", 4, 100, 1, 10, 0, "test", eff_bw=0.5, eff_flops=0.5, eff_link=1.0, host_ms=1.0)
+    layout = Layout(2, 1, 1, 2)
+    (stage,) = build_stages(cfg, 2, [6])
+    step = Step(tokens=4, seqs=4, ctx=10, sampled=4)
+    flops = 2 * 4 * 6 * 17536 + 4 * 4 * 6 * 10 * 4 * 8 + 2 * 4 * 64 * 50
+    read = stage.weight_bytes + 4 * 10 * stage.kv_bytes_per_token + 4 * stage.kv_bytes_per_token
+    t_dev = max(flops / 0.5e12, read / 50e9)
+    hop = LINK_LATENCY_S["pcie"]
+    ar = 2 * 6 * (2 * hop + 4 * 64 * 2 / 10e9)  # 2 (T-1) = 2 hops, 2 (T-1) / T = 1 of the tensor
+    t = step_time(cfg, device, layout, [stage], Links("pcie", 10e9, 1e9), step)
+    assert t.busy_sum == pytest.approx(t_dev + ar)
+    assert t.ar_intra == pytest.approx(ar) and t.ar_inter == 0
+    assert t.latency == pytest.approx(t_dev + ar + 1e-3)
+    assert allreduce_time(1000, 4, 1e9, 0) == pytest.approx(2 * 3 / 4 * 1000 / 1e9)
+
+
+def test_tp_across_machines_pays_the_inter_node_link():
+    cfg = small()
+    (stage,) = build_stages(cfg, 2, [6])
+    links = Links("nvlink", 100e9, 1e9)
+    step = Step(64, 64, 100, 64)
+    inside = step_time(cfg, PRESETS["H100"], Layout(2, 1, 1, 2), [stage], links, step)
+    across = step_time(cfg, PRESETS["H100"], Layout(2, 1, 2, 1), [stage], links, step)
+    assert inside.ar_inter == 0 and across.ar_intra == 0
+    assert across.ar_inter > inside.ar_intra
+
+
+def test_a_concurrency_the_cache_cannot_hold_is_capped():
+    cfg = plan_model_config("llama-3-8b", "auto", "cuda")
+    cluster = Cluster(PRESETS["L4"], 1, 1, "pcie", 100)
+    row = plan_layout(cfg, cluster, Layout(1, 1, 1, 1), Workload(1024, 128, 4096, 100000, 0.9))
+    assert row.status == "ok" and row.concurrency_capped and row.concurrency < 100000
