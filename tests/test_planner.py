@@ -215,3 +215,10 @@ def test_a_concurrency_the_cache_cannot_hold_is_capped():
     cluster = Cluster(PRESETS["L4"], 1, 1, "pcie", 100)
     row = plan_layout(cfg, cluster, Layout(1, 1, 1, 1), Workload(1024, 128, 4096, 100000, 0.9))
     assert row.status == "ok" and row.concurrency_capped and row.concurrency < 100000
+
+
+def test_plan_forks_no_stage_process():
+    from pipeserve.entrypoints.launch import local_ranks
+
+    assert local_ranks(["plan", "--model", "llama-3-70b", "--gpu", "L4", "--nodes", "1", "--gpus-per-node", "8",
+                        "-tp", "8"]) == 0

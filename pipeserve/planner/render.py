@@ -60,7 +60,7 @@ def render_table(model: ModelConfig, cluster: Cluster, work: Workload, rows: lis
                      f"{work.concurrency} requests of {work.input_len + work.output_len} tokens")
     others = [r for r in rows if r.status != "ok"]
     if others:
-        lines += ["", f"not shown (the smallest that fits: TP={smallest.tp} x PP={smallest.pp}, "
+        lines += ["", f"layouts that do not run (the smallest that fits: TP={smallest.tp} x PP={smallest.pp}, "
                       f"{smallest.devices} devices):"]
         for r in others:
             verdict = "serve rejects" if r.status == "rejected" else "does not fit"
