@@ -25,13 +25,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("launchers", ("pipeserve.control.launcher", "pipeserve.control.node_agent")),
     ("executor", ("pipeserve.executor",)),
     ("engine", ("pipeserve.engine",)),
+    ("planner", ("pipeserve.planner",)),
     ("entrypoints", ("pipeserve.entrypoints", "pipeserve.bench", "pipeserve")),
     ("test utilities", ("pipeserve.testing_netns",)),
 ]
 # Empty `__init__` modules of subpackages: importing `a.b.c` runs them, but they import nothing.
 PACKAGES_WITHOUT_CODE = {"pipeserve.control", "pipeserve.distributed", "pipeserve.engine", "pipeserve.executor",
                          "pipeserve.layers", "pipeserve.loader", "pipeserve.models", "pipeserve.worker",
-                         "pipeserve.entrypoints", "pipeserve.entrypoints.openai", "pipeserve.bench"}
+                         "pipeserve.entrypoints", "pipeserve.entrypoints.openai", "pipeserve.bench",
+                         "pipeserve.planner"}
 
 
 def module_name(path: Path, root: Path) -> str:

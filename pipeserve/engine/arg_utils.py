@@ -117,7 +117,7 @@ class EngineArgs:
         pp, tp = self.pipeline_parallel_size, self.tensor_parallel_size
         if pp < 1:
             raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp}")
-        _check_tp(model, tp)
+        check_tensor_parallel(model, tp)
         sizes = parse_partition(self.pp_layer_partition, model, pp)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device != "cpu" and not device.startswith("cuda"):
@@ -210,7 +210,7 @@ class EngineArgs:
         return max(1, cache.kv_cache_memory_bytes // per_block)
 
 
-def _check_tp(model: ModelConfig, tp: int) -> None:
+def check_tensor_parallel(model: ModelConfig, tp: int) -> None:
     """Hidden and intermediate sizes must split evenly; heads are dealt out by KV group (see head_ranges)."""
     if tp < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")

@@ -1,4 +1,4 @@
-"""The `pipeserve` command: generate, serve, bench throughput, bench serve."""
+"""The `pipeserve` command: generate, serve, worker, bench throughput, bench serve, plan."""
 
 from __future__ import annotations
 
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeserve.bench.serve import add_bench_serve_parser
 
     add_bench_serve_parser(bench_sub)
+
+    from pipeserve.entrypoints.plan_cmd import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 

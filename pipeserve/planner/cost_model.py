@@ -1,0 +1,141 @@
+"""Predicted time of a layout's steps: per stage max(FLOPs / effective peak, bytes / effective bandwidth), TP
+all-reduces at ring cost over the group's slowest link, PP hand-offs over the link between stages, and the
+engine's host time per step; then the schedule serve runs (one virtual engine per stage, each with one decode
+step in flight). docs/planning.md has the equations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeserve.config import ModelConfig
+from pipeserve.planner.hardware import Device
+from pipeserve.planner.memory import Layout, Stage, layer_params
+
+# Latency of one hop of a collective or one send, seconds (stated assumptions).
+LINK_LATENCY_S = {"nvlink": 3e-6, "pcie": 8e-6, "inter": 15e-6}
+
+
+@dataclass(frozen=True)
+class Links:
+    """Bandwidths (bytes/s, already scaled by the link efficiency) and which link each transfer takes."""
+
+    intra: str  # "pcie" or "nvlink"
+    intra_bps: float
+    inter_bps: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step's work: `tokens` computed, `seqs` sequences reading `ctx` tokens of KV each, `sampled` rows."""
+
+    tokens: int
+    seqs: int
+    ctx: float
+    sampled: int
+
+
+@dataclass
+class StepTime:
+    """Seconds of one step, by where they go (summed over stages), and the slowest stage's busy time."""
+
+    compute: float = 0.0  # stage time bounded by FLOPs
+    hbm: float = 0.0  # stage time bounded by bytes read
+    head: float = 0.0  # the LM head's part of the last stage's time
+    ar_intra: float = 0.0
+    ar_inter: float = 0.0
+    handoff_intra: float = 0.0
+    handoff_inter: float = 0.0
+    host: float = 0.0
+    slowest_stage: float = 0.0  # busy time (device + all-reduce) of the slowest stage
+    slowest_is_last: bool = False
+    busy_sum: float = 0.0  # busy time of all stages
+
+    @property
+    def latency(self) -> float:
+        """One step from issue to result: every stage, every hand-off, and the engine's host time."""
+        return self.busy_sum + self.handoff_intra + self.handoff_inter + self.host
+
+    @property
+    def links(self) -> float:
+        return self.ar_intra + self.ar_inter + self.handoff_intra + self.handoff_inter
+
+    def parts(self) -> dict[str, float]:
+        return {"compute": self.compute, "HBM": self.hbm, "intra-node all-reduce": self.ar_intra,
+                "inter-node all-reduce": self.ar_inter, "intra-node hand-off": self.handoff_intra,
+                "inter-node hand-off": self.handoff_inter, "host overhead": self.host}
+
+
+def stage_device_time(model: ModelConfig, device: Device, stage: Stage, tp: int,
+                      step: Step) -> tuple[float, str, float]:
+    """(seconds, "compute" or "HBM", seconds of the LM head) of one stage's device work for a step."""
+    hd = model.head_dim
+    flops = 2.0 * step.tokens * stage.layers * layer_params(model, stage.q_heads, stage.kv_heads, tp)
+    flops += 4.0 * step.tokens * stage.layers * step.ctx * stage.q_heads * hd  # QK^T and PV over the context
+    head_flops = 2.0 * step.sampled * model.hidden_size * stage.vocab_rows if stage.last else 0.0
+    read = stage.weight_bytes + step.seqs * step.ctx * stage.kv_bytes_per_token  # weights + KV read
+    read += step.tokens * stage.kv_bytes_per_token  # the new tokens' KV written
+    peak = device.bf16_tflops * 1e12 * device.eff_flops
+    bw = device.hbm_gbps * 1e9 * device.eff_bw
+    t_flops, t_bytes = (flops + head_flops) / peak, read / bw
+    head_read = stage.vocab_rows * model.hidden_size * model.dtype.itemsize if stage.last else 0
+    head_share = head_flops / peak if t_flops >= t_bytes else head_read / bw
+    return (t_flops, "compute", head_share) if t_flops >= t_bytes else (t_bytes, "HBM", head_share)
+
+
+def allreduce_time(nbytes: float, tp: int, bps: float, latency: float) -> float:
+    """Ring all-reduce: 2 (T-1) hops, each moving 1/T of the tensor."""
+    return 2 * (tp - 1) * latency + 2 * (tp - 1) / tp * nbytes / bps
+
+
+def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[Stage], links: Links,
+              step: Step) -> StepTime:
+    """Seconds of one step through every stage of the layout."""
+    out = StepTime(host=device.host_ms / 1e3)
+    elem = model.dtype.itemsize
+    spans = layout.tp_spans_nodes()
+    ar_bps = links.inter_bps if spans else links.intra_bps
+    ar_lat = LINK_LATENCY_S["inter" if spans else links.intra]
+    act_bytes = step.tokens * model.hidden_size * elem  # one all-reduce's tensor
+    for s, stage in enumerate(stages):
+        t_dev, kind, head = stage_device_time(model, device, stage, layout.tp, step)
+        if kind == "compute":
+            out.compute += t_dev
+        else:
+            out.hbm += t_dev
+        out.head += head
+        ar = 0.0
+        if layout.tp > 1:  # attention output and MLP output: 2 per layer
+            ar = 2 * stage.layers * allreduce_time(act_bytes, layout.tp, ar_bps, ar_lat)
+            if spans:
+                out.ar_inter += ar
+            else:
+                out.ar_intra += ar
+        busy = t_dev + ar
+        out.busy_sum += busy
+        if busy >= out.slowest_stage:
+            out.slowest_stage, out.slowest_is_last = busy, stage.last
+        if s < len(stages) - 1:  # hidden and residual to the next stage
+            handoff_bytes = step.tokens * model.hidden_size * 2 * elem
+            if layout.handoff_crosses_nodes(s):
+                out.handoff_inter += handoff_bytes / links.inter_bps + LINK_LATENCY_S["inter"]
+            else:
+                out.handoff_intra += handoff_bytes / links.intra_bps + LINK_LATENCY_S[links.intra]
+    return out
+
+
+def step_period(t: StepTime, num_ve: int) -> float:
+    """Seconds between two steps of one virtual engine when every VE keeps one step in flight: its own step's
+    latency, unless a stage, a link or the engine's host loop serves the VEs' steps more slowly."""
+    return max(t.latency, num_ve * t.slowest_stage, num_ve * t.host)
+
+
+def bottleneck(t: StepTime, num_ve: int, pp: int) -> str:
+    """Where a decode step's time goes, in words: the largest part, or the stage that sets the pace."""
+    period = step_period(t, num_ve)
+    if pp > 1 and period == num_ve * t.slowest_stage and t.slowest_is_last and t.head > 0.25 * t.slowest_stage:
+        return "LM-head stage"
+    if period == num_ve * t.host and t.host >= t.slowest_stage:
+        return "host overhead"
+    parts = t.parts()
+    return max(parts, key=parts.__getitem__)

@@ -1,0 +1,163 @@
+"""Every TP x PP layout of a model on a described cluster: what serve would accept, what fits, what it predicts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pipeserve.config import ModelConfig
+from pipeserve.planner.cost_model import Links, Step, bottleneck, step_period, step_time
+from pipeserve.planner.hardware import Device
+from pipeserve.planner.memory import BLOCK_SIZE, Layout, build_stages, check_layout, kv_blocks_per_ve, scheduler_for
+
+
+@dataclass(frozen=True)
+class Cluster:
+    device: Device
+    nodes: int
+    gpus_per_node: int
+    intra: str  # "pcie" or "nvlink"
+    inter_gbps: float  # Gbit/s between machines
+
+    def links(self) -> Links:
+        eff = self.device.eff_link
+        return Links(self.intra, self.device.link_gbps(self.intra) * 1e9 * eff, self.inter_gbps / 8 * 1e9 * eff)
+
+    @property
+    def device_kind(self) -> str:
+        return "cpu" if self.device.name == "cpu" else "cuda"
+
+
+@dataclass(frozen=True)
+class Workload:
+    input_len: int
+    output_len: int
+    max_model_len: int
+    concurrency: int | None  # None: as many as fit, up to max_num_seqs per virtual engine
+    utilization: float
+
+
+@dataclass
+class Row:
+    """One layout: `status` is "ok", "no fit" (why in `reason`) or "rejected" (serve's message in `reason`)."""
+
+    tp: int
+    pp: int
+    nodes: int
+    status: str
+    reason: str = ""
+    devices: int = 0
+    virtual_engines: int = 0
+    steps_in_flight: int = 0  # per virtual engine, as serve runs them
+    weights_gb: float = 0.0  # per device, busiest stage
+    kv_bytes_per_token: int = 0  # per device, busiest stage
+    kv_tokens_per_device: int = 0
+    max_len_requests: int = 0  # requests of max_model_len that fit, all virtual engines together
+    concurrency: int = 0
+    concurrency_capped: bool = False  # fewer than --concurrency fit
+    ttft_ms: float = 0.0
+    tpot_ms: float = 0.0
+    output_tok_s: float = 0.0
+    bubble: float = 0.0
+    link_share: float = 0.0
+    bottleneck: str = ""
+
+
+def candidate_layouts(nodes: int, per_node: int) -> list[Layout]:
+    """Device counts serve can spread evenly: a divisor of one machine's devices, or whole machines; each
+    factored into every TP x PP."""
+    worlds = [(w, 1) for w in range(1, per_node + 1) if per_node % w == 0]
+    worlds += [(k * per_node, k) for k in range(2, nodes + 1)]
+    return [Layout(tp, w // tp, n, w // n) for w, n in worlds for tp in range(1, w + 1) if w % tp == 0]
+
+
+def check_workload(model: ModelConfig, work: Workload) -> None:
+    for name in ("input_len", "output_len", "max_model_len"):
+        if getattr(work, name) < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(work, name)}")
+    if work.concurrency is not None and work.concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1 or auto, got {work.concurrency}")
+    if not 0 < work.utilization <= 1:
+        raise ValueError(f"gpu-memory-utilization must be in (0, 1], got {work.utilization}")
+    if work.max_model_len > model.max_position_embeddings:
+        raise ValueError(f"max_model_len {work.max_model_len} exceeds the model's max_position_embeddings "
+                         f"{model.max_position_embeddings}")
+    if work.input_len + work.output_len > work.max_model_len:
+        raise ValueError(f"input-len + output-len = {work.input_len + work.output_len} exceeds "
+                         f"max-model-len={work.max_model_len}")
+
+
+def plan_layout(model: ModelConfig, cluster: Cluster, layout: Layout, work: Workload) -> Row:
+    row = Row(layout.tp, layout.pp, layout.nodes, "ok", devices=layout.world)
+    try:
+        sizes = check_layout(model, layout.tp, layout.pp)
+    except ValueError as exc:
+        row.status, row.reason = "rejected", str(exc)
+        return row
+    stages = build_stages(model, layout.tp, sizes)
+    sched = scheduler_for(work.max_model_len, layout.pp, cluster.device_kind)
+    row.virtual_engines, row.steps_in_flight = layout.pp, sched.max_steps_in_flight_per_ve  # serve's defaults
+    row.weights_gb = max(s.weight_bytes for s in stages) / 1e9
+    row.kv_bytes_per_token = max(s.kv_bytes_per_token for s in stages)
+    try:
+        blocks = kv_blocks_per_ve(model, cluster.device, layout, stages, sched, work.utilization, layout.pp)
+    except ValueError as exc:
+        row.status, row.reason = "no fit", str(exc)
+        return row
+    ves = row.virtual_engines
+    row.kv_tokens_per_device = blocks * BLOCK_SIZE * ves
+    row.max_len_requests = (blocks * BLOCK_SIZE // work.max_model_len) * ves
+    per_request = math.ceil((work.input_len + work.output_len) / BLOCK_SIZE)
+    room = min(sched.max_num_seqs, blocks // per_request) * ves
+    row.concurrency = room if work.concurrency is None else min(work.concurrency, room)
+    row.concurrency_capped = work.concurrency is not None and room < work.concurrency
+    _predict(model, cluster, layout, stages, sched, work, row)
+    return row
+
+
+def _predict(model, cluster, layout, stages, sched, work, row: Row) -> None:
+    """Fill the row's times: one decode step at the concurrency, chunked prefill, and a whole offline run."""
+    links, ves = cluster.links(), row.virtual_engines
+    seqs = row.concurrency / ves  # each virtual engine's batch
+    decode = step_time(model, cluster.device, layout, stages, links,
+                       Step(seqs, seqs, work.input_len + work.output_len / 2, seqs))
+    period = step_period(decode, ves)
+    budget = sched.max_num_batched_tokens
+    chunk_tokens = min(work.input_len, budget)
+    one = step_time(model, cluster.device, layout, stages, links, Step(chunk_tokens, 1, chunk_tokens / 2, 1))
+    chunks = math.ceil(work.input_len / budget)
+    pace = max(one.slowest_stage, one.host) if sched.max_steps_in_flight_per_ve > 1 else one.latency
+    row.ttft_ms = (one.latency + (chunks - 1) * pace) * 1e3
+    # The offline run: every prompt's tokens in full chunks through a full pipeline, then the decode steps.
+    full = step_time(model, cluster.device, layout, stages, links,
+                     Step(budget, max(1.0, budget / work.input_len), work.input_len / 2, budget / work.input_len))
+    prefill_s = full.latency + row.concurrency * work.input_len / budget * max(full.slowest_stage, full.host)
+    row.tpot_ms = period * 1e3
+    row.output_tok_s = row.concurrency * work.output_len / (prefill_s + work.output_len * period)
+    row.bubble = max(0.0, 1 - ves * decode.busy_sum / layout.pp / period)
+    row.link_share = decode.links / decode.latency
+    row.bottleneck = bottleneck(decode, ves, layout.pp)
+
+
+def plan(model: ModelConfig, cluster: Cluster, work: Workload) -> list[Row]:
+    """One row per candidate layout; ValueError when none of them fits, naming the smallest cluster that would."""
+    check_workload(model, work)
+    rows = [plan_layout(model, cluster, lay, work) for lay in candidate_layouts(cluster.nodes, cluster.gpus_per_node)]
+    if not any(r.status == "ok" for r in rows):
+        raise ValueError(f"no layout of {model.path} fits {cluster.nodes} x {cluster.gpus_per_node} "
+                         f"{cluster.device.name}: {smallest_fit(model, cluster, work)}")
+    return rows
+
+
+def smallest_fit(model: ModelConfig, cluster: Cluster, work: Workload, max_nodes: int = 64) -> str:
+    """The fewest machines of this shape on which some layout fits (TP inside a machine, PP across them)."""
+    g = cluster.gpus_per_node
+    for k in range(cluster.nodes + 1, max_nodes + 1):
+        for tp in (t for t in range(g, 0, -1) if g % t == 0):
+            layout = Layout(tp, k * g // tp, k, g)
+            if layout.pp > model.num_hidden_layers:
+                continue
+            if plan_layout(model, cluster, layout, work).status == "ok":
+                return (f"the smallest that would is TP={tp} x PP={layout.pp} on {k} nodes of {g} "
+                        f"({k * g} devices)")
+    return f"none would on up to {max_nodes} nodes of {g}"
