@@ -80,7 +80,7 @@ class EngineArgs:
             raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
                              f"{model.max_position_embeddings}")
         parallel = self._parallel_config(model)
-        scheduler = self._scheduler_config(max_len, self.pipeline_parallel_size, parallel.device)
+        scheduler = self.scheduler_config(max_len, self.pipeline_parallel_size, parallel.device)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         cache = self._cache_config(parallel.device)
@@ -90,7 +90,8 @@ class EngineArgs:
         blocks = 0  # CUDA without a budget: the stages profile their memory at start (engine/kv_sizing.py)
         if cache.num_kv_blocks is not None or cache.kv_cache_memory_bytes is not None:
             # Every stage holds the same number of blocks; the stage with the most layers sets how many fit.
-            blocks = self._num_blocks(model, cache, max(parallel.stage_layers), parallel.tensor_parallel_size)
+            blocks = self.num_blocks_from_memory(model, cache, max(parallel.stage_layers),
+                                                 parallel.tensor_parallel_size)
             blocks //= num_ve
             check_kv_capacity(blocks, self.block_size, max_len, "raise num_kv_blocks / kv_cache_memory_gb")
         for name in ("max_stop_strings", "max_stop_string_length"):
@@ -180,7 +181,8 @@ class EngineArgs:
         if self.master_port is None or not self.cluster_key:
             raise ValueError("a multi-node run needs --master-port and --cluster-key (the same on every node)")
 
-    def _scheduler_config(self, max_len: int, pp: int, device: str) -> SchedulerConfig:
+    def scheduler_config(self, max_len: int, pp: int, device: str) -> SchedulerConfig:
+        """The scheduler limits `serve` runs with for these args (also what `pipeserve plan` predicts with)."""
         # A GPU is sized for wide batches (vLLM's defaults); a CPU core is saturated by far fewer rows.
         on_gpu = device.startswith("cuda")
         max_seqs = self.max_num_seqs if self.max_num_seqs is not None else (256 if on_gpu else 64)
@@ -199,7 +201,9 @@ class EngineArgs:
             raise ValueError(f"max_steps_in_flight_per_ve must be >= 1, got {in_flight}")
         return SchedulerConfig(max_seqs, budget, max_len, self.enable_chunked_prefill, in_flight)
 
-    def _num_blocks(self, model: ModelConfig, cache: CacheConfig, layers_on_busiest_stage: int, tp: int) -> int:
+    def num_blocks_from_memory(self, model: ModelConfig, cache: CacheConfig, layers_on_busiest_stage: int,
+                               tp: int) -> int:
+        """KV blocks per rank from `num_kv_blocks` or the per-rank KV memory budget (also used by the planner)."""
         if cache.num_kv_blocks is not None:
             if cache.num_kv_blocks < 1:
                 raise ValueError(f"num_kv_blocks must be >= 1, got {cache.num_kv_blocks}")

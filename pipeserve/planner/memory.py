@@ -73,7 +73,7 @@ def check_layout(model: ModelConfig, tp: int, pp: int) -> list[int]:
 
 def scheduler_for(max_model_len: int, pp: int, device_kind: str) -> SchedulerConfig:
     """The scheduler limits serve would run with (its defaults for the device kind)."""
-    return EngineArgs(max_model_len=max_model_len)._scheduler_config(max_model_len, pp, device_kind)
+    return EngineArgs(max_model_len=max_model_len).scheduler_config(max_model_len, pp, device_kind)
 
 
 def layer_params(model: ModelConfig, q_heads: int, kv_heads: int, tp: int) -> int:
@@ -146,6 +146,6 @@ def _cpu_blocks_per_ve(model: ModelConfig, device: Device, layout: Layout, stage
             raise ValueError(f"stage {s}'s weights take {stage.weight_bytes / 1e9:.1f} GB per process, with "
                              f"{CPU_KV_CACHE_GB:g} GiB of KV more than its {device.memory_gb:g} GB")
     cache = CacheConfig(block_size=BLOCK_SIZE, kv_cache_memory_bytes=budget)
-    blocks = EngineArgs()._num_blocks(model, cache, max(st.layers for st in stages), layout.tp) // num_ve
+    blocks = EngineArgs().num_blocks_from_memory(model, cache, max(st.layers for st in stages), layout.tp) // num_ve
     check_kv_capacity(blocks, BLOCK_SIZE, sched.max_model_len, "raise num_kv_blocks / kv_cache_memory_gb")
     return blocks
