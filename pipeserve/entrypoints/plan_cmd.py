@@ -39,6 +39,12 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPUs), float32, bfloat16, float16")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --gpu cpu: measure this machine first (GEMM rate, memory bandwidth, loopback link; "
+                        "about 20 s) and store the figures for later plans")
+    p.add_argument("--calibration-file", default=None,
+                   help="where --calibrate stores its figures and --gpu cpu reads them "
+                        "(default ~/.cache/pipeserve/calibration-cpu.json, used where it exists)")
     p.set_defaults(func=run_plan)
 
 
@@ -67,10 +73,34 @@ def _plan_text(args: argparse.Namespace) -> str:
     intra = args.intra_node or ("nvlink" if device.nvlink_gbps > 0 else "pcie")
     if device.link_gbps(intra) <= 0:
         raise ValueError(f"{device.name} has no {intra} link; use --intra-node pcie")
+    model = plan_model_config(args.model, args.dtype, "cpu" if device.name == "cpu" else "cuda")
+    if device.name == "cpu":
+        device = _cpu_device(args, model)
+    elif args.calibrate or args.calibration_file:
+        raise ValueError(f"--calibrate and --calibration-file measure this machine: use them with --gpu cpu, "
+                         f"not {device.name}")
     cluster = Cluster(device, args.nodes, args.gpus_per_node, intra, args.inter_node_gbps)
-    model = plan_model_config(args.model, args.dtype, cluster.device_kind)
     work = Workload(args.input_len, args.output_len, args.max_model_len, args.concurrency,
                     args.gpu_memory_utilization)
     rows = plan(model, cluster, work)
     render = render_json if args.json else render_table
     return render(model, cluster, work, rows)
+
+
+def _cpu_device(args: argparse.Namespace, model):
+    """The `cpu` preset, with this machine's measured figures where a calibration file exists (measured now
+    with --calibrate)."""
+    import os
+
+    from pipeserve.planner.calibration import calibrated_cpu, default_path, read_calibration, write_calibration
+    from pipeserve.planner.hardware import PRESETS
+
+    path = args.calibration_file or default_path()
+    if args.calibrate:
+        from pipeserve.planner.calibrate import CalibrationSizes, measure
+
+        print(f"calibrating this machine ({model.dtype} GEMMs, memory copy, loopback link) ...", file=sys.stderr)
+        write_calibration(path, measure(model.dtype, CalibrationSizes(hidden=model.hidden_size)))
+    elif args.calibration_file is None and not os.path.exists(path):
+        return PRESETS["cpu"]
+    return calibrated_cpu(path, read_calibration(path), model.dtype)

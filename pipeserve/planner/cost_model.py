@@ -23,6 +23,12 @@ class Links:
     intra: str  # "pcie" or "nvlink"
     intra_bps: float
     inter_bps: float
+    intra_latency_s: float | None = None  # measured latency per message; None: the stated LINK_LATENCY_S
+
+    def latency(self, inter: bool) -> float:
+        if inter:
+            return LINK_LATENCY_S["inter"]
+        return LINK_LATENCY_S[self.intra] if self.intra_latency_s is None else self.intra_latency_s
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ def stage_device_time(model: ModelConfig, device: Device, stage: Stage, tp: int,
     head_flops = 2.0 * step.sampled * model.hidden_size * stage.vocab_rows if stage.last else 0.0
     read = stage.weight_bytes + step.seqs * step.ctx * stage.kv_bytes_per_token  # weights + KV read
     read += step.tokens * stage.kv_bytes_per_token  # the new tokens' KV written
-    peak = device.bf16_tflops * 1e12 * device.eff_flops
+    peak = device.flops_per_s(step.tokens)
     bw = device.hbm_gbps * 1e9 * device.eff_bw
     t_flops, t_bytes = (flops + head_flops) / peak, read / bw
     head_read = stage.vocab_rows * model.hidden_size * model.dtype.itemsize if stage.last else 0
@@ -95,7 +101,7 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
     elem = model.dtype.itemsize
     spans = layout.tp_spans_nodes()
     ar_bps = links.inter_bps if spans else links.intra_bps
-    ar_lat = LINK_LATENCY_S["inter" if spans else links.intra]
+    ar_lat = links.latency(spans)
     act_bytes = step.tokens * model.hidden_size * elem  # one all-reduce's tensor
     for s, stage in enumerate(stages):
         t_dev, kind, head = stage_device_time(model, device, stage, layout.tp, step)
@@ -118,9 +124,9 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
         if s < len(stages) - 1:  # hidden and residual to the next stage
             handoff_bytes = step.tokens * model.hidden_size * 2 * elem
             if layout.handoff_crosses_nodes(s):
-                out.handoff_inter += handoff_bytes / links.inter_bps + LINK_LATENCY_S["inter"]
+                out.handoff_inter += handoff_bytes / links.inter_bps + links.latency(True)
             else:
-                out.handoff_intra += handoff_bytes / links.intra_bps + LINK_LATENCY_S[links.intra]
+                out.handoff_intra += handoff_bytes / links.intra_bps + links.latency(False)
     return out
 
 

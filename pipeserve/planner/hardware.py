@@ -34,9 +34,27 @@ class Device:
     eff_link: float = DEFAULT_EFF_LINK
     host_ms: float = DEFAULT_HOST_MS
     eff_source: str = "stated defaults (not measured on this device)"
+    # Measured by `--calibrate` (empty / 0 / "" for a preset): GEMM TFLOP/s by row count, the intra-node link's
+    # latency per message, and the line naming the calibration file and its date.
+    gemm_curve: tuple[tuple[int, float], ...] = ()
+    link_latency_us: float = 0.0
+    calibration: str = ""
 
     def link_gbps(self, kind: str) -> float:
         return self.nvlink_gbps if kind == "nvlink" else self.pcie_gbps
+
+    def flops_per_s(self, rows: float) -> float:
+        """Effective FLOP/s of a step's GEMMs with `rows` rows: the measured curve, linear between its points and
+        flat beyond them, where one exists; else the peak times the efficiency fraction."""
+        curve = self.gemm_curve
+        if not curve:
+            return self.bf16_tflops * 1e12 * self.eff_flops
+        if rows <= curve[0][0]:
+            return curve[0][1] * 1e12
+        for (r0, t0), (r1, t1) in zip(curve[:-1], curve[1:], strict=True):
+            if rows <= r1:
+                return (t0 + (t1 - t0) * (rows - r0) / (r1 - r0)) * 1e12
+        return curve[-1][1] * 1e12
 
 
 _PCIE4, _PCIE5 = 32.0, 64.0  # PCIe Gen4 / Gen5 x16, per direction
@@ -79,6 +97,8 @@ def load_device_spec(path: str) -> Device:
     if missing:
         raise ValueError(f"device spec {path!r}: missing field(s) {', '.join(missing)}")
     for key, value in data.items():
+        if key in ("gemm_curve", "link_latency_us", "calibration"):
+            raise ValueError(f"device spec {path!r}: {key} comes from --calibrate, not from a device spec")
         if key in ("name", "source", "eff_source"):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"device spec {path!r}: {key} must be a non-empty string")

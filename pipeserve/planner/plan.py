@@ -20,8 +20,11 @@ class Cluster:
     inter_gbps: float  # Gbit/s between machines
 
     def links(self) -> Links:
-        eff = self.device.eff_link
-        return Links(self.intra, self.device.link_gbps(self.intra) * 1e9 * eff, self.inter_gbps / 8 * 1e9 * eff)
+        d, eff = self.device, self.device.eff_link
+        # A calibrated intra-node link is a measured effective rate; the inter-node one stays a stated figure.
+        intra_eff = 1.0 if d.calibration else eff
+        lat = d.link_latency_us * 1e-6 if d.link_latency_us > 0 else None
+        return Links(self.intra, d.link_gbps(self.intra) * 1e9 * intra_eff, self.inter_gbps / 8 * 1e9 * eff, lat)
 
     @property
     def device_kind(self) -> str:

@@ -18,6 +18,8 @@ _HEADER = ("TP", "PP", "nodes", "VEs", "in flight", "weights GB/dev", "KV tok/de
 def assumptions(cluster: Cluster) -> list[str]:
     d = cluster.device
     lat = ", ".join(f"{k} {v * 1e6:g} us" for k, v in LINK_LATENCY_S.items())
+    if d.calibration:
+        return _calibrated(cluster)
     return [
         f"{d.name}: {d.memory_gb:g} GB, {d.hbm_gbps:g} GB/s memory, {d.bf16_tflops:g} TFLOP/s dense bf16, "
         f"{cluster.intra} {d.link_gbps(cluster.intra):g} GB/s per direction ({d.source})",
@@ -28,6 +30,21 @@ def assumptions(cluster: Cluster) -> list[str]:
           f"does not apply)"] if d.name == "cpu" else
          [f"per device: {RUNTIME_RESERVE_GB:g} GB runtime reserve (CUDA context, allocator, graphs) besides "
           f"weights, KV and the largest step's activations"])
+
+
+def _calibrated(cluster: Cluster) -> list[str]:
+    d = cluster.device
+    curve = ", ".join(f"{rows} rows {tflops * 1e3:.1f}" for rows, tflops in d.gemm_curve)
+    return [
+        d.calibration,
+        f"{d.name}: {d.source}; GEMM GFLOP/s by rows: {curve}; copy {d.hbm_gbps:.1f} GB/s; loopback link "
+        f"{d.pcie_gbps:.2f} GB/s, {d.link_latency_us:.0f} us per message; effective fractions 1.0 "
+        f"(measured rates); host time {d.host_ms:g} ms per step (stated)",
+        f"between nodes: {cluster.inter_gbps:g} Gbit/s at {d.eff_link:.2f} of it, {LINK_LATENCY_S['inter'] * 1e6:g} "
+        f"us per hop (stated)",
+        f"per process: serve's CPU KV budget of {CPU_KV_CACHE_GB:g} GiB per stage (gpu-memory-utilization "
+        f"does not apply)",
+    ]
 
 
 def best(rows: list[Row]) -> Row:

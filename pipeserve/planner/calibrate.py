@@ -1,0 +1,150 @@
+"""`pipeserve plan --calibrate`: micro-benchmarks of this machine as a `--gpu cpu` stage process sees it (one
+process with its torch threads): GEMM rate by row count, memory copy bandwidth, and the loopback link between
+two processes over torch.distributed gloo, as stages hand off. Never the runs the plan predicts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+
+DECODE_ROWS = (1, 4, 16, 64)  # a decode step's rows per stage: one per sequence of a virtual engine's batch
+PREFILL_ROWS = 512  # a prefill chunk's rows
+
+
+@dataclass(frozen=True)
+class CalibrationSizes:
+    """What the micro-benchmarks move; the defaults take about 20 s on a small machine, a test passes tiny ones."""
+
+    hidden: int = 2048  # GEMM shape: rows x hidden @ hidden x hidden (the plan passes its model's)
+    rows: tuple[int, ...] = (*DECODE_ROWS, PREFILL_ROWS)
+    copy_mib: int = 256  # the copied tensor, far beyond any cache
+    link_mib: int = 8  # one large message of the link benchmark
+    seconds: float = 1.5  # per measurement, after a warm-up
+    threads: int = 1  # torch threads, as a stage process has with --threads-per-worker 1
+
+
+def _timed(fn, seconds: float) -> tuple[int, float]:
+    """(calls, elapsed seconds) of `fn` repeated for about `seconds`, after one warm-up call."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return calls, elapsed
+
+
+def gemm_tflops(rows: int, hidden: int, dtype: torch.dtype, seconds: float) -> float:
+    """TFLOP/s of rows x hidden @ hidden x hidden: the compute rate of a step's linear layers."""
+    x = torch.randn(rows, hidden).to(dtype)  # [rows, hidden]
+    w = torch.randn(hidden, hidden).to(dtype)  # [hidden, hidden]
+    out = torch.empty(rows, hidden, dtype=dtype)  # [rows, hidden]
+    calls, elapsed = _timed(lambda: torch.matmul(x, w, out=out), seconds)
+    return 2.0 * rows * hidden * hidden * calls / elapsed / 1e12
+
+
+def copy_gbps(mib: int, seconds: float) -> float:
+    """GB/s of a large tensor copy, counting the bytes read and the bytes written."""
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32)  # [mib MiB / 4 bytes]
+    dst = torch.empty_like(src)
+    calls, elapsed = _timed(lambda: dst.copy_(src), seconds)
+    return 2.0 * src.numel() * 4 * calls / elapsed / 1e9
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _link_rank(rank: int, port: int, sizes: CalibrationSizes, results) -> None:
+    """One of two processes: ping-pong a one-element tensor (latency) then a large one (bandwidth)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(sizes.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        peer = 1 - rank
+
+        def ping_pong(t: torch.Tensor) -> None:
+            if rank == 0:
+                dist.send(t, peer)
+                dist.recv(t, peer)
+            else:
+                dist.recv(t, peer)
+                dist.send(t, peer)
+
+        small = torch.zeros(1)
+        big = torch.zeros(sizes.link_mib * 2**20 // 4)  # [link_mib MiB / 4 bytes]
+        measured = []
+        for t in (small, big):
+            # Both ranks must run the same number of round trips: rank 0 decides and tells rank 1.
+            ping_pong(t)  # warm-up
+            start = time.perf_counter()
+            ping_pong(t)
+            per_trip = time.perf_counter() - start
+            count = torch.tensor([max(1, int(sizes.seconds / 2 / max(per_trip, 1e-6)))])
+            dist.broadcast(count, 0)
+            start = time.perf_counter()
+            for _ in range(int(count)):
+                ping_pong(t)
+            measured.append((time.perf_counter() - start) / (2 * int(count)))  # one message, one way
+        if rank == 0:
+            latency, big_s = measured
+            results.put((latency * 1e6, big.numel() * 4 / max(big_s - latency, 1e-9) / 1e9))
+    finally:
+        dist.destroy_process_group()
+
+
+def link_speed(sizes: CalibrationSizes) -> tuple[float, float]:
+    """(latency per message in us, GB/s of a large message) between two processes over gloo on 127.0.0.1."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_link_rank, args=(r, port, sizes, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    if failed or results.empty():
+        raise ValueError(f"calibrate: the loopback link benchmark failed (exit codes {failed})")
+    return results.get()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def measure(dtype: torch.dtype, sizes: CalibrationSizes) -> dict:
+    """Every micro-benchmark, as the calibration file's fields."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(sizes.threads)
+    try:
+        curve = [[r, gemm_tflops(r, sizes.hidden, dtype, sizes.seconds)] for r in sorted(set(sizes.rows))]
+        bandwidth = copy_gbps(sizes.copy_mib, sizes.seconds)
+    finally:
+        torch.set_num_threads(threads)
+    latency_us, link = link_speed(sizes)
+    return {
+        "device": "cpu", "cpu_model": cpu_model(), "torch": torch.__version__, "threads": sizes.threads,
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "dtype": str(dtype).removeprefix("torch."), "gemm_hidden": sizes.hidden,
+        "gemm_tflops": curve, "copy_gbps": bandwidth, "link_gbps": link, "link_latency_us": latency_us,
+    }
