@@ -75,7 +75,7 @@ def _plan_text(args: argparse.Namespace) -> str:
         raise ValueError(f"{device.name} has no {intra} link; use --intra-node pcie")
     model = plan_model_config(args.model, args.dtype, "cpu" if device.name == "cpu" else "cuda")
     if device.name == "cpu":
-        device = _cpu_device(args, model)
+        device = _cpu_device(args, model, device)
     elif args.calibrate or args.calibration_file:
         raise ValueError(f"--calibrate and --calibration-file measure this machine: use them with --gpu cpu, "
                          f"not {device.name}")
@@ -87,14 +87,12 @@ def _plan_text(args: argparse.Namespace) -> str:
     return render(model, cluster, work, rows)
 
 
-def _cpu_device(args: argparse.Namespace, model):
-    """The `cpu` preset, with this machine's measured figures where a calibration file exists (measured now
-    with --calibrate)."""
+def _cpu_device(args: argparse.Namespace, model, stated):
+    """This machine's measured figures where a calibration file exists (measured now with --calibrate), else
+    the `stated` cpu device."""
     import os
 
     from pipeserve.planner.calibration import calibrated_cpu, default_path, read_calibration, write_calibration
-    from pipeserve.planner.hardware import PRESETS
-
     path = args.calibration_file or default_path()
     if args.calibrate:
         from pipeserve.planner.calibrate import CalibrationSizes, measure
@@ -102,5 +100,5 @@ def _cpu_device(args: argparse.Namespace, model):
         print(f"calibrating this machine ({model.dtype} GEMMs, memory copy, loopback link) ...", file=sys.stderr)
         write_calibration(path, measure(model.dtype, CalibrationSizes(hidden=model.hidden_size)))
     elif args.calibration_file is None and not os.path.exists(path):
-        return PRESETS["cpu"]
+        return stated
     return calibrated_cpu(path, read_calibration(path), model.dtype)
