@@ -41,17 +41,9 @@ def write_checkpoint(folder: str, shard_bytes: int = 1 << 30) -> int:
 
     cfg = LlamaConfig(**SHAPE, tie_word_embeddings=False, rms_norm_eps=1e-5, torch_dtype="bfloat16")
     cfg.save_pretrained(folder)
-    h, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
-    kv = cfg.num_key_value_heads * hd
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,),
-              "lm_head.weight": (cfg.vocab_size, h)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                   p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
-                   p + "post_attention_layernorm.weight": (h,)}
+    from gpu_model import tensor_shapes  # HF Llama's checkpoint names and shapes, shared with bench_gpu
+
+    shapes = tensor_shapes({**SHAPE, "tie_word_embeddings": False})
     gen = torch.Generator().manual_seed(0)
     weight_map, shard, size, index = {}, {}, 0, 0
 
