@@ -12,12 +12,14 @@ from pathlib import Path
 import httpx
 import promql_parser
 import pytest
+import yaml
 from helpers import tiny_with_tokenizer
 from prometheus_client.parser import text_string_to_metric_families
 from server_utils import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "pipeserve.json"
+SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 GRID_WIDTH = 24
 PANEL_TYPES = {"row", "stat", "timeseries", "heatmap"}
@@ -180,6 +182,13 @@ def test_every_metric_is_documented():
     for name in dashboard_metrics(load_dashboard()):
         family = re.sub(r"_(bucket|sum|count)$", "", name)
         assert f"`{name}" in docs or f"`{family}`" in docs, f"{name} is not in docs/serving.md's metrics table"
+
+
+def test_scrape_example_targets_metrics():
+    config = yaml.safe_load(SCRAPE_CONFIG.read_text(encoding="utf-8"))
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "pipeserve" and job["metrics_path"] == "/metrics"
+    assert all(re.fullmatch(r"[\w.-]+:\d+", t) for c in job["static_configs"] for t in c["targets"])
 
 
 # ---- against a running server ----------------------------------------------------------------------------
