@@ -98,11 +98,18 @@ def metric_labels(expr: promql_parser.Expr) -> dict[str, set[str]]:
 
 
 def legends(dash: dict) -> list[tuple[str, set[str], set[str]]]:
-    """(where, labels its legend shows as {{label}}, metrics its expression names) for every panel target."""
+    """(where, labels it shows ({{label}}, an annotation's tags), metrics its expression names) for every
+    panel target and Prometheus annotation."""
     defined = variable_names(dash)
-    return [(f"panel {p['title']!r} {t['refId']}", set(LEGEND_LABEL.findall(t["legendFormat"])) - {"le"},
-             set(metric_labels(promql_parser.parse(expand(t["expr"], defined)))))
-            for p in dash["panels"] for t in p.get("targets", [])]
+
+    def names(expr: str) -> set[str]:
+        return set(metric_labels(promql_parser.parse(expand(expr, defined))))
+    found = [(f"panel {p['title']!r} {t['refId']}", set(LEGEND_LABEL.findall(t["legendFormat"])) - {"le"},
+              names(t["expr"])) for p in dash["panels"] for t in p.get("targets", [])]
+    found += [(f"annotation {a['name']!r}", set(LEGEND_LABEL.findall(a["titleFormat"])) |
+               {k for k in a["tagKeys"].split(",") if k}, names(a["expr"]))
+              for a in dash["annotations"]["list"] if "expr" in a]
+    return found
 
 
 def dashboard_metrics(dash: dict) -> dict[str, set[str]]:
