@@ -128,6 +128,9 @@ class SchedulerConfig:
     # Steps one virtual engine keeps in flight when it has work that waits on no result (the next chunk of a
     # prompt): one per pipeline stage lets a long prompt occupy every stage at once.
     max_steps_in_flight_per_ve: int = 1
+    # Plan a request's next decode before its sampled token reaches the host, where the executor keeps the ids
+    # on the device (engine/async_engine.py); stop and EOS then apply one step late, the extra token dropped.
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ import torch
 
 from pipeserve.sampling_params import SamplingParams
 
+# The input id of a decode planned before its previous token reached the host (async scheduling): the stage
+# takes the token from the ids it sampled last (worker/sampled_ids.py).
+PLACEHOLDER = -1
+
 
 @dataclass
 class ScheduledRequest:

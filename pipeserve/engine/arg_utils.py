@@ -44,6 +44,7 @@ class EngineArgs:
     pp_layer_partition: str | None = None
     num_virtual_engines: int | None = None
     max_steps_in_flight_per_ve: int | None = None
+    async_scheduling: bool | None = None  # default: on for CUDA, off for CPU
     threads_per_worker: int | None = None
     device: str | None = None
     master_addr: str = "127.0.0.1"
@@ -199,7 +200,8 @@ class EngineArgs:
         in_flight = pp if self.max_steps_in_flight_per_ve is None else self.max_steps_in_flight_per_ve
         if in_flight < 1:
             raise ValueError(f"max_steps_in_flight_per_ve must be >= 1, got {in_flight}")
-        return SchedulerConfig(max_seqs, budget, max_len, self.enable_chunked_prefill, in_flight)
+        async_scheduling = on_gpu if self.async_scheduling is None else self.async_scheduling
+        return SchedulerConfig(max_seqs, budget, max_len, self.enable_chunked_prefill, in_flight, async_scheduling)
 
     def num_blocks_from_memory(self, model: ModelConfig, cache: CacheConfig, layers_on_busiest_stage: int,
                                tp: int) -> int:

@@ -54,10 +54,12 @@ class AsyncEngine:
 
     def __init__(self, config: EngineConfig, executor: Executor, tokenizer: Any | None):
         self.config, self.executor, self.tokenizer = config, executor, tokenizer
+        # Async scheduling: decodes planned before their previous token reached the host (see Scheduler).
+        self.plans_ahead = config.scheduler.async_scheduling and executor.holds_sampled_ids
         self._schedulers = [
             Scheduler(config.scheduler, BlockManager(config.num_blocks_per_ve, config.cache.block_size,
                                                      config.cache.enable_prefix_caching),
-                      config.model.eos_token_ids, virtual_engine=i)
+                      config.model.eos_token_ids, virtual_engine=i, plan_ahead=self.plans_ahead)
             for i in range(config.num_virtual_engines)
         ]
         self._tracked: dict[str, _Tracked] = {}  # engine request id -> where it runs, who listens
@@ -200,8 +202,10 @@ class AsyncEngine:
 
     @property
     def steps_in_flight_per_ve(self) -> int:
-        """By default one per pipeline stage: a long prompt's chunks fill the pipeline."""
-        return self.config.scheduler.max_steps_in_flight_per_ve
+        """By default one per pipeline stage: a long prompt's chunks fill the pipeline. Planning decodes ahead
+        needs room for two: the step on the device and the next one, issued behind it."""
+        configured = self.config.scheduler.max_steps_in_flight_per_ve
+        return max(configured, 2) if self.plans_ahead else configured
 
     def _plan_steps(self, scheduler: Scheduler, in_flight: collections.deque, generation: int) -> None:
         """Plan and issue steps while this VE has room and something can run without waiting for a result.
@@ -264,7 +268,8 @@ class AsyncEngine:
         return [VirtualEngineStats(len(s.running), len(s.waiting), s.block_manager.num_used_blocks,
                                    s.block_manager.num_blocks, s.block_manager.num_evictable_cached_blocks,
                                    s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
-                                   s.max_steps_in_flight, s.num_recomputed, s.num_recomputed_tokens)
+                                   s.max_steps_in_flight, s.num_recomputed, s.num_recomputed_tokens,
+                                   num_planned_ahead=s.num_planned_ahead)
                 for s in self._schedulers]
 
     def check_health(self) -> None:

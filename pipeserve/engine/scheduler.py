@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pipeserve.config import SchedulerConfig
 from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.request import Request, RequestStatus
-from pipeserve.types import ScheduledRequest, SchedulerOutput, StepOutput
+from pipeserve.types import PLACEHOLDER, ScheduledRequest, SchedulerOutput, StepOutput
 
 MAX_FAILED_STEPS = 2  # a request in this many failed steps in a row is taken to be what crashes the stage
 
@@ -38,8 +38,12 @@ class Scheduler:
     """Plans one step at a time; `update` applies the step's sampled tokens. Needs no model to test."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: tuple[int, ...] = (),
-                 virtual_engine: int = 0):
+                 virtual_engine: int = 0, plan_ahead: bool = False):
         self.config = config
+        # Async scheduling: a decoding request's next step may be planned while the step that samples its
+        # latest token is in flight (see _can_plan_ahead); the stages hold the ids that step samples.
+        self.plan_ahead = plan_ahead
+        self.num_planned_ahead = 0  # decodes planned before their input token was known, since start
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
         self.virtual_engine = virtual_engine
@@ -146,20 +150,23 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             start = req.num_computed_tokens + req.num_inflight_tokens
-            if start >= req.num_tokens or (req.num_failed_steps and _has_suspect(in_flight)):
+            ahead = start == req.num_tokens and self.plan_ahead and _can_plan_ahead(req)
+            if (start >= req.num_tokens and not ahead) or (req.num_failed_steps and _has_suspect(in_flight)):
                 i += 1  # waiting for its sampled token, or a suspect where the step already has one
                 continue
-            if start == req.num_tokens - 1 and req.blocks_sent is not None and req.output_token_ids \
-                    and not req.kv_held_tokens:
+            if ahead or (start == req.num_tokens - 1 and req.blocks_sent is not None and req.output_token_ids
+                         and not req.kv_held_tokens):
                 # The common case, a decode of a request the stages know: a row of the columnar decodes, planned
-                # here without a call per request (this loop is most of the engine's work per step).
+                # here without a call per request (this loop is most of the engine's work per step). Planned
+                # ahead, its token is the one the step in flight samples: the stage fills it in on the device.
                 req_id, table = req.request_id, tables[req.request_id]
                 if start >= len(table) * block_size and not self._grow(req, start + 1):
                     continue  # the pool was short and it was the newest: preempted
                 ids.append(req_id)
-                tokens.append(req.output_token_ids[-1])
+                tokens.append(PLACEHOLDER if ahead else req.output_token_ids[-1])
                 starts.append(start)
-                num_outputs.append(len(req.output_token_ids))
+                num_outputs.append(len(req.output_token_ids) + ahead)
+                self.num_planned_ahead += ahead
                 blocks = _take_unsent_blocks(req, table)
                 if blocks:
                     new_blocks[req_id] = blocks
@@ -414,6 +421,17 @@ def _take_unsent_blocks(req: Request, table: list[int]) -> list[int]:
     sent = req.blocks_sent or 0
     req.blocks_sent = len(table)
     return table[sent:]
+
+
+def _can_plan_ahead(req: Request) -> bool:
+    """Whether the request (all of whose tokens are planned) may have its next decode planned now, before the
+    token its step in flight samples is known: that step is a decode of a request the stages know, the token
+    it samples cannot end the request by length (no next step then), and nothing of the next step depends on
+    the token's value on the host (penalties count the tokens seen; a recovery catches up first). A stop token
+    or string it turns out to be ends the request one step late: the extra step's token is dropped."""
+    return (req.num_inflight_tokens == 1 and req.blocks_sent is not None and bool(req.output_token_ids)
+            and req.num_tokens + 1 < req.length_limit and not req.kv_held_tokens and not req.num_failed_steps
+            and not req.sampling_params.penalized)
 
 
 def _has_suspect(in_flight: dict[str, tuple[Request, int, int]]) -> bool:

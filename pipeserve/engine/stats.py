@@ -21,6 +21,7 @@ class VirtualEngineStats:
     max_steps_in_flight: int = 0  # the most steps it has had in the pipeline at once
     num_recomputed: int = 0  # requests sent back to recompute by stage failures
     num_recomputed_tokens: int = 0  # tokens whose KV they had, computed again
+    num_planned_ahead: int = 0  # decodes planned before their input token reached the host (async scheduling)
 
 
 class BusyClock:

@@ -25,6 +25,9 @@ class Executor(abc.ABC):
     failure: BaseException | None = None  # set once a stage has failed for good
     generation: int = 0  # bumps with every recovery; steps planned for an older one never run
     recoveries: RecoveryLog | None = None  # restarts and recovery spans, where the executor can recover
+    # Async scheduling: the stages feed the ids a step samples to the next step on the device, so the engine
+    # may plan a decode before its input token is known (types.PLACEHOLDER). Where False, decodes wait.
+    holds_sampled_ids: bool = False
 
     @abc.abstractmethod
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:

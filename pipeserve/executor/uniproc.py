@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,13 +14,18 @@ from pipeserve.config import EngineConfig
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor
 from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
+from pipeserve.worker.sampled_ids import PendingStep
 from pipeserve.worker.worker import StageWorker
 
 
 class UniProcExecutor(Executor):
     """Runs the whole model in this process. `offload=True` runs steps in a thread so an event loop
     serving HTTP stays responsive (one thread: steps run one at a time, in the order they were issued);
-    offline generation runs them inline."""
+    offline generation runs them inline.
+
+    With async scheduling the stage keeps the ids it samples on the device (`holds_sampled_ids`): a step is
+    issued (its kernels queued, its ids copied to the host without waiting) and its tokens awaited in a waiter
+    thread, so the engine plans and issues the next step while the device still runs this one."""
 
     def __init__(self, config: EngineConfig, offload: bool = False):
         if config.parallel.threads_per_worker:
@@ -27,11 +33,28 @@ class UniProcExecutor(Executor):
         self.offload = offload
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="pipeserve-step") if offload else None
         self.worker = StageWorker(config, StageInfo.whole_model(config.model.num_hidden_layers))
+        self.holds_sampled_ids = self.worker.holds_sampled_ids
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="pipeserve-tokens") if self.holds_sampled_ids \
+            else None
 
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
+        if self.holds_sampled_ids:
+            return await self._issue(sched)
         if self.offload:
             return await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.run_step, sched)
         return self.worker.run_step(sched)
+
+    async def _issue(self, sched: SchedulerOutput) -> StepOutput:
+        loop = asyncio.get_running_loop()
+        if self.offload:
+            out = await loop.run_in_executor(self._thread, partial(self.worker.run_step, sched, defer=True))
+        else:
+            out = self.worker.run_step(sched, defer=True)
+        if not isinstance(out, PendingStep):
+            return out
+        if out.ready():
+            return out.result()
+        return await loop.run_in_executor(self._waiter, out.result)
 
     def profile_memory(self) -> list[MemoryProfile]:
         return [self.worker.profile_memory()]
@@ -46,8 +69,9 @@ class UniProcExecutor(Executor):
         return [self.worker.stats()]
 
     def shutdown(self) -> None:
-        if self._thread is not None:
-            self._thread.shutdown(wait=False, cancel_futures=True)
+        for thread in (self._thread, self._waiter):
+            if thread is not None:
+                thread.shutdown(wait=False, cancel_futures=True)
         on_cuda = self.worker is not None and torch.device(self.worker.config.parallel.device).type == "cuda"
         self.worker = None
         if on_cuda:  # hand the KV pool and the graphs' memory back to the device (torch would keep it cached)

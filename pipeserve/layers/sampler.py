@@ -15,6 +15,9 @@ steps.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from pipeserve.layers.sampling.host_pack import to_host
@@ -47,26 +50,26 @@ class Sampler:
     @staticmethod
     def greedy_tokens(ids: torch.Tensor) -> list[SampledToken]:
         """The tokens of a `plain_greedy` step from its argmax ids (S,), computed wherever the logits are."""
-        return [SampledToken(int(t)) for t in to_host(ids).tolist()]  # the step's one device-to-host copy
+        return read_plain(to_host(ids).tolist())  # the step's one device-to-host copy
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int],
                  seen: list[list[int] | None] | None = None) -> list[SampledToken]:
         """logits (S, V); per row its request's params, outputs so far, and `seen[i]`: every token it has
         seen (prompt, then outputs), needed only by penalized requests. One token (and record) per row."""
+        _, packed, read = self.issue(logits, params, num_outputs, seen)
+        return read(to_host(packed).tolist())  # the step's one device-to-host copy
+
+    def issue(self, logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int],
+              seen: list[list[int] | None] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, Callable[[list[float]], list[SampledToken]]]:
+        """Sample without waiting for the device: (S,) ids on the logits' device, the tensor to bring to the
+        host, and how to read that tensor's values (as a list) into one token per row."""
         if logits.dim() == 2 and logits.shape[0] == len(params) and self.plain_greedy(params, num_outputs):
             # argmax of the logits as they are: a float32 copy has the same maximum at the same index
-            return self.greedy_tokens(logits.argmax(dim=-1))
+            ids = logits.argmax(dim=-1)
+            return ids, ids, read_plain
         ids, packed, step = self.sample(logits, params, num_outputs, seen)
-        flat = to_host(packed).tolist()  # the step's one device-to-host copy
-        token_ids = [int(t) for t in flat[: len(params)]]
-        out = [SampledToken(t) for t in token_ids]
-        if step.logprob_rows:
-            rows = step.logprob_rows
-            records = unpack_records(flat[len(params):], [token_ids[i] for i in rows],
-                                     [params[i].logprobs for i in rows], step.max_logprobs)
-            for i, record in zip(rows, records, strict=True):
-                out[i] = record
-        return out
+        return ids, packed, functools.partial(_read_sampled, params, step)
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], num_outputs: list[int],
                seen: list[list[int] | None] | None = None) -> tuple[torch.Tensor, torch.Tensor, StepParams]:
@@ -99,3 +102,21 @@ class Sampler:
         if where not in self._hashes:
             self._hashes[where] = token_hashes(*where)
         return self._hashes[where]
+
+
+def read_plain(flat: list) -> list[SampledToken]:
+    """The tokens of a step that brought only its ids to the host."""
+    return [SampledToken(int(t)) for t in flat]
+
+
+def _read_sampled(params: list[SamplingParams], step: StepParams, flat: list[float]) -> list[SampledToken]:
+    """The tokens of a `Sampler.sample` step from its packed tensor's values: the ids, then logprob records."""
+    token_ids = [int(t) for t in flat[: len(params)]]
+    out = [SampledToken(t) for t in token_ids]
+    if step.logprob_rows:
+        rows = step.logprob_rows
+        records = unpack_records(flat[len(params):], [token_ids[i] for i in rows],
+                                 [params[i].logprobs for i in rows], step.max_logprobs)
+        for i, record in zip(rows, records, strict=True):
+            out[i] = record
+    return out

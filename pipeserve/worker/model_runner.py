@@ -15,7 +15,7 @@ from pipeserve.config import ModelConfig
 from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.linear import NO_TP
-from pipeserve.layers.sampler import Sampler, score_tokens
+from pipeserve.layers.sampler import Sampler, read_plain, score_tokens
 from pipeserve.loader.model_loader import load_model
 from pipeserve.models.llama import kv_head_range
 from pipeserve.timeline import StepRecord
@@ -24,6 +24,7 @@ from pipeserve.worker.cuda_graphs import DecodeGraphs
 from pipeserve.worker.gpu_timeline import GpuTimeline
 from pipeserve.worker.input_batch import InputBatch
 from pipeserve.worker.kv_cache import allocate_kv_caches
+from pipeserve.worker.sampled_ids import PendingStep, SampledIds, placeholder_rows
 from pipeserve.worker.step_inputs import DecodeInputs, ModelInput, build_model_input, is_pure_decode
 
 
@@ -36,7 +37,7 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, stage: StageInfo, *, num_blocks_per_ve: int, block_size: int,
                  num_virtual_engines: int, max_model_len: int, seed: int, device: str = "cpu",
                  disable_progress: bool = False, tp: TPGroup = NO_TP, max_num_seqs: int = 64,
-                 enforce_eager: bool = False, time_gpu: bool = False):
+                 enforce_eager: bool = False, time_gpu: bool = False, keep_sampled_ids: bool = False):
         self.stage, self.block_size, self.device = stage, block_size, device
         self.model_cfg, self.num_virtual_engines, self.max_model_len = model_cfg, num_virtual_engines, max_model_len
         self.max_num_seqs, self.kv_heads = max_num_seqs, kv_head_range(model_cfg, tp)[1]
@@ -49,6 +50,8 @@ class ModelRunner:
         # Every TP rank of the last stage has the full logits; rank 0 alone samples and answers the engine.
         self.samples = stage.is_last and tp.rank == 0
         self.sampler = Sampler(seed, model_cfg.eos_token_ids) if self.samples else None
+        # Async scheduling (sampled_ids.py): a stage that embeds and samples keeps the ids it samples on the device.
+        self.sampled_ids = SampledIds(device) if keep_sampled_ids and self.samples and stage.is_first else None
         self.last_record: StepRecord | None = None  # timing of the latest step, for traces
         # When each step ran on the GPU (benchmarks: how long the GPU waits between steps).
         self.gpu_timeline = GpuTimeline() if time_gpu and torch.device(device).type == "cuda" else None
@@ -68,17 +71,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, intermediate: IntermediateTensors | None = None,
-                batch: InputBatch | None = None) -> IntermediateTensors | StepOutput:
+                batch: InputBatch | None = None, defer: bool = False) -> IntermediateTensors | StepOutput | PendingStep:
         """Run the stage on the step; the last stage samples and returns a StepOutput. `batch`: the stage's
         persistent rows, which hold every request of the step (without them a step builds its inputs
-        afresh)."""
+        afresh). `defer`: a step that samples returns a PendingStep instead of waiting for its tokens."""
         start = time.time()
         gpu_start = self.gpu_timeline.mark() if self.gpu_timeline is not None else None
         if torch.autograd.profiler._is_profiler_enabled:  # a named range for benchmarks/profile_decode.py
             with torch.profiler.record_function(f"pipeserve::{sched.kind}_step"):
-                out = self._forward(sched, intermediate, batch)
+                out = self._forward(sched, intermediate, batch, defer)
         else:  # entering a range costs tens of microseconds even with no profiler running
-            out = self._forward(sched, intermediate, batch)
+            out = self._forward(sched, intermediate, batch, defer)
         if gpu_start is not None:
             self.gpu_timeline.add(sched.step_id, sched.virtual_engine, sched.kind, gpu_start)
         self.last_record = StepRecord(sched.virtual_engine, sched.step_id, self.stage.rank, start, time.time(),
@@ -89,20 +92,44 @@ class ModelRunner:
                   batch: InputBatch | None = None) -> tuple[ModelInput | None, IntermediateTensors | torch.Tensor]:
         """The stage's forward pass: its inputs (None for a replayed graph, whose inputs are static) and its
         output (the last stage's final hidden states, of the sampled rows when the input is None)."""
-        reqs = sched.requests
+        reqs, held = sched.requests, self.sampled_ids
+        if held is not None and batch is not None:
+            held.reserve(batch.block_tables.shape[0])
         if batch is not None and len(reqs) <= self.decode_inputs.max_batch and is_pure_decode(reqs):
             size = self.graphs.padded_size(len(reqs)) if self.graphs is not None else None
+            inputs = self.decode_inputs
             if size is not None:
-                self.decode_inputs.fill(batch, reqs, size, self.decode_inputs.max_blocks)
+                inputs.fill(batch, reqs, size, inputs.max_blocks)
+                if inputs.has_placeholders:  # before the replay, on the same stream: the graph reads the ids
+                    held.fill(inputs.dev_long[0, :len(reqs)], inputs.persistent_rows(len(reqs)))
                 return None, self.graphs.run(sched.virtual_engine, len(reqs), size, intermediate)
-            inp = self.decode_inputs.model_input(batch, reqs)
+            inp = inputs.model_input(batch, reqs)
+            if inputs.has_placeholders:
+                held.fill(inp.input_ids, inp.persistent_rows)
         else:
             inp = build_model_input(sched, self.block_size, self.device)
+            if held is not None:
+                self._fill_placeholders(inp, sched, batch)
         return inp, self.model(inp.input_ids, inp.positions, self.kv_caches[sched.virtual_engine], inp.attn,
                                intermediate)
 
+    def _fill_placeholders(self, inp: ModelInput, sched: SchedulerOutput, batch: InputBatch | None) -> None:
+        """A step built afresh (a mixed step) may hold decodes planned ahead: their rows are the first ones."""
+        decodes = [r for r in sched.requests if r.is_decode]
+        at = placeholder_rows(decodes)
+        if at:
+            rows = batch.rows([decodes[i].req_id for i in at]).tolist()
+            self.sampled_ids.fill_at(inp.input_ids, at, rows)
+
+    def _keep_ids(self, inp: ModelInput | None, reqs: list, ids: torch.Tensor, batch: InputBatch) -> None:
+        """Remember the step's sampled ids by persistent row, for decodes planned before they reach the host."""
+        rows = self.decode_inputs.persistent_rows(len(reqs)) if inp is None else inp.persistent_rows
+        if rows is None:
+            rows = torch.tensor(batch.rows([r.req_id for r in reqs]).tolist(), dtype=torch.long, device=self.device)
+        self.sampled_ids.record(rows, ids)
+
     def _forward(self, sched: SchedulerOutput, intermediate: IntermediateTensors | None,
-                 batch: InputBatch | None):
+                 batch: InputBatch | None, defer: bool = False):
         inp, out = self.run_model(sched, intermediate, batch)
         if not self.stage.is_last:
             return out
@@ -121,13 +148,14 @@ class ModelRunner:
             return step
         params, num_outputs = [r.sampling_params for r in reqs], [r.num_output_tokens for r in reqs]
         if inp is None and Sampler.plain_greedy(params, num_outputs):
-            tokens = Sampler.greedy_tokens(self.graphs.greedy_ids[: len(reqs)])
+            ids = self.graphs.greedy_ids[: len(reqs)]
+            packed, read = ids, read_plain
         else:
-            tokens = self.sampler(logits, params, num_outputs, [r.seen_token_ids for r in reqs])
-        step.sampled = {r.req_id: t.token_id for r, t in zip(reqs, tokens, strict=True)}
-        step.logprobs = {r.req_id: t for r, t in zip(reqs, tokens, strict=True)
-                         if r.sampling_params.logprobs is not None}
-        return step
+            ids, packed, read = self.sampler.issue(logits, params, num_outputs, [r.seen_token_ids for r in reqs])
+        if self.sampled_ids is not None and batch is not None:
+            self._keep_ids(inp, reqs, ids, batch)
+        pending = PendingStep(step, reqs, packed, read)  # the step's one device-to-host copy
+        return pending if defer else pending.result()
 
     def _score_prompts(self, hidden: torch.Tensor, inp, step: StepOutput) -> None:
         """Prompt logprobs: each row of a scored chunk predicts the next prompt token (up to the last one)."""

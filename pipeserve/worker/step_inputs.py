@@ -19,7 +19,7 @@ import torch
 
 from pipeserve.layers.attention import AttentionMetadata, PrefillChunk, pack_prefills
 from pipeserve.layers.kernel_select import device_uses_kernels
-from pipeserve.types import ScheduledRequest, SchedulerOutput
+from pipeserve.types import PLACEHOLDER, ScheduledRequest, SchedulerOutput
 from pipeserve.worker.input_batch import InputBatch
 
 
@@ -34,6 +34,8 @@ class ModelInput:
     sampled_requests: list[ScheduledRequest]  # same order as sample_rows
     # Chunks that score prompt tokens (prompt logprobs): the entry and the row of its first token.
     prompt_scored: list[tuple[ScheduledRequest, int]]
+    # A persistent-buffer decode step: (S,) each row's persistent row (input_batch.py), on the device.
+    persistent_rows: torch.Tensor | None = None
 
 
 def is_pure_decode(reqs: list[ScheduledRequest]) -> bool:
@@ -54,11 +56,14 @@ class DecodeInputs:
         self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, block_size
         self.scratch_block = scratch_block
         pinned = device != "cpu"
-        self._host_long = torch.zeros(3, max_batch, dtype=torch.long, pin_memory=pinned)  # ids, positions, slots
+        # ids, positions, slots, and each row's persistent row (input_batch.py): where async scheduling finds the
+        # id a placeholder stands for (sampled_ids.py)
+        self._host_long = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pinned)
         # context lengths (max_batch,), then the block tables, flat: any (n, width) prefix view is contiguous.
         self._host_int = torch.zeros(max_batch * (1 + max_blocks), dtype=torch.int32, pin_memory=pinned)
         self._long, self._int = self._host_long.numpy(), self._host_int.numpy()
         self._fill_padding(0, max_batch, max_blocks)
+        self.has_placeholders = False  # some input id of the last filled step is a placeholder
         if pinned:
             self.dev_long, self.dev_int = self._host_long.to(device), self._host_int.to(device)
             self._copied = torch.cuda.Event()
@@ -76,6 +81,8 @@ class DecodeInputs:
         rows = batch.rows([r.req_id for r in reqs])  # (n,)
         ids, pos, slots = self._long[0], self._long[1], self._long[2]
         ids[:n] = [r.token_ids[0] for r in reqs]
+        self._long[3, :n] = rows
+        self.has_placeholders = bool((ids[:n] == PLACEHOLDER).any())
         pos[:n] = [r.start_pos for r in reqs]
         p = pos[:n]
         tables = batch.block_tables  # (rows, cols)
@@ -98,6 +105,7 @@ class DecodeInputs:
         self._long[0, start:end] = 0
         self._long[1, start:end] = 0
         self._long[2, start:end] = self.scratch_block * self.block_size
+        self._long[3, start:end] = 0
         self._int[start:end] = 1
         self._int[self.max_batch + start * width: self.max_batch + end * width] = self.scratch_block
 
@@ -108,13 +116,17 @@ class DecodeInputs:
                                  block_tables=tables, context_lens=self.dev_int[:padded])
         return self.dev_long[0, :padded], self.dev_long[1, :padded], meta
 
+    def persistent_rows(self, n: int) -> torch.Tensor:
+        """(n,) the persistent row of each of the last filled step's requests, on the device."""
+        return self.dev_long[3, :n]
+
     def model_input(self, batch: InputBatch, reqs: list[ScheduledRequest]) -> ModelInput:
         """An unpadded decode step, its tables as wide as its longest context needs."""
         n, bs = len(reqs), self.block_size
         width = -(-(max(r.start_pos for r in reqs) + 1) // bs)
         self.fill(batch, reqs, n, width)
         ids, positions, meta = self.views(n, width)
-        return ModelInput(ids, positions, meta, None, reqs, [])
+        return ModelInput(ids, positions, meta, None, reqs, [], self.persistent_rows(n))
 
 
 # ---- any step -----------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pipeserve.worker.allocator import fix_mmap_threshold
 from pipeserve.worker.memory_profile import profile_memory
 from pipeserve.worker.model_runner import ModelRunner
 from pipeserve.worker.request_states import RequestStates
+from pipeserve.worker.sampled_ids import PendingStep
 from pipeserve.worker.step_inputs import rows_for
 
 MAX_RECORDS = 200_000  # step records kept for a trace or benchmark (EngineConfig.record_steps): bounded all the same
@@ -57,6 +58,7 @@ class StageWorker:
             seed=config.seed, device=config.parallel.device, disable_progress=rank != 0, tp=tp,
             max_num_seqs=config.scheduler.max_num_seqs, enforce_eager=config.enforce_eager,
             time_gpu=config.record_steps,
+            keep_sampled_ids=config.scheduler.async_scheduling and stage.is_first and stage.is_last and tp.size == 1,
         )
         layout = RankLayout(stage.size, tp.size)
         self.link = StageLink(layout.prev_peer(rank), layout.next_peer(rank), tp)
@@ -86,8 +88,15 @@ class StageWorker:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.runner.model.parameters())  # shared (tied) tensors count once
 
-    def run_step(self, plan: SchedulerOutput, generation: int = 0) -> StepOutput | None:
-        """Receive (unless first), compute, send (unless last); the StepOutput when this rank answers.
+    @property
+    def holds_sampled_ids(self) -> bool:
+        """Whether this stage feeds the ids it samples to the next step on the device (sampled_ids.py)."""
+        return self.runner.sampled_ids is not None
+
+    def run_step(self, plan: SchedulerOutput, generation: int = 0, defer: bool = False
+                 ) -> StepOutput | PendingStep | None:
+        """Receive (unless first), compute, send (unless last); the StepOutput when this rank answers (with
+        `defer`, a step that samples answers a PendingStep: its tokens are still on their way to the host).
 
         The plan is incremental; it is resolved against what this stage keeps of each request. After a
         recovery some tokens are recomputed only up to the replaced stage (`for_stage`): a stage receives just
@@ -100,7 +109,7 @@ class StageWorker:
         inter = None
         if not self.stage.is_first:
             inter = self.link.recv(mine.num_tokens, cfg.hidden_size, cfg.dtype, self.config.parallel.device)
-        out = self.runner.execute(mine, inter, self.requests.batch)
+        out = self.runner.execute(mine, inter, self.requests.batch, defer)
         record = self.runner.last_record
         self.records.append(record)
         self.busy_s += record.end - record.start
