@@ -45,7 +45,7 @@ def test_static_decode_samples_from_the_logits_of_its_graph(tiny_model, monkeypa
     eager, eager_run = run_scenario(make_runners(tiny_model), params, execute=True)
     runners = make_runners(tiny_model, static=True)
     calls = {"static": 0, "sampler": 0}
-    run, call = runners[0].graphs.run, type(runners[0].sampler).__call__
+    run, call = runners[0].graphs.run, type(runners[0].sampler).issue
 
     def counted_run(*args, **kwargs):
         calls["static"] += 1
@@ -56,7 +56,7 @@ def test_static_decode_samples_from_the_logits_of_its_graph(tiny_model, monkeypa
         return call(*args, **kwargs)
 
     monkeypatch.setattr(runners[0].graphs, "run", counted_run)
-    monkeypatch.setattr(type(runners[0].sampler), "__call__", counted_call)
+    monkeypatch.setattr(type(runners[0].sampler), "issue", counted_call)
     static, static_run = run_scenario(runners, params, execute=True)
     assert static == eager and calls["static"] == 8
     assert calls["sampler"] == (2 if not params else 10)  # the two prefill steps; with MIXED every step

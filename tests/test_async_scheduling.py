@@ -1,0 +1,186 @@
+"""Async scheduling on the CPU (forced on with `async_scheduling=True`; CUDA turns it on by default): decodes are
+planned before the previous token reaches the host, the stage filling in the token from the ids it keeps on
+the device. Outputs equal the synchronous engine's token for token (greedy and seeded), a request that stops
+one step late never shows its extra token, and nothing is leaked."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import pytest
+from helpers import leftover_bookkeeping, tiny_with_tokenizer
+
+from pipeserve import LLM, SamplingParams
+from pipeserve.engine.arg_utils import EngineArgs
+from pipeserve.engine.startup import build_async_engine
+from pipeserve.entrypoints.engine_flags import add_engine_flags, engine_kwargs
+from pipeserve.executor.uniproc import UniProcExecutor
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [20, 21], list(range(30, 60)), [7, 7, 7]]
+ENGINE = dict(device="cpu", dtype="float32", num_kv_blocks=96, block_size=4, max_model_len=128, seed=0,
+              max_num_batched_tokens=32)
+
+
+def generate(model: str, params, prompts=PROMPTS, on_output=None, **kwargs):
+    """(outputs, per-VE stats, what the engine still holds) of one run."""
+    with LLM(model, **{**ENGINE, **kwargs}) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, on_output=on_output)
+        return outs, llm.engine.stats(), leftover_bookkeeping(llm.engine)
+
+
+def summary(outs) -> list:
+    return [[(c.token_ids, c.finish_reason, c.stop_reason, c.text) for c in o.outputs] for o in outs]
+
+
+def params_mix(stop_token: int) -> list[SamplingParams]:
+    """Different lengths, a stop token reached mid-batch, min_tokens, logprobs, n > 1, seeded sampling."""
+    return [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_token]),
+            SamplingParams(temperature=0, max_tokens=9, logprobs=2, ignore_eos=True),
+            SamplingParams(temperature=0.9, top_k=30, seed=11, max_tokens=12, n=2, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=15, min_tokens=6, stop_token_ids=[stop_token])]
+
+
+def test_outputs_equal_sync_and_steps_are_planned_ahead(tiny_model):
+    plain = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    reference, _, _ = generate(tiny_model, plain, async_scheduling=False)
+    stop_token = reference[1].outputs[0].token_ids[4]  # request 1 stops mid-batch, one step late on async
+    params = params_mix(stop_token)
+    sync, sync_stats, _ = generate(tiny_model, params, async_scheduling=False)
+    ours, stats, leftover = generate(tiny_model, params, async_scheduling=True)
+    assert summary(ours) == summary(sync)
+    assert sync[1].outputs[0].finish_reason == "stop" and len(sync[1].outputs[0].token_ids) <= 5
+    for a, b in zip(sync[2].outputs[0].logprobs, ours[2].outputs[0].logprobs, strict=True):
+        assert a.keys() == b.keys()
+        for t in a:
+            assert b[t].logprob == pytest.approx(a[t].logprob, abs=1e-5)
+    assert sum(s.num_planned_ahead for s in stats) > 0 and sum(s.num_planned_ahead for s in sync_stats) == 0
+    assert max(s.max_steps_in_flight for s in stats) == 2
+    assert leftover == {} and all(s.used_blocks == 0 for s in stats)
+
+
+def test_the_token_after_a_stop_is_never_streamed(tiny_model):
+    """Every intermediate output is a prefix of the final one, which equals the synchronous output: the token
+    sampled by the step planned after the stop never reaches a listener, its usage or its finish reason."""
+    reference, _, _ = generate(tiny_model, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    stops = [o.outputs[0].token_ids[3] for o in reference]
+    params = [SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[s]) for s in stops]
+    seen: dict[int, list] = {}
+    sync, _, _ = generate(tiny_model, params, async_scheduling=False)
+    ours, _, leftover = generate(tiny_model, params, async_scheduling=True,
+                                 on_output=lambda i, o: seen.setdefault(i, []).append(o))
+    assert summary(ours) == summary(sync)
+    for i, outs in seen.items():
+        final = ours[i].outputs[0].token_ids
+        assert [o.finished for o in outs].count(True) == 1 and outs[-1].finished
+        for o in outs:
+            assert final[: len(o.outputs[0].token_ids)] == o.outputs[0].token_ids
+        assert outs[-1].outputs[0].token_ids == final and final[-1] == stops[i]
+    assert leftover == {}
+
+
+def test_stop_strings_apply_one_step_late_with_the_same_output(tmp_path_factory):
+    model = tiny_with_tokenizer(tmp_path_factory)
+    reference, _, _ = generate(model, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    text = reference[0].outputs[0].text
+    stop = text[len(text) // 3: len(text) // 3 + 2] or text[:1]
+    params = SamplingParams(temperature=0, max_tokens=16, stop=[stop], ignore_eos=True)
+    sync, _, _ = generate(model, params, async_scheduling=False)
+    ours, stats, leftover = generate(model, params, async_scheduling=True)
+    assert summary(ours) == summary(sync) and sync[0].outputs[0].finish_reason == "stop"
+    assert sum(s.num_planned_ahead for s in stats) > 0 and leftover == {}
+
+
+def test_penalized_requests_make_steps_synchronous(tiny_model):
+    """A penalty needs the tokens on the host: while a penalized request runs nothing is planned ahead (the
+    others would otherwise leave it every other step), and the outputs still equal the synchronous ones."""
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.5)] + \
+        [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 4
+    sync, _, _ = generate(tiny_model, params, async_scheduling=False)
+    ours, stats, leftover = generate(tiny_model, params, async_scheduling=True)
+    assert summary(ours) == summary(sync)
+    assert sum(s.num_planned_ahead for s in stats) == 0 and leftover == {}
+
+
+def _engine(model: str, async_scheduling: bool, offload: bool = False):
+    config = EngineArgs(model, **ENGINE, async_scheduling=async_scheduling).create_engine_config()
+    return build_async_engine(config, offload=offload)
+
+
+async def _arrival_and_abort(engine) -> tuple[list[int], list[int], int]:
+    """A streams; B arrives after A's third token; A is aborted after its eighth. (B's tokens, A's tokens,
+    decodes planned ahead while A and B ran.)"""
+    greedy = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    async with engine.running():
+        a = engine.add_request(PROMPTS[0], greedy)
+        b_stream, a_tokens = None, []
+        async for out in a:
+            a_tokens = out.outputs[0].token_ids
+            if len(a_tokens) >= 3 and b_stream is None:
+                b_stream = engine.add_request(PROMPTS[1], greedy)
+            if len(a_tokens) >= 8:
+                planned = sum(s.num_planned_ahead for s in engine.stats())
+                engine.abort(a.request_id)
+                break
+        b_tokens = []
+        async for out in b_stream:
+            b_tokens = out.outputs[0].token_ids
+    return b_tokens, a_tokens, planned
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["inline", "thread"])
+def test_arrival_mid_stream_and_abort(tiny_model, offload):
+    """The server's executor issues steps from a thread (`offload`), offline generation inline."""
+    results = {}
+    for async_scheduling in (False, True):
+        engine = _engine(tiny_model, async_scheduling, offload)
+        try:
+            results[async_scheduling] = asyncio.run(_arrival_and_abort(engine))
+            assert leftover_bookkeeping(engine) == {}
+            assert all(s.used_blocks == 0 and s.running == 0 for s in engine.stats())
+        finally:
+            engine.shutdown()
+    (b_sync, a_sync, _), (b_async, a_async, planned) = results[False], results[True]
+    assert b_async == b_sync and len(b_sync) == 14
+    shorter, longer = sorted((a_sync, a_async), key=len)  # streams may hand over several tokens at once
+    assert longer[: len(shorter)] == shorter and len(shorter) >= 8
+    assert planned > 0
+
+
+def test_placeholders_need_an_executor_that_keeps_ids(tiny_model):
+    """Only an executor whose stage keeps the sampled ids on the device plans ahead."""
+    on = _engine(tiny_model, True)
+    off = _engine(tiny_model, False)
+    try:
+        assert isinstance(on.executor, UniProcExecutor) and on.executor.holds_sampled_ids and on.plans_ahead
+        assert not off.executor.holds_sampled_ids and not off.plans_ahead
+        assert on.steps_in_flight_per_ve == 2 and off.steps_in_flight_per_ve == 1
+    finally:
+        on.shutdown()
+        off.shutdown()
+
+
+def test_flag_and_device_defaults(tiny_model):
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    assert engine_kwargs(parser.parse_args(["--async-scheduling"]))["async_scheduling"] is True
+    assert engine_kwargs(parser.parse_args(["--no-async-scheduling"]))["async_scheduling"] is False
+    assert engine_kwargs(parser.parse_args([]))["async_scheduling"] is None
+    args = EngineArgs()
+    assert args.scheduler_config(128, 1, "cpu").async_scheduling is False  # CPU outputs stay as they were
+    assert args.scheduler_config(128, 1, "cuda").async_scheduling is True
+    assert EngineArgs(async_scheduling=False).scheduler_config(128, 1, "cuda").async_scheduling is False
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_outputs_equal_sync(tiny_model):
+    """At PP=2 the last stage's ids return to the engine, so decodes wait for them whatever the flag says."""
+    plain = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    reference, _, _ = generate(tiny_model, plain)
+    params = params_mix(reference[1].outputs[0].token_ids[4])
+    sync, _, _ = generate(tiny_model, params)
+    ours, stats, leftover = generate(tiny_model, params, async_scheduling=True, pipeline_parallel_size=2,
+                                     threads_per_worker=1)
+    assert summary(ours) == summary(sync)
+    assert sum(s.num_planned_ahead for s in stats) == 0 and leftover == {}
