@@ -14,9 +14,11 @@ from decode_driver import MIXED, make_runners, run_scenario
 
 from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.entrypoints.engine_flags import add_engine_flags, engine_kwargs
+from pipeserve.types import PLACEHOLDER
 from pipeserve.worker.cuda_graphs import capture_sizes
 from pipeserve.worker.gpu_timeline import idle_fraction
 from pipeserve.worker.input_batch import InputBatch
+from pipeserve.worker.sampled_ids import SampledIds
 
 
 @pytest.mark.parametrize("stages", [1, 2])
@@ -138,6 +140,31 @@ def test_a_decode_step_reads_nothing_back_before_sampling(tiny_model, monkeypatc
         monkeypatch.undo()
     assert (inp is None) == static and logits.shape[0] == 3
     assert counter.calls == []
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_decode_step_planned_ahead_takes_its_ids_on_the_device(tiny_model, monkeypatch, static):
+    """Async scheduling: decodes whose input id is a placeholder read the id the stage sampled last for their
+    row (sampled_ids.py), still without reading anything back; the other rows keep the plan's ids."""
+    runners = make_runners(tiny_model, 1, static=static)
+    _, scenario = run_scenario(runners)  # requests a, c, d are decoding
+    runner, states = runners[0], scenario.states[0]
+    runner.sampled_ids = SampledIds("cpu")
+    plan = scenario._plan([], [])
+    real = list(plan.decodes.token_ids)
+    with torch.inference_mode():
+        _, hidden = runner.run_model(states.resolve(plan), None, states.batch)
+        expected = runner.model.compute_logits(hidden).clone()
+        held = [t if i != 1 else 0 for i, t in enumerate(real)]  # a wrong id where the plan has the real one
+        runner.sampled_ids.record(torch.from_numpy(states.batch.rows(plan.decodes.req_ids)), torch.tensor(held))
+        plan.decodes.token_ids = [PLACEHOLDER if i != 1 else t for i, t in enumerate(real)]
+        sched = states.resolve(plan)
+        counter = HostTransfers(monkeypatch)
+        inp, hidden = runner.run_model(sched, None, states.batch)
+        logits = runner.model.compute_logits(hidden)
+        monkeypatch.undo()
+    assert (inp is None) == static and counter.calls == []
+    torch.testing.assert_close(logits, expected)
 
 
 def test_enforce_eager_flag():
