@@ -5,7 +5,8 @@ pipeserve (one engine, every workload) and, after its memory is released, HF `ge
 same weights. Reports output tok/s and the ratio to HF; the steady decode step (start to start, every request
 decoding) at batch 1, 8, 64 and 256; each workload's fraction of its limit (prefill FLOPs at the bf16 GEMM
 rate plus, per decode step, weights and KV read at the copy bandwidth, both measured in the same run); kernels
-per decode step; CUDA graph capture time and memory where the engine reports them.
+per decode step; CUDA graph capture time and memory where the engine reports them; and the workloads marked
+`compare_async` again with `--no-async-scheduling` (a second engine), with the GPU's idle share both ways.
 
     PYTHONPATH=. python3 benchmarks/bench_gpu.py                  # results/gpu.md and results/gpu.json
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --smoke          # tiny shape on the CPU: results/gpu_smoke.*
@@ -36,14 +37,15 @@ def plan(smoke: bool) -> dict[str, list[Workload]]:
     """Workloads per shape. HF runs capped output lengths where the full one would not fit five minutes
     (HF's per-token cost is flat in the output length, so its tok/s barely depends on the cap)."""
     if smoke:
-        return {"tiny": [Workload("1 stream, 16 in / 8 out", 1, 16, 8, 4), Workload("8 prompts, 16 / 8", 8, 16, 8),
-                         Workload("64 prompts, 24 / 8", 64, 24, 8, 2)]}
+        return {"tiny": [Workload("1 stream, 16 in / 8 out", 1, 16, 8, 4, True),
+                         Workload("8 prompts, 16 / 8", 8, 16, 8),
+                         Workload("64 prompts, 24 / 8", 64, 24, 8, 2, True)]}
     return {
-        "1B": [Workload("1 stream, 128 in / 256 out", 1, 128, 256, 64),
+        "1B": [Workload("1 stream, 128 in / 256 out", 1, 128, 256, 64, True),
                Workload("8 prompts, 128 / 64", 8, 128, 64),
-               Workload("64 prompts, 512 / 128", 64, 512, 128, 64),
+               Workload("64 prompts, 512 / 128", 64, 512, 128, 64, True),
                Workload("256 prompts, 512 / 128", 256, 512, 128)],
-        "8B": [Workload("1 stream, 128 in / 256 out", 1, 128, 256, 32),
+        "8B": [Workload("1 stream, 128 in / 256 out", 1, 128, 256, 32, True),
                Workload("64 prompts, 512 / 128", 64, 512, 128, 32)],
     }
 
@@ -73,10 +75,10 @@ def commit_of(repo: str) -> str:
 def engine_kwargs(args, shape_name: str) -> dict:
     if args.smoke:
         return dict(device="cpu", dtype="float32", max_model_len=64, max_num_seqs=64, max_num_batched_tokens=2048,
-                    kv_cache_memory_gb=0.05, threads_per_worker=1)
+                    kv_cache_memory_gb=0.05, threads_per_worker=1, async_scheduling=True)
     # 256 x 640 tokens of the 1B shape need 5.2 GB of KV; 64 x 640 of the 8B shape 5.4 GB
     kwargs = dict(device="cuda", dtype="bfloat16", max_model_len=1024, max_num_seqs=256,
-                  max_num_batched_tokens=8192, kv_cache_memory_gb=8.0)
+                  max_num_batched_tokens=8192, kv_cache_memory_gb=8.0, async_scheduling=True)
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
     return kwargs
@@ -93,10 +95,14 @@ def run_shape(args, name: str, workloads: list[Workload], workdir: str, log) -> 
     ours = run_pipeserve(path, workloads, kwargs, vocab, STEP_BATCHES, kernel_steps)
     log(f"{name}: pipeserve done ({ours['load_s']:.1f} s to load): "
         + ", ".join(f"{w}: {r['tok_s']:.0f} tok/s" for w, r in ours["workloads"].items()))
+    compared = [w for w in workloads if w.compare_async]
+    sync_run = run_pipeserve(path, compared, {**kwargs, "async_scheduling": False}, vocab, STEP_BATCHES, kernel_steps)
+    log(f"{name}: pipeserve without async scheduling done: "
+        + ", ".join(f"{w}: {r['tok_s']:.0f} tok/s" for w, r in sync_run["workloads"].items()))
     hf = {} if args.no_hf else run_hf(path, workloads, device, dtype, vocab)
     log(f"{name}: HF done: " + ", ".join(f"{w}: {r['tok_s']:.0f} tok/s" for w, r in hf.items()))
     shutil.rmtree(path, ignore_errors=True)
-    return {"pipeserve": ours, "hf": hf, "workloads": [w.__dict__ for w in workloads]}
+    return {"pipeserve": ours, "pipeserve_sync": sync_run, "hf": hf, "workloads": [w.__dict__ for w in workloads]}
 
 
 def main(argv: list[str] | None = None) -> dict:

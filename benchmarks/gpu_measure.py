@@ -25,6 +25,7 @@ class Workload:
     input_len: int
     output_len: int
     hf_output_len: int | None = None  # None: HF skips it (too slow to fit the run); else HF's capped length
+    compare_async: bool = False  # also run with --no-async-scheduling, for the async-vs-sync table
 
 
 def sync(device: str) -> None:
@@ -97,6 +98,8 @@ def run_pipeserve(path: str, workloads: list[Workload], engine_kwargs: dict, voc
                 records = stage_records(llm.engine.executor.collect_stats())
                 out["step_s"][w.num_prompts] = steady_step_s(records, w.num_prompts, since)
         out["kernels_per_decode_step"] = kernels_per_decode_step(llm, engine_kwargs["device"], *kernel_steps)
+        out["gpu_idle_kernels"] = gpu_idle_kernels(llm, engine_kwargs["device"], kernel_steps[1])
+        out["planned_ahead"] = sum(s.num_planned_ahead for s in llm.engine.stats())
         stats = llm.engine.executor.collect_stats()[0]
         out["graphs"]["cuda_graph_replays"] = stats.get("cuda_graph_replays")
     release(engine_kwargs["device"])
@@ -134,6 +137,38 @@ def kernels_per_decode_step(llm, device: str, short: int, long: int) -> dict:
         counts.append(_count_kernels(prof.events(), device))
     return {"what": "CUDA kernels" if device.startswith("cuda") else "CPU operators",
             "per_step": (counts[1] - counts[0]) / (long - short)}
+
+
+def gpu_idle_kernels(llm, device: str, steps: int) -> float | None:
+    """One stream of `steps` greedy decode steps under the profiler: the share of the time from its first GPU
+    kernel or copy to its last during which none ran. Unlike the CUDA events around each step, this also sees
+    the GPU waiting inside a step for the host to issue its work. None without CUDA."""
+    if not device.startswith("cuda"):
+        return None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([{"prompt_token_ids": [7] * 8}], SamplingParams(temperature=0.0, max_tokens=1 + steps,
+                                                                     ignore_eos=True))
+        sync(device)
+    return idle_share([(e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA])
+
+
+def idle_share(intervals: list[tuple[float, float]]) -> float | None:
+    """The share of [first start, last end] covered by none of the intervals."""
+    if not intervals:
+        return None
+    spans = sorted(intervals)
+    first, busy = spans[0][0], 0.0
+    cur_start, cur_end = spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    total = max(end for _, end in spans) - first
+    return 1.0 - busy / total if total > 0 else None
 
 
 def _count_kernels(events, device: str) -> int:

@@ -79,4 +79,33 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {ours['load_s']:.1f} | {k['per_step']:.0f} {k['what']} | "
                      f"{_cell(g.get('cuda_graph_capture_s'), '.2f')} | "
                      f"{_cell(None if mem is None else mem / (1 << 20), '.0f')} | {_cell(replays, 'd')} |")
+    lines += _async_table(results)
     return "\n".join(lines) + "\n"
+
+
+def _async_table(results: dict) -> list[str]:
+    """Async scheduling (the default on CUDA) against `--no-async-scheduling`, on the workloads run both ways."""
+    lines = ["", "Async scheduling (the next decode step issued before the previous step's tokens reach the host) "
+             "against `--no-async-scheduling`, each on its own engine. GPU idle (events): as above. GPU idle "
+             "(kernels): one stream's decode steps under the profiler, the share of the time from its first GPU "
+             "kernel to its last with none running (this also sees the GPU waiting inside a step for the host).",
+             "", "| shape | workload | async tok/s | sync tok/s | gain | step ms async / sync | GPU idle (events) "
+             "async / sync | GPU idle (kernels, 1 stream) async / sync | decodes planned ahead |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results["shapes"].items():
+        on, off = r["pipeserve"], r.get("pipeserve_sync")
+        if not off:
+            continue
+        for w in r["workloads"]:
+            if w["name"] not in off["workloads"]:
+                continue
+            a, b = on["workloads"][w["name"]], off["workloads"][w["name"]]
+            steps = [x["step_s"].get(w["num_prompts"]) for x in (on, off)]
+            steps = [None if t is None else t * 1e3 for t in steps]
+            lines.append(f"| {name} | {w['name']} | {a['tok_s']:,.0f} | {b['tok_s']:,.0f} | "
+                         f"{a['tok_s'] / b['tok_s']:.2f}x | {_cell(steps[0], '.2f')} / {_cell(steps[1], '.2f')} | "
+                         f"{_cell(a.get('gpu_idle_between_decodes'), '.1%')} / "
+                         f"{_cell(b.get('gpu_idle_between_decodes'), '.1%')} | "
+                         f"{_cell(on.get('gpu_idle_kernels'), '.1%')} / {_cell(off.get('gpu_idle_kernels'), '.1%')} | "
+                         f"{on.get('planned_ahead', 0)} / {off.get('planned_ahead', 0)} |")
+    return lines

@@ -42,4 +42,9 @@ def test_bench_gpu_smoke_runs_and_reports(tmp_path):
     # the GPU's idle share needs CUDA events: a column on every workload, n/a on the CPU
     assert all(r["gpu_idle_between_decodes"] is None for r in tiny["pipeserve"]["workloads"].values())
     assert "GPU idle between decode steps |" in text and "untimed run of its prompts" in text
-    assert text.count("| tiny |") == len(tiny["workloads"]) + len(steps) + 1  # every table has its rows
+    compared = {w["name"] for w in tiny["workloads"] if w["compare_async"]}
+    assert set(tiny["pipeserve_sync"]["workloads"]) == compared and len(compared) == 2
+    assert tiny["pipeserve"]["planned_ahead"] > 0 and tiny["pipeserve_sync"]["planned_ahead"] == 0
+    assert tiny["pipeserve"]["gpu_idle_kernels"] is None  # the profiler's device timeline needs CUDA
+    # every table has its rows (the async-vs-sync table: the compared workloads)
+    assert text.count("| tiny |") == len(tiny["workloads"]) + len(steps) + 1 + len(compared)

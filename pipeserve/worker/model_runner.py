@@ -125,7 +125,7 @@ class ModelRunner:
         """Remember the step's sampled ids by persistent row, for decodes planned before they reach the host."""
         rows = self.decode_inputs.persistent_rows(len(reqs)) if inp is None else inp.persistent_rows
         if rows is None:
-            rows = torch.tensor(batch.rows([r.req_id for r in reqs]).tolist(), dtype=torch.long, device=self.device)
+            rows = self.sampled_ids.to_device(batch.rows([r.req_id for r in reqs]).tolist())
         self.sampled_ids.record(rows, ids)
 
     def _forward(self, sched: SchedulerOutput, intermediate: IntermediateTensors | None,

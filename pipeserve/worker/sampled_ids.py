@@ -44,9 +44,14 @@ class SampledIds:
 
     def fill_at(self, input_ids: torch.Tensor, at: list[int], rows: list[int]) -> None:
         """Entries `at` of `input_ids` are placeholders of the requests of persistent rows `rows`."""
-        index = torch.tensor(at, dtype=torch.long, device=self.device)
-        source = torch.tensor(rows, dtype=torch.long, device=self.device)
-        input_ids.index_copy_(0, index, self.last.index_select(0, source))
+        input_ids.index_copy_(0, self.to_device(at), self.last.index_select(0, self.to_device(rows)))
+
+    def to_device(self, values: list[int]) -> torch.Tensor:
+        """A few ints on the device, through pinned memory without waiting (a pageable copy would wait for
+        every step queued before it)."""
+        if torch.device(self.device).type != "cuda":
+            return torch.tensor(values, dtype=torch.long)
+        return torch.tensor(values, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
 
 
 def placeholder_rows(decodes: list[ScheduledRequest]) -> list[int]:
