@@ -103,6 +103,22 @@ def test_penalized_requests_make_steps_synchronous(tiny_model):
     assert sum(s.num_planned_ahead for s in stats) == 0 and leftover == {}
 
 
+@pytest.mark.parametrize("kwargs", [dict(num_kv_blocks=24, max_model_len=64), dict(num_virtual_engines=2)],
+                         ids=["preemption", "two-virtual-engines"])
+def test_preemption_and_virtual_engines(tiny_model, kwargs):
+    """A pool too small for every request preempts requests with steps planned ahead in flight (their results
+    are dropped and they recompute); two virtual engines at PP=1 share one stage and its kept ids."""
+    prompts = [list(range(10 + i, 22 + i)) for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    sync, sync_stats, _ = generate(tiny_model, params, prompts, async_scheduling=False, **kwargs)
+    ours, stats, leftover = generate(tiny_model, params, prompts, async_scheduling=True, **kwargs)
+    assert summary(ours) == summary(sync)
+    assert sum(s.num_planned_ahead for s in stats) > 0 and leftover == {}
+    assert len(stats) == kwargs.get("num_virtual_engines", 1)
+    if "num_kv_blocks" in kwargs:
+        assert sum(s.num_preemptions for s in stats) > 0 and sum(s.num_preemptions for s in sync_stats) > 0
+
+
 def _engine(model: str, async_scheduling: bool, offload: bool = False):
     config = EngineArgs(model, **ENGINE, async_scheduling=async_scheduling).create_engine_config()
     return build_async_engine(config, offload=offload)
