@@ -95,7 +95,7 @@ def decode_buffer_bytes(runner: ModelRunner, decode_peak: int) -> int:
     """What allocate_kv adds besides the KV pool: the decode input buffers and, with graphs, their static
     hand-off buffers and their memory pool (estimated by the eager decode step's peak)."""
     width = -(-runner.max_model_len // runner.block_size)
-    inputs = runner.max_num_seqs * (3 * 8 + (1 + width) * 4)  # DecodeInputs' device buffers: int64 x 3, int32
+    inputs = runner.max_num_seqs * (4 * 8 + (1 + width) * 4)  # DecodeInputs' device buffers: int64 x 4, int32
     if not runner.uses_graphs:
         return inputs
     cfg = runner.model_cfg
