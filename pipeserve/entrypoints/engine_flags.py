@@ -66,7 +66,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         "a long prompt's chunks fill the pipeline up to this")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
                    help="plan each decode step before the previous step's tokens reach the host, the sampled ids "
-                        "feeding the next step on the device (takes effect at PP=1); stop and EOS apply one step "
+                        "feeding the next step on the device (takes effect at PP=1, TP=1); stop and EOS apply one step "
                         "late, the extra token dropped (default: on for CUDA, off for CPU)")
     add_cluster_flags(p)
     p.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=d.distributed_executor_backend,
