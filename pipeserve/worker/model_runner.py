@@ -101,17 +101,23 @@ class ModelRunner:
             if size is not None:
                 inputs.fill(batch, reqs, size, inputs.max_blocks)
                 if inputs.has_placeholders:  # before the replay, on the same stream: the graph reads the ids
-                    held.fill(inputs.dev_long[0, :len(reqs)], inputs.persistent_rows(len(reqs)))
+                    self._kept_ids().fill(inputs.dev_long[0, :len(reqs)], inputs.persistent_rows(len(reqs)))
                 return None, self.graphs.run(sched.virtual_engine, len(reqs), size, intermediate)
             inp = inputs.model_input(batch, reqs)
             if inputs.has_placeholders:
-                held.fill(inp.input_ids, inp.persistent_rows)
+                self._kept_ids().fill(inp.input_ids, inp.persistent_rows)
         else:
             inp = build_model_input(sched, self.block_size, self.device)
             if held is not None:
                 self._fill_placeholders(inp, sched, batch)
         return inp, self.model(inp.input_ids, inp.positions, self.kv_caches[sched.virtual_engine], inp.attn,
                                intermediate)
+
+    def _kept_ids(self) -> SampledIds:
+        if self.sampled_ids is None:
+            raise RuntimeError("a decode planned ahead (placeholder input id) reached a stage that keeps no sampled "
+                               "ids: only the in-process executor at PP=1, TP=1 plans decodes ahead")
+        return self.sampled_ids
 
     def _fill_placeholders(self, inp: ModelInput, sched: SchedulerOutput, batch: InputBatch | None) -> None:
         """A step built afresh (a mixed step) may hold decodes planned ahead: their rows are the first ones."""
