@@ -68,7 +68,7 @@ class PendingStep:
         if packed.device.type == "cuda":
             self._host = packed.to("cpu", non_blocking=True)  # lands in pinned memory
             self._done: torch.cuda.Event | None = torch.cuda.Event()
-            self._done.record()
+            self._done.record(torch.cuda.current_stream(packed.device))  # the copy's device, whichever is current
         else:
             self._host, self._done = packed, None
 
