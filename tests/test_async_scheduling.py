@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -169,6 +170,58 @@ def test_arrival_mid_stream_and_abort(tiny_model, offload):
     shorter, longer = sorted((a_sync, a_async), key=len)  # streams may hand over several tokens at once
     assert longer[: len(shorter)] == shorter and len(shorter) >= 8
     assert planned > 0
+
+
+class _LateTokens(PendingStep):
+    """A step whose tokens reach the host late, as a GPU's do: not before the next step is issued (or 0.2 s
+    have passed, when none is). Notes when they are read."""
+
+    def __init__(self, pending: PendingStep, step_id: int, events: list, issued: dict):
+        self.pending, self.step_id, self.events, self.issued = pending, step_id, events, issued
+
+    def ready(self) -> bool:
+        return False
+
+    def result(self):
+        self.issued.setdefault(self.step_id + 1, threading.Event()).wait(0.2)
+        self.events.append(("result", self.step_id))
+        return self.pending.result()
+
+
+def test_the_next_step_is_issued_while_the_previous_tokens_are_on_their_way(tiny_model):
+    """The overlap itself: with tokens that come back late (the executor waits for them in its waiter thread),
+    step k + 1 is issued before step k's tokens are read; the outputs still equal the synchronous ones."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    events, outputs = [], {}
+    for async_scheduling in (False, True):
+        engine = _engine(tiny_model, async_scheduling)
+        issued: dict[int, threading.Event] = {}
+        run_step = engine.executor.worker.run_step
+
+        def issue(sched, generation=0, defer=False, run_step=run_step, issued=issued):
+            events.append(("issue", sched.step_id))
+            issued.setdefault(sched.step_id, threading.Event()).set()
+            out = run_step(sched, generation, defer)
+            return _LateTokens(out, sched.step_id, events, issued) if isinstance(out, PendingStep) else out
+
+        engine.executor.worker.run_step = issue
+        events.clear()
+
+        async def one(engine=engine):
+            async with engine.running():
+                async for out in engine.add_request(PROMPTS[0], params):
+                    final = out
+            return final.outputs[0].token_ids
+
+        try:
+            outputs[async_scheduling] = asyncio.run(one())
+        finally:
+            engine.shutdown()
+    assert outputs[True] == outputs[False] and len(outputs[True]) == 12
+    order = {event: i for i, event in enumerate(events)}
+    overlapped = [k for kind, k in events if kind == "result" and ("issue", k + 1) in order
+                  and order[("issue", k + 1)] < order[("result", k)]]
+    assert len(overlapped) >= 9, str(events)  # every decode step but the last (the prefill's token is awaited)
 
 
 def test_placeholders_need_an_executor_that_keeps_ids(tiny_model):
