@@ -14,11 +14,15 @@ import time
 import pytest
 import torch
 from decode_driver import make_runners, run_scenario
-from helpers import leftover_bookkeeping, tiny_with_tokenizer
+from helpers import fake_step, leftover_bookkeeping, tiny_with_tokenizer
 from test_decode_inputs import HostTransfers
 
 from pipeserve import LLM, SamplingParams
+from pipeserve.config import SchedulerConfig
 from pipeserve.engine.arg_utils import EngineArgs
+from pipeserve.engine.block_manager import BlockManager
+from pipeserve.engine.request import Request
+from pipeserve.engine.scheduler import Scheduler
 from pipeserve.engine.startup import build_async_engine
 from pipeserve.entrypoints.engine_flags import add_engine_flags, engine_kwargs
 from pipeserve.executor.uniproc import UniProcExecutor
@@ -48,6 +52,28 @@ def params_mix(stop_token: int) -> list[SamplingParams]:
             SamplingParams(temperature=0, max_tokens=9, logprobs=2, ignore_eos=True),
             SamplingParams(temperature=0.9, top_k=30, seed=11, max_tokens=12, n=2, ignore_eos=True),
             SamplingParams(temperature=0, max_tokens=15, min_tokens=6, stop_token_ids=[stop_token])]
+
+
+def test_the_scheduler_plans_one_decode_ahead_and_drops_it_after_a_stop():
+    """Without a model: while a decode is in flight the request's next decode is planned with a placeholder id
+    (one, not more); a stop token in the first step ends the request, the second step's token is dropped, and
+    its blocks are free at once."""
+    cfg = SchedulerConfig(max_num_batched_tokens=16, max_model_len=64)
+    s = Scheduler(cfg, BlockManager(16, 4), eos_token_ids=(99,), plan_ahead=True)
+    req = Request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10), 10)
+    s.add_request(req)
+    s.update(fake_step(s.schedule(), 5))  # the prefill; its token is back
+    first = s.schedule()
+    assert first.decodes.token_ids == [5] and s.num_planned_ahead == 0
+    second = s.schedule()
+    assert second.decodes.token_ids == [PLACEHOLDER] and second.decodes.start_pos == [4]
+    assert second.decodes.num_output_tokens == [2] and s.num_planned_ahead == 1
+    assert s.schedule().is_empty  # never two ahead
+    s.update(fake_step(first, 99))  # EOS: finished one step late
+    assert req.status.finished and req.output_token_ids == [5, 99]
+    assert s.block_manager.num_used_blocks == 0
+    assert s.update(fake_step(second, 42)) == [] and req.output_token_ids == [5, 99]
+    assert s.schedule().finished_req_ids == ["r"] and s.num_steps_in_flight == 1
 
 
 def test_outputs_equal_sync_and_steps_are_planned_ahead(tiny_model):
