@@ -6,6 +6,7 @@ import abc
 from typing import Any
 
 from pipeserve.executor.recovery_log import RecoveryLog
+from pipeserve.executor.step_feed import StepFeed
 from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 
 
@@ -25,6 +26,7 @@ class Executor(abc.ABC):
     failure: BaseException | None = None  # set once a stage has failed for good
     generation: int = 0  # bumps with every recovery; steps planned for an older one never run
     recoveries: RecoveryLog | None = None  # restarts and recovery spans, where the executor can recover
+    step_feed: StepFeed | None = None  # the live step records, kept while someone watches (the dashboard)
 
     @abc.abstractmethod
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
@@ -72,6 +74,10 @@ class Executor(abc.ABC):
     def busy_seconds(self) -> list[float] | None:
         """Cumulative compute seconds per stage, if this executor can tell without asking the stages."""
         return None
+
+    def where(self, stage: int) -> str:
+        """The machine of a stage's first rank, as a person reads it."""
+        return "the engine's process"
 
     def num_steps_pending(self) -> int:
         """Steps sent to the stages whose results have not come back (per-step bookkeeping)."""

@@ -12,6 +12,7 @@ import torch
 from pipeserve.config import EngineConfig
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor
+from pipeserve.executor.step_feed import LocalStepFeed
 from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 from pipeserve.worker.worker import StageWorker
 
@@ -27,6 +28,7 @@ class UniProcExecutor(Executor):
         self.offload = offload
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="pipeserve-step") if offload else None
         self.worker = StageWorker(config, StageInfo.whole_model(config.model.num_hidden_layers))
+        self.step_feed = LocalStepFeed(lambda: self.worker)
 
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
         if self.offload:
