@@ -48,7 +48,9 @@ class StepFeed:
 
     def unsubscribe(self) -> None:
         with self._lock:
-            self._watchers = max(0, self._watchers - 1)
+            if not self._watchers:
+                return
+            self._watchers -= 1
             last = self._watchers == 0
             if last:
                 for d in self._records:
