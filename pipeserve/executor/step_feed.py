@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -33,6 +34,7 @@ class StepFeed:
         self.num_stages = num_stages
         self._lock = threading.Lock()
         self._watchers = 0
+        self.since: float | None = None  # when the feed was last turned on (engine wall clock)
         self._records: list[deque[StepRecord]] = [deque(maxlen=KEEP_PER_STAGE) for _ in range(num_stages)]
 
     @property
@@ -43,6 +45,8 @@ class StepFeed:
         with self._lock:
             self._watchers += 1
             first = self._watchers == 1
+            if first:
+                self.since = time.time()
         if first:
             self._switch(True)
 

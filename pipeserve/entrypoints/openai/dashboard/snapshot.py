@@ -51,8 +51,10 @@ class LiveSnapshot:
         now = time.time() if now is None else now
         feed = executor.step_feed
         per_stage = feed.recent() if feed is not None else [[] for _ in range(self._num_stages())]
-        busy = busy_fractions([r for rs in per_stage for r in rs], len(per_stage),
-                              now - FEED_LAG_S - BUSY_WINDOW_S, now - FEED_LAG_S)
+        t1 = now - FEED_LAG_S
+        t0 = max(t1 - BUSY_WINDOW_S, feed.since or 0.0) if feed is not None else t1 - BUSY_WINDOW_S
+        t0 = min(t0, t1 - 0.1)  # a page opened a moment ago: a short window rather than none
+        busy = busy_fractions([r for rs in per_stage for r in rs], len(per_stage), t0, t1)
         stages = [{"stage": s, "busy": round(busy[s], 4), "machine": executor.where(s),
                    "steps": _gantt(records, now)} for s, records in enumerate(per_stage)]
         ves, queries, hits = [], 0, 0

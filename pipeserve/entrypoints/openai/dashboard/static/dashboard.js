@@ -72,7 +72,8 @@ function showGantt(s) {
       if (x1 <= LABEL_W) continue;
       const bar = el("svg:rect", {class: "step", x: x0.toFixed(1), y: y + 3, width: Math.max(1, x1 - x0).toFixed(1),
                                   height: ROW_H - 8, fill: COLOURS[ve % COLOURS.length],
-                                  "fill-opacity": kind === "decode" ? 0.95 : 0.6, "data-ve": ve, "data-kind": kind});
+                                  "fill-opacity": kind === "decode" ? 0.95 : 0.6, "data-ve": ve, "data-kind": kind,
+                                  "data-stage": st.stage, "data-start": (s.t - ago).toFixed(4)});
       bar.append(el("svg:title", {}, `VE ${ve} ${kind}: ${tokens} tokens, ${durMs.toFixed(2)} ms`));
       parts.push(bar);
     }
