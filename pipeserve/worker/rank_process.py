@@ -8,6 +8,9 @@ A failed torch.distributed operation (PeerLost: a peer died or dropped the group
 it drops its group, reports GroupLost, skips the rest of that generation's steps, and on Join enters the
 next generation's group with its weights still loaded. Any other exception is the rank's own failure: it
 reports StageError and exits, and the engine starts a replacement.
+
+While the engine has the live step feed on (WatchSteps: a dashboard page is open), the main thread sends the
+stage's step records in StepRecords batches every FEED_EVERY_S, also between steps; otherwise it keeps none.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class RankProcess:
         # Load, then wait for Join: a replacement still reading weights never holds the others in a rendezvous.
         self.worker = StageWorker(cfg, spec.stage, spec.rank, tp_group_of(self.layout, spec.rank))
         self.in_group = False
+        self._last_feed = 0.0  # when the live step feed last sent a batch
         channel.send(Loaded(spec.rank, start.generation, self.worker.num_params(), self.worker.weights_summary()))
 
     @property
@@ -145,7 +149,6 @@ class RankProcess:
     def serve(self) -> None:
         """Run messages until Stop; PeerLost leaves the group and waits for Release and Join."""
         last_report = 0.0
-        self._last_feed = 0.0
         while True:
             if self.worker.feed is None:
                 msg = self.channel.inbox.get()  # no feed: nothing to do between messages

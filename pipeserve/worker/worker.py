@@ -105,8 +105,9 @@ class StageWorker:
         out = self.runner.execute(mine, inter, self.requests.batch)
         record = self.runner.last_record
         self.records.append(record)
-        if self.feed is not None:
-            self.feed.append(record)
+        feed = self.feed  # (read once: the in-process executor's event loop may switch it off meanwhile)
+        if feed is not None:
+            feed.append(record)
         self.busy_s += record.end - record.start
         if not self.stage.is_last:
             following = sched.for_stage(self.stage.rank + 1)
