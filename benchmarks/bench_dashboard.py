@@ -52,14 +52,20 @@ def _median(runs: list[dict], key: str, stat: str) -> float:
     return statistics.median(r[key][stat] for r in runs)
 
 
+def _snapshots(runs: list[dict]) -> str:
+    """Snapshots read per second, and their average size."""
+    per_s = statistics.median(r["dashboard_events"]["snapshots"] / r["duration_s"] for r in runs)
+    size = statistics.median(r["dashboard_events"]["bytes"] / max(1, r["dashboard_events"]["snapshots"]) for r in runs)
+    return f"{per_s:.1f}, {size / 1024:.1f} KiB"
+
+
 def table(runs: dict[str, list[dict]], args: argparse.Namespace) -> str:
     ref = statistics.median(r["output_throughput"] for r in runs["no page"])
     rows = ["| variant | runs | out tok/s (median) | vs no page | TTFT p50 (ms) | TPOT p50 (ms) | ITL p99 (ms) | "
-            "snapshots/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "snapshots/s, size |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rs in runs.items():
         tput = statistics.median(r["output_throughput"] for r in rs)
-        snaps = (f"{statistics.median(r['dashboard_events'] / r['duration_s'] for r in rs):.1f}"
-                 if "dashboard_events" in rs[0] else "")
+        snaps = _snapshots(rs) if "dashboard_events" in rs[0] else ""
         rows.append(f"| {name} | {len(rs)} | {tput:.1f} | {tput / ref:.3f}x | {_median(rs, 'ttft_ms', 'median'):.0f} | "
                     f"{_median(rs, 'tpot_ms', 'median'):.1f} | {_median(rs, 'itl_ms', 'p99'):.1f} | {snaps} |")
     spread = {name: f"{min(r['output_throughput'] for r in rs):.1f}-{max(r['output_throughput'] for r in rs):.1f}"

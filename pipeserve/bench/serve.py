@@ -160,6 +160,7 @@ class DashboardWatcher:
 
     def __init__(self) -> None:
         self.events = 0
+        self.bytes = 0  # of the snapshots' JSON
         self.first = asyncio.Event()
         self.task: asyncio.Task | None = None
 
@@ -186,13 +187,14 @@ class DashboardWatcher:
                 async for line in resp.aiter_lines():
                     if line.startswith("data:"):
                         self.events += 1
+                        self.bytes += len(line) - len("data:")
                         self.first.set()
 
-    async def close(self) -> int:
+    async def close(self) -> dict[str, int]:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        return self.events
+        return {"snapshots": self.events, "bytes": self.bytes}
 
 
 async def _first_model(client: Any) -> str:
@@ -305,7 +307,9 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"Request throughput: {s['request_throughput']:.2f} req/s   Output: {s['output_throughput']:.1f} tok/s   "
           f"Total: {s['total_token_throughput']:.1f} tok/s")
     if "dashboard_events" in s:
-        print(f"Dashboard stream open throughout: {s['dashboard_events']} snapshots read")
+        d = s["dashboard_events"]
+        print(f"Dashboard stream open throughout: {d['snapshots']} snapshots read, "
+              f"{d['bytes'] / max(1, d['snapshots']) / 1024:.1f} KiB each on average")
     print(f"{'(ms)':<6}{'mean':>10}{'median':>10}{'p99':>10}")
     for name in ("ttft", "tpot", "itl", "e2el"):
         m = s[f"{name}_ms"]
