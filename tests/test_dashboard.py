@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 
+from pipeserve.bench.serve import DashboardWatcher
 from pipeserve.control.process import free_port
 from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.entrypoints.openai.api_server import ServeSettings, build_app
@@ -255,3 +257,25 @@ def test_latency_window_forgets_the_minute_before():
         w.add(i / 1000, now=1000.0 + i * 0.1)
     assert w.percentiles(now=1010.0) == [0.049, 0.098]
     assert w.percentiles(now=1075.0) == [None, None] and len(w) == 0
+
+
+def test_without_an_api_key_the_page_is_open(served):
+    _, _, engine = served
+    client = TestClient(build_app(engine, ServeSettings(served_model_names=["tiny"])))  # no lifespan: no loops
+    page = client.get("/dashboard")
+    assert page.status_code == 200 and "dashboard.js" in page.text
+    assert client.get("/dashboard/dashboard.js").status_code == 200
+
+
+def test_bench_serve_watcher_reads_the_stream_with_the_bearer_header(served):
+    server, _, _ = served
+
+    async def watch() -> dict:
+        watcher = await DashboardWatcher.open(server.url, {"Authorization": f"Bearer {KEY}"})
+        await asyncio.sleep(1.0)
+        return await watcher.close()
+
+    got = asyncio.run(watch())
+    assert got["snapshots"] >= 2 and got["bytes"] > 100
+    with pytest.raises(ValueError, match="HTTP 401"):
+        asyncio.run(DashboardWatcher.open(server.url, {}))
