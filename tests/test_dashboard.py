@@ -22,7 +22,7 @@ from pipeserve.control.process import free_port
 from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.entrypoints.openai.api_server import ServeSettings, build_app
 from pipeserve.entrypoints.openai.dashboard.auth import COOKIE, redact_query
-from pipeserve.entrypoints.openai.dashboard.window import LatencyWindow
+from pipeserve.entrypoints.openai.dashboard.window import LatencyWindow, Rate
 from pipeserve.entrypoints.openai.launcher import build_engine
 
 KEY = "dash-secret-4f9a2c"
@@ -279,3 +279,13 @@ def test_bench_serve_watcher_reads_the_stream_with_the_bearer_header(served):
     assert got["snapshots"] >= 2 and got["bytes"] > 100
     with pytest.raises(ValueError, match="HTTP 401"):
         asyncio.run(DashboardWatcher.open(server.url, {}))
+
+
+def test_token_rate_covers_the_last_seconds_only():
+    rate = Rate(span_s=3.0)
+    assert rate.update(0, now=10.0) == 0.0
+    assert rate.update(50, now=11.0) == 50.0
+    assert rate.update(150, now=12.0) == 75.0
+    assert rate.update(450, now=14.0) == pytest.approx(400 / 3)  # from 11.0, the newest sample 3 s old or more
+    assert rate.update(460, now=100.0) == 0.0  # not read since: no rate from a stale sample
+    assert rate.update(470, now=101.0) == 10.0

@@ -67,6 +67,8 @@ class Rate:
 
     def update(self, total: float, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
+        if self._samples and self._samples[-1][0] < now - self.span_s:
+            self._samples.clear()  # not read for a while (no page open): start afresh
         self._samples.append((now, total))
         while len(self._samples) > 2 and self._samples[1][0] <= now - self.span_s:
             self._samples.popleft()
