@@ -9,6 +9,7 @@ import pytest
 
 from pipeserve.control import messages as m
 from pipeserve.sampling_params import SamplingParams
+from pipeserve.timeline import StepRecord
 from pipeserve.types import MemoryProfile, SampledToken, ScheduledRequest, SchedulerOutput, StepOutput
 
 SCHED = SchedulerOutput(3, 1, [ScheduledRequest("r", [1, 2], 0, [4], SamplingParams(temperature=0))])
@@ -28,6 +29,8 @@ EXAMPLES = [
                                                                  used_bytes=1 << 30, activation_bytes=1 << 28,
                                                                  graph_bytes=1 << 26, kv_bytes_per_block=1 << 16)),
     m.KVAllocated(rank=1, generation=0),
+    m.WatchSteps(on=True, generation=2), m.Pong(rank=1, nonce=-3, generation=2, wall=1.7e9),
+    m.StepRecords(rank=1, records=(StepRecord(0, 4, 1, 10.0, 10.01, "decode", 3),), generation=2),
 ]
 
 

@@ -4,12 +4,15 @@ Any server that speaks /v1/completions with SSE streaming works (pipeserve, vLLM
 token ids (exactly L tokens) or random text decoded from them; each asks for O tokens with `ignore_eos`.
 Metrics follow vLLM's benchmark_serving: TTFT = arrival of the first streamed chunk; TPOT = (e2e - TTFT) /
 (output tokens - 1) per request; ITL = every gap between successive chunks; all as mean, median and p99.
+`--watch-dashboard` keeps pipeserve's live dashboard stream (/dashboard/stream) open and read for the whole
+run, as an open page would: what watching costs (benchmarks/bench_dashboard.py compares both).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -50,6 +53,7 @@ class BenchConfig:
     ignore_eos: bool = True
     api_key: str | None = None
     seed: int = 0
+    watch_dashboard: bool = False
 
 
 def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -70,6 +74,8 @@ def add_bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
                    help="do not send ignore_eos (for servers that reject it)")
     p.add_argument("--api-key", default=os.environ.get("PIPESERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--watch-dashboard", action="store_true",
+                   help="keep pipeserve's /dashboard/stream open during the run, as an open page does")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=_cli)
 
@@ -136,10 +142,59 @@ async def _benchmark(cfg: BenchConfig) -> dict[str, Any]:
         check = await stream_completion(client, _payload(cfg, model, prompts[0], 2))
         if not check.ok:
             raise ValueError(f"the check request failed: {check.error}")
+        watcher = await DashboardWatcher.open(cfg.base_url, headers) if cfg.watch_dashboard else None
         start = time.perf_counter()
-        results = await _run_all(cfg, client, model, prompts)
-        duration = time.perf_counter() - start
-    return summarize(cfg, model, results, duration)
+        try:
+            results = await _run_all(cfg, client, model, prompts)
+            duration = time.perf_counter() - start
+        finally:
+            events = await watcher.close() if watcher is not None else None
+    summary = summarize(cfg, model, results, duration)
+    if events is not None:
+        summary["dashboard_events"] = events
+    return summary
+
+
+class DashboardWatcher:
+    """Reads /dashboard/stream in the background, as an open dashboard page does; counts its snapshots."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.bytes = 0  # of the snapshots' JSON
+        self.first = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    @classmethod
+    async def open(cls, base_url: str, headers: dict[str, str]) -> DashboardWatcher:
+        """Returns once the first snapshot has arrived (the stages' step feed is on from then)."""
+        watcher = cls()
+        watcher.task = asyncio.create_task(watcher._read(base_url, headers))
+        done, _ = await asyncio.wait([watcher.task, asyncio.create_task(watcher.first.wait())],
+                                     timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if watcher.task in done or not watcher.first.is_set():
+            exc = watcher.task.exception() if watcher.task.done() else None
+            watcher.task.cancel()
+            raise ValueError(f"cannot open {base_url}/dashboard/stream: {exc or 'no snapshot within 30 s'}")
+        return watcher
+
+    async def _read(self, base_url: str, headers: dict[str, str]) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(None, connect=30)) as c:
+            async with c.stream("GET", "/dashboard/stream") as resp:
+                if resp.status_code != 200:
+                    raise ValueError(f"HTTP {resp.status_code}")
+                async for line in resp.aiter_lines():
+                    if line.startswith("data:"):
+                        self.events += 1
+                        self.bytes += len(line) - len("data:")
+                        self.first.set()
+
+    async def close(self) -> dict[str, int]:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        return {"snapshots": self.events, "bytes": self.bytes}
 
 
 async def _first_model(client: Any) -> str:
@@ -251,6 +306,10 @@ def print_summary(s: dict[str, Any]) -> None:
         print(f"  error: {err}")
     print(f"Request throughput: {s['request_throughput']:.2f} req/s   Output: {s['output_throughput']:.1f} tok/s   "
           f"Total: {s['total_token_throughput']:.1f} tok/s")
+    if "dashboard_events" in s:
+        d = s["dashboard_events"]
+        print(f"Dashboard stream open throughout: {d['snapshots']} snapshots read, "
+              f"{d['bytes'] / max(1, d['snapshots']) / 1024:.1f} KiB each on average")
     print(f"{'(ms)':<6}{'mean':>10}{'median':>10}{'p99':>10}")
     for name in ("ttft", "tpot", "itl", "e2el"):
         m = s[f"{name}_ms"]

@@ -23,9 +23,14 @@ pool yet: once every rank is Ready, each profiles its memory (ProfileMemory → 
 decides the block count, and each allocates its pool and captures its graphs (AllocateKV → KVAllocated). A
 replacement rank gets the count in its StartStage's spec and allocates while it loads.
 
-    engine → rank:   StartStage, Release, Join, ProfileMemory, AllocateKV, RunStep, Ping, StatsRequest, Stop
+    engine → rank:   StartStage, Release, Join, ProfileMemory, AllocateKV, RunStep, Ping, StatsRequest, WatchSteps,
+                     Stop
     rank → engine:   RankHello, Loaded, Released, Ready, MemoryProfiled, KVAllocated, StepResult, GroupLost,
-                     StageError, Pong, BusyReport, StatsReply
+                     StageError, Pong, BusyReport, StatsReply, StepRecords
+
+The live step feed (the dashboard) is off unless someone watches: WatchSteps(on=True) makes a rank send its step
+records in StepRecords batches a few times a second, WatchSteps(on=False) stops it. A Pong carries the rank's
+wall clock, so the engine can place records of stages on other machines on its own clock.
     engine → agent:  StartRanks, KillRanks, Stop
     agent → engine:  NodeHello
 """
@@ -35,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeserve.timeline import StepRecord
 from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 
 # ---- introductions (the first message on a new connection) ------------------------------------------
@@ -143,6 +149,15 @@ class StatsRequest:
 
 
 @dataclass(frozen=True)
+class WatchSteps:
+    """Start (`on`) or stop sending StepRecords; a rank starts with the feed off. Not tied to a generation: a
+    survivor keeps its setting through a recovery, and a replacement is told again when it joins."""
+
+    on: bool
+    generation: int = 0
+
+
+@dataclass(frozen=True)
 class Stop:
     """Finish pending sends and exit (to ranks); exit and stop reconnecting (to node agents)."""
 
@@ -227,6 +242,7 @@ class Pong:
     rank: int
     nonce: int
     generation: int
+    wall: float = 0.0  # the rank's time.time() when it answered (clock offset of a stage on another machine)
 
 
 @dataclass(frozen=True)
@@ -242,4 +258,13 @@ class BusyReport:
 class StatsReply:
     rank: int
     stats: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class StepRecords:
+    """Step records of the rank since its last batch (its own wall clock), sent while WatchSteps is on."""
+
+    rank: int
+    records: tuple[StepRecord, ...]
     generation: int = 0

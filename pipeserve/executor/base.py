@@ -6,6 +6,7 @@ import abc
 from typing import Any
 
 from pipeserve.executor.recovery_log import RecoveryLog
+from pipeserve.executor.step_feed import StepFeed
 from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 
 
@@ -28,6 +29,7 @@ class Executor(abc.ABC):
     # Async scheduling: the stages feed the ids a step samples to the next step on the device, so the engine
     # may plan a decode before its input token is known (types.PLACEHOLDER). Where False, decodes wait.
     holds_sampled_ids: bool = False
+    step_feed: StepFeed | None = None  # the live step records, kept while someone watches (the dashboard)
 
     @abc.abstractmethod
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
@@ -75,6 +77,10 @@ class Executor(abc.ABC):
     def busy_seconds(self) -> list[float] | None:
         """Cumulative compute seconds per stage, if this executor can tell without asking the stages."""
         return None
+
+    def where(self, stage: int) -> str:
+        """The machine of a stage's first rank, as a person reads it."""
+        return "the engine's process"
 
     def num_steps_pending(self) -> int:
         """Steps sent to the stages whose results have not come back (per-step bookkeeping)."""

@@ -48,6 +48,7 @@ from pipeserve.control.messages import (
     StageError,
     StatsReply,
     StatsRequest,
+    StepRecords,
     StepResult,
     Stop,
 )
@@ -59,6 +60,7 @@ from pipeserve.executor.formation import FormationInterrupted, GroupFormation, S
 from pipeserve.executor.rank_launcher import ClusterLauncher, RankLauncher
 from pipeserve.executor.rank_table import RankTable
 from pipeserve.executor.recovery_log import RecoveryLog, RecoverySpan, RestartBudget
+from pipeserve.executor.step_feed import RankStepFeed
 from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 from pipeserve.worker.worker import WorkerSpec
 
@@ -102,9 +104,11 @@ class MultiprocExecutor(Executor):
         self._listener = ControlListener(listen, authkey, world, self._rank_connected, self._agent_connected)
         self.launcher = self._launcher(authkey)
         self.formation = GroupFormation(self.table, self.launcher, self.specs, self.who, par.join_timeout_s)
+        self.step_feed = RankStepFeed(self.layout, self.table.send)
         threading.Thread(target=self._monitor_loop, name="pipeserve-monitor", daemon=True).start()
         try:
             self.stage_params = self.formation.start_all(0)
+            self.step_feed.joined(range(world), 0)
         except FormationInterrupted as exc:
             self.shutdown()
             raise StageFailure(str(exc)) from None
@@ -126,6 +130,9 @@ class MultiprocExecutor(Executor):
                                ready_timeout_s=par.join_timeout_s, name=name)
         return ClusterLauncher(self._listener.address, authkey, par.master_addr, self.layout,
                                par.node_rejoin_timeout_s)
+
+    def where(self, stage: int) -> str:
+        return self.launcher.where(self.layout.stage_ranks(stage)[0])
 
     def who(self, rank: int) -> str:
         """A rank as a person reads it: its pipeline stage, and its TP rank where there is TP."""
@@ -258,6 +265,10 @@ class MultiprocExecutor(Executor):
             self._busy[rank] = msg.seconds
         elif isinstance(msg, StatsReply):
             self._stats.put(msg.stats)
+        elif isinstance(msg, StepRecords):
+            self.step_feed.received(rank, msg)
+        elif isinstance(msg, Pong) and self.step_feed.is_clock_pong(msg):
+            self.step_feed.pong(rank, msg)
         elif isinstance(msg, GroupLost):
             if msg.generation == self.generation:
                 self._failed(f"{self.who(rank)} lost a peer: {msg.cause}")
@@ -343,6 +354,7 @@ class MultiprocExecutor(Executor):
             self.table.dead.clear()
             self._steps_issued = itertools.count()
             self.state = "running"
+        self.step_feed.joined(replaced, self.generation)
         logger.warning("recovered in %.1f s: generation %d, replaced ranks %s", time.time() - start,
                        self.generation, replaced)
 

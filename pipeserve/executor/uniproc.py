@@ -13,6 +13,7 @@ import torch
 from pipeserve.config import EngineConfig
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.executor.base import Executor
+from pipeserve.executor.step_feed import LocalStepFeed
 from pipeserve.types import MemoryProfile, SchedulerOutput, StepOutput
 from pipeserve.worker.sampled_ids import PendingStep
 from pipeserve.worker.worker import StageWorker
@@ -36,6 +37,7 @@ class UniProcExecutor(Executor):
         self.holds_sampled_ids = self.worker.holds_sampled_ids
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="pipeserve-tokens") if self.holds_sampled_ids \
             else None
+        self.step_feed = LocalStepFeed(lambda: self.worker)
 
     async def execute(self, sched: SchedulerOutput, generation: int | None = None) -> StepOutput:
         if self.holds_sampled_ids:

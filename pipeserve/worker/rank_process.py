@@ -8,6 +8,9 @@ A failed torch.distributed operation (PeerLost: a peer died or dropped the group
 it drops its group, reports GroupLost, skips the rest of that generation's steps, and on Join enters the
 next generation's group with its weights still loaded. Any other exception is the rank's own failure: it
 reports StageError and exits, and the engine starts a replacement.
+
+While the engine has the live step feed on (WatchSteps: a dashboard page is open), the main thread sends the
+stage's step records in StepRecords batches every FEED_EVERY_S, also between steps; otherwise it keeps none.
 """
 
 from __future__ import annotations
@@ -44,13 +47,16 @@ from pipeserve.control.messages import (
     StartStage,
     StatsReply,
     StatsRequest,
+    StepRecords,
     StepResult,
     Stop,
+    WatchSteps,
 )
 from pipeserve.distributed.parallel_state import PeerLost, init_tp_groups, tp_group_of
 from pipeserve.worker.worker import StageWorker, WorkerSpec
 
 BUSY_REPORT_EVERY_S = 1.0  # how often a rank tells the engine its cumulative compute time (for /metrics)
+FEED_EVERY_S = 0.2  # while the live feed is on, step records go to the engine in batches this often
 
 
 logger = logging.getLogger(__name__)
@@ -73,7 +79,7 @@ class ControlChannel:
             while True:
                 msg = self.conn.recv()
                 if isinstance(msg, Ping):
-                    self.send(Pong(self.rank, msg.nonce, self.generation))
+                    self.send(Pong(self.rank, msg.nonce, self.generation, time.time()))
                 else:
                     self.inbox.put(msg)
         except BaseException:  # noqa: BLE001 - the engine is gone (EOF, reset): nobody to compute for
@@ -110,6 +116,7 @@ class RankProcess:
         # Load, then wait for Join: a replacement still reading weights never holds the others in a rendezvous.
         self.worker = StageWorker(cfg, spec.stage, spec.rank, tp_group_of(self.layout, spec.rank))
         self.in_group = False
+        self._last_feed = 0.0  # when the live step feed last sent a batch
         channel.send(Loaded(spec.rank, start.generation, self.worker.num_params(), self.worker.weights_summary()))
 
     @property
@@ -143,7 +150,14 @@ class RankProcess:
         """Run messages until Stop; PeerLost leaves the group and waits for Release and Join."""
         last_report = 0.0
         while True:
-            msg = self.channel.inbox.get()
+            if self.worker.feed is None:
+                msg = self.channel.inbox.get()  # no feed: nothing to do between messages
+            else:
+                try:
+                    msg = self.channel.inbox.get(timeout=FEED_EVERY_S)
+                except queue.Empty:
+                    self._send_feed(time.time())  # an idle stage still sends its last steps
+                    continue
             if isinstance(msg, RunStep):
                 if msg.generation != self.generation or not self.in_group:
                     continue  # a step of a group that is gone: the engine recomputes it
@@ -159,6 +173,12 @@ class RankProcess:
                 if now - last_report >= BUSY_REPORT_EVERY_S:
                     last_report = now
                     self.channel.send(BusyReport(self.spec.rank, self.worker.busy_s, self.generation))
+                if self.worker.feed is not None and now - self._last_feed >= FEED_EVERY_S:
+                    self._send_feed(now)
+            elif isinstance(msg, WatchSteps):
+                if not msg.on and self.worker.feed is not None:
+                    self._send_feed(time.time())
+                self.worker.watch_steps(msg.on)
             elif isinstance(msg, Release):
                 self.leave()
                 self.channel.send(Released(self.spec.rank, msg.generation))
@@ -184,6 +204,13 @@ class RankProcess:
                 return
             else:
                 raise TypeError(f"unexpected message {type(msg).__name__}")
+
+
+    def _send_feed(self, now: float) -> None:
+        self._last_feed = now
+        records = self.worker.drain_feed()
+        if records:
+            self.channel.send(StepRecords(self.spec.rank, records, self.generation))
 
 
 def run_rank(conn: Connection, rank: int) -> None:

@@ -31,6 +31,7 @@ from pipeserve.worker.sampled_ids import PendingStep
 from pipeserve.worker.step_inputs import rows_for
 
 MAX_RECORDS = 200_000  # step records kept for a trace or benchmark (EngineConfig.record_steps): bounded all the same
+FEED_MAX_RECORDS = 4096  # records waiting for the live feed's next batch (bounded if nobody drains them)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class StageWorker:
         self.requests = RequestStates()
         self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS if config.record_steps else 0)
         self.busy_s = 0.0  # cumulative compute seconds (records are bounded; this is not)
+        self.feed: deque[StepRecord] | None = None  # records for the live feed, only while someone watches
         self.memory_profile: MemoryProfile | None = None  # set when the engine sized the KV pool by profiling
 
     def profile_memory(self, before_measuring: Callable[[], None] | None = None) -> MemoryProfile:
@@ -112,6 +114,9 @@ class StageWorker:
         out = self.runner.execute(mine, inter, self.requests.batch, defer)
         record = self.runner.last_record
         self.records.append(record)
+        feed = self.feed  # (read once: the in-process executor's event loop may switch it off meanwhile)
+        if feed is not None:
+            feed.append(record)
         self.busy_s += record.end - record.start
         if not self.stage.is_last:
             following = sched.for_stage(self.stage.rank + 1)
@@ -121,6 +126,21 @@ class StageWorker:
                                                                             out.residual[rows]))
             return None
         return out if self.runner.samples else None
+
+    def watch_steps(self, on: bool) -> None:
+        """Keep step records for the live feed (drained by whoever watches) or stop keeping them."""
+        if not on:
+            self.feed = None
+        elif self.feed is None:
+            self.feed = deque(maxlen=FEED_MAX_RECORDS)
+
+    def drain_feed(self) -> tuple[StepRecord, ...]:
+        """The records kept for the feed since the last call (appends come from the step thread: popleft is
+        atomic, so nothing is lost or taken twice)."""
+        feed, out = self.feed, []
+        while feed:
+            out.append(feed.popleft())
+        return tuple(out)
 
     def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank,

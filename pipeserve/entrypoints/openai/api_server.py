@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeserve import __version__
 from pipeserve.engine.async_engine import AsyncEngine
+from pipeserve.entrypoints.openai.dashboard.routes import add_dashboard_routes
 from pipeserve.entrypoints.openai.errors import error_response, install_error_handlers
 from pipeserve.entrypoints.openai.metrics import ServerMetrics
 from pipeserve.entrypoints.openai.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
@@ -69,6 +70,7 @@ def build_app(engine: AsyncEngine, settings: ServeSettings,
     install_error_handlers(app)
     _add_routes(app, engine, settings, metrics, completions, chats)
     _add_tokenizer_routes(app, TokenizationServing(engine, settings.served_model_names))
+    add_dashboard_routes(app, engine, settings.served_model_names[0], settings.api_key, metrics.live)
     # Added last = outermost: the key is checked before the body is buffered.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:

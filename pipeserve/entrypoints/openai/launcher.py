@@ -88,5 +88,6 @@ def run_server(engine_args: EngineArgs, settings: ServeSettings, log_level: str 
 
 def _announce(settings: ServeSettings) -> None:
     url = base_url(settings.host, settings.port)
-    logger.info("ready: %s (OpenAI API under /v1; also /health, /live, /metrics, /version)", url)
+    logger.info("ready: %s (OpenAI API under /v1; also /health, /live, /metrics, /version; live view: %s/dashboard%s)",
+                url, url, "?api_key=<key>" if settings.api_key else "")
     logger.info("try: %s", curl_example(url, settings.served_model_names[0], bool(settings.api_key)))

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from pipeserve.engine.async_engine import AsyncEngine
+from pipeserve.entrypoints.openai.dashboard.window import LiveRequestStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
@@ -102,6 +103,7 @@ class ServerMetrics:
                              "request", buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("pipeserve_e2e_request_latency_seconds", "Arrival to finish (or abort)",
                              buckets=_E2E_BUCKETS, registry=r)
+        self.live = LiveRequestStats()  # the dashboard's last minute
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -113,6 +115,7 @@ class RequestTimer:
     def __init__(self, metrics: ServerMetrics, arrival: float, num_prompt_tokens: int):
         self.metrics, self.arrival, self.last = metrics, arrival, arrival
         self.num_tokens = 0
+        self.first = arrival  # when the first output token came
         metrics.prompt_tokens.inc(num_prompt_tokens)
 
     def tokens(self, total: int) -> None:
@@ -121,10 +124,17 @@ class RequestTimer:
         if new <= 0:
             return
         now = time.monotonic()
-        (self.metrics.ttft if self.num_tokens == 0 else self.metrics.itl).observe(now - self.last)
+        if self.num_tokens == 0:
+            self.metrics.ttft.observe(now - self.arrival)
+            self.metrics.live.first_token(now - self.arrival)
+            self.first = now
+        else:
+            self.metrics.itl.observe(now - self.last)
         self.metrics.generation_tokens.inc(new)
+        self.metrics.live.tokens(new)
         self.num_tokens, self.last = total, now
 
     def finished(self, reason: str) -> None:
         self.metrics.e2e.observe(time.monotonic() - self.arrival)
+        self.metrics.live.finished(self.last - self.first, self.num_tokens)
         self.metrics.requests.labels(finished_reason=reason).inc()
