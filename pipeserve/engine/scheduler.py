@@ -5,15 +5,15 @@ requests in arrival order, all under one token budget (`max_num_batched_tokens`)
 When the KV pool runs dry, the most recently admitted running request is preempted: its blocks are freed
 and it goes back to the front of the queue, to recompute prompt + outputs later. It loses no tokens.
 
-Several steps may be in flight at once (chunked pipeline prefill): a request whose planned tokens do not
-reach a sample yet (a prefill chunk that is not its last) can have its next chunk planned before the first
-one returns, so chunk k+1 enters stage 0 while chunk k is in stage 1. That is safe because every stage runs
-a virtual engine's steps in the order they were planned, and chunk k+1 needs on each stage only the KV that
-the same stage wrote for chunks 1..k. A request that waits for a sampled token is not planned again until
-that token arrives, unless async scheduling plans its next decode ahead (`_can_plan_ahead`): the stage fills in
-the token on the device. Results are applied in planning order. A request preempted or aborted while its steps
-are in flight bumps its `epoch`, so their late results are dropped (the KV they wrote is overwritten
-before anything reads it: every later step on those blocks is planned, hence run, after them).
+Several steps may be in flight at once (chunked pipeline prefill): a request whose planned tokens do not reach
+a sample yet (a prefill chunk that is not its last) can have its next chunk planned before the first one
+returns, so chunk k+1 enters stage 0 while chunk k is in stage 1. That is safe because every stage runs a
+virtual engine's steps in the order they were planned, and chunk k+1 needs on each stage only the KV that the
+same stage wrote for chunks 1..k. A request that waits for a sampled token is not planned again until that
+token arrives, unless async scheduling plans its next decode ahead (plan_ahead.py). Results are applied in
+planning order. A request preempted or aborted while its steps are in flight bumps its `epoch`, so their late
+results are dropped (the KV they wrote is overwritten before anything reads it: every later step on those
+blocks is planned, hence run, after them).
 
 A stage failure is handled much the same way (`recompute_all`): every running request computes its tokens
 again, keeping its blocks, but only on the stages up to the last replaced one: the stages after it still
@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from pipeserve.config import SchedulerConfig
 from pipeserve.engine.block_manager import BlockManager
+from pipeserve.engine.plan_ahead import PlanAhead, can_plan_ahead
 from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.types import PLACEHOLDER, ScheduledRequest, SchedulerOutput, StepOutput
 
@@ -41,13 +42,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: tuple[int, ...] = (),
                  virtual_engine: int = 0, plan_ahead: bool = False):
         self.config = config
-        # Async scheduling: a decoding request's next step may be planned while the step that samples its
-        # latest token is in flight (see _can_plan_ahead); the stages hold the ids that step samples.
-        self.plan_ahead = plan_ahead
-        self.num_planned_ahead = 0  # decodes planned before their input token was known, since start
-        # Penalized requests need their tokens on the host before their next step: while one is here, every
-        # step is planned synchronously (planning the others ahead would leave it every other step).
-        self._num_sync_only = 0
+        self.plan_ahead = PlanAhead(plan_ahead)  # async scheduling: decodes planned before their token is back
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
         self.virtual_engine = virtual_engine
@@ -76,7 +71,7 @@ class Scheduler:
         # What update checks per token, with `length_limit`: the ids that may stop it.
         params = req.sampling_params
         req.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        self._num_sync_only += params.penalized
+        self.plan_ahead.added(req)
         if after is not None and self.block_manager.enable_prefix_caching and \
                 len(req.prompt_token_ids) > self.block_manager.block_size:
             req.held_for = after
@@ -126,6 +121,10 @@ class Scheduler:
     def num_steps_in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def num_planned_ahead(self) -> int:
+        return self.plan_ahead.num_planned_ahead
+
     def schedule(self) -> SchedulerOutput:
         """Plan the next step from what can run now, whether or not earlier steps are still in flight. An
         empty plan (nothing can run before a result arrives) takes no step id.
@@ -150,13 +149,13 @@ class Scheduler:
         i, running = 0, self.running
         tables, block_size = self.block_manager.block_tables, self.block_manager.block_size
         d = out.decodes
-        plan_ahead = self.plan_ahead and not self._num_sync_only
+        plan_ahead = self.plan_ahead.active
         ids, tokens, starts, num_outputs, new_blocks = d.req_ids, d.token_ids, d.start_pos, d.num_output_tokens, \
             d.new_blocks
         while i < len(running) and budget > 0:
             req = running[i]
             start = req.num_computed_tokens + req.num_inflight_tokens
-            ahead = start == req.num_tokens and plan_ahead and _can_plan_ahead(req)
+            ahead = start == req.num_tokens and plan_ahead and can_plan_ahead(req)
             if (start >= req.num_tokens and not ahead) or (req.num_failed_steps and _has_suspect(in_flight)):
                 i += 1  # waiting for its sampled token, or a suspect where the step already has one
                 continue
@@ -172,7 +171,7 @@ class Scheduler:
                 tokens.append(PLACEHOLDER if ahead else req.output_token_ids[-1])
                 starts.append(start)
                 num_outputs.append(len(req.output_token_ids) + ahead)
-                self.num_planned_ahead += ahead
+                self.plan_ahead.num_planned_ahead += ahead
                 blocks = _take_unsent_blocks(req, table)
                 if blocks:
                     new_blocks[req_id] = blocks
@@ -419,7 +418,7 @@ class Scheduler:
         self.block_manager.free(req.request_id)
         self._stages_forget(req)
         if self.requests.pop(req.request_id, None) is not None:
-            self._num_sync_only -= req.sampling_params.penalized
+            self.plan_ahead.ended(req)
 
 
 def _take_unsent_blocks(req: Request, table: list[int]) -> list[int]:
@@ -428,17 +427,6 @@ def _take_unsent_blocks(req: Request, table: list[int]) -> list[int]:
     sent = req.blocks_sent or 0
     req.blocks_sent = len(table)
     return table[sent:]
-
-
-def _can_plan_ahead(req: Request) -> bool:
-    """Whether the request (all of whose tokens are planned) may have its next decode planned now, before the
-    token its step in flight samples is known: that step is a decode of a request the stages know, the token
-    it samples cannot end the request by length (no next step then), and nothing of the next step depends on
-    the token's value on the host (a recovery catches up first; penalties count the tokens seen, so the
-    scheduler plans nothing ahead while a penalized request is here). A stop token
-    or string it turns out to be ends the request one step late: the extra step's token is dropped."""
-    return (req.num_inflight_tokens == 1 and req.blocks_sent is not None and bool(req.output_token_ids)
-            and req.num_tokens + 1 < req.length_limit and not req.kv_held_tokens and not req.num_failed_steps)
 
 
 def _has_suspect(in_flight: dict[str, tuple[Request, int, int]]) -> bool:
