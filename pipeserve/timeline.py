@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from dataclasses import asdict, dataclass
 
 
@@ -19,6 +21,40 @@ class StepRecord:
     kind: str  # prefill, decode or mixed
     num_tokens: int
 
+
+
+class BusyClock:
+    """Seconds during which at least one step was in flight: the union of the steps' spans, each from
+    `step_started` to its `step_ended`, however much they overlap.
+
+    The engine keeps one over every VE's steps (`busy / elapsed`: the share of time the pipeline had work, what
+    it can observe without asking the stage processes). A stage with async scheduling keeps one over the
+    spans of its steps from issue to their tokens reaching the host, which end on the waiter thread: hence
+    the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._since = 0.0
+        self._total = 0.0
+
+    def step_started(self) -> None:
+        with self._lock:
+            if self._in_flight == 0:
+                self._since = time.monotonic()
+            self._in_flight += 1
+
+    def step_ended(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._total += time.monotonic() - self._since
+
+    def seconds(self) -> float:
+        with self._lock:
+            running = time.monotonic() - self._since if self._in_flight else 0.0
+            return self._total + running
 
 def stage_records(stats: list[dict]) -> list[StepRecord]:
     """The step records in executor stats, one rank per stage (TP ranks of a stage run the same steps)."""

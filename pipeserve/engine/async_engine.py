@@ -31,11 +31,11 @@ from pipeserve.engine.placement import choose_virtual_engine
 from pipeserve.engine.request import Request, RequestStatus
 from pipeserve.engine.request_stream import RequestStream
 from pipeserve.engine.scheduler import Scheduler
-from pipeserve.engine.stats import BusyClock, VirtualEngineStats
+from pipeserve.engine.stats import VirtualEngineStats
 from pipeserve.engine.validation import validate_request
 from pipeserve.executor.base import Executor, StepInterrupted
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.timeline import Span, StepRecord, stage_records, write_trace
+from pipeserve.timeline import BusyClock, Span, StepRecord, stage_records, write_trace
 from pipeserve.types import SchedulerOutput, StepOutput
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 
@@ -23,30 +22,3 @@ class VirtualEngineStats:
     num_recomputed_tokens: int = 0  # tokens whose KV they had, computed again
     num_planned_ahead: int = 0  # decodes planned before their input token reached the host (async scheduling)
 
-
-class BusyClock:
-    """Seconds during which at least one step was in flight, as the engine sees it.
-
-    With several virtual engines, steps overlap; this counts wall time covered by any of them, so
-    `busy / elapsed` is the share of time the pipeline had work. It is what the engine can observe without
-    asking the stage processes (per-stage busy time lives in their step records).
-    """
-
-    def __init__(self) -> None:
-        self._in_flight = 0
-        self._since = 0.0
-        self._total = 0.0
-
-    def step_started(self) -> None:
-        if self._in_flight == 0:
-            self._since = time.monotonic()
-        self._in_flight += 1
-
-    def step_ended(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0:
-            self._total += time.monotonic() - self._since
-
-    def seconds(self) -> float:
-        running = time.monotonic() - self._since if self._in_flight else 0.0
-        return self._total + running

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -47,16 +48,29 @@ class UniProcExecutor(Executor):
         return self.worker.run_step(sched)
 
     async def _issue(self, sched: SchedulerOutput) -> StepOutput:
-        loop = asyncio.get_running_loop()
         if self.offload:
-            out = await loop.run_in_executor(self._thread, partial(self.worker.run_step, sched, defer=True))
+            issued = self._thread.submit(partial(self.worker.run_step, sched, defer=True))
+            try:
+                out = await asyncio.wrap_future(issued)
+            except asyncio.CancelledError:
+                issued.add_done_callback(self._take_dropped)
+                raise
         else:
             out = self.worker.run_step(sched, defer=True)
         if not isinstance(out, PendingStep):
             return out
         if out.ready():
             return out.result()
-        return await loop.run_in_executor(self._waiter, out.result)
+        # Shielded: a step dropped while its tokens are on their way still completes, so the stage's busy clock
+        # (worker.py) sees it end.
+        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._waiter, out.result))
+
+    def _take_dropped(self, issued: Future) -> None:
+        """A step issued on the step thread whose caller was cancelled meanwhile: complete it all the same."""
+        if issued.cancelled() or issued.exception() is not None or not isinstance(issued.result(), PendingStep):
+            return  # it never ran, failed, or needs nothing more
+        with contextlib.suppress(RuntimeError):  # the executor shut down: nothing reads the clock any more
+            self._waiter.submit(issued.result().result)
 
     def profile_memory(self) -> list[MemoryProfile]:
         return [self.worker.profile_memory()]

@@ -65,6 +65,7 @@ class PendingStep:
     def __init__(self, step: StepOutput, reqs: list[ScheduledRequest], packed: torch.Tensor,
                  read: Callable[[list], list[SampledToken]]):
         self._step, self._reqs, self._read = step, reqs, read
+        self._on_done: list[Callable[[], None]] = []
         if packed.device.type == "cuda":
             self._host = packed.to("cpu", non_blocking=True)  # lands in pinned memory
             self._done: torch.cuda.Event | None = torch.cuda.Event()
@@ -72,14 +73,23 @@ class PendingStep:
         else:
             self._host, self._done = packed, None
 
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once, when `result()` finds the step complete (on whichever thread calls it)."""
+        self._on_done.append(callback)
+
     def ready(self) -> bool:
         """Whether `result()` would return without waiting for the device."""
         return self._done is None or self._done.query()
 
     def result(self) -> StepOutput:
         """Wait for the copy (and the step before it), then the step's tokens as the engine takes them."""
-        if self._done is not None:
-            self._done.synchronize()
+        try:
+            if self._done is not None:
+                self._done.synchronize()
+        finally:  # a failed step has ended too
+            callbacks, self._on_done = self._on_done, []
+            for callback in callbacks:
+                callback()
         tokens = self._read(self._host.tolist())
         step, reqs = self._step, self._reqs
         step.sampled = {r.req_id: t.token_id for r, t in zip(reqs, tokens, strict=True)}

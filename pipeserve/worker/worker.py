@@ -21,7 +21,7 @@ from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.rank_layout import RankLayout
 from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.linear import NO_TP
-from pipeserve.timeline import StepRecord
+from pipeserve.timeline import BusyClock, StepRecord
 from pipeserve.types import IntermediateTensors, MemoryProfile, SchedulerOutput, StepOutput
 from pipeserve.worker.allocator import fix_mmap_threshold
 from pipeserve.worker.memory_profile import profile_memory
@@ -65,7 +65,10 @@ class StageWorker:
         self.link = StageLink(layout.prev_peer(rank), layout.next_peer(rank), tp)
         self.requests = RequestStates()
         self.records: deque[StepRecord] = deque(maxlen=MAX_RECORDS if config.record_steps else 0)
-        self.busy_s = 0.0  # cumulative compute seconds (records are bounded; this is not)
+        self._compute_s = 0.0  # cumulative compute seconds of synchronous steps (records are bounded; this is not)
+        # With async scheduling a step's call returns once its work is queued: the stage counts each step from
+        # issue until its tokens reach the host instead, as the union of those spans (steps overlap).
+        self._in_flight = BusyClock() if self.holds_sampled_ids else None
         self.feed: deque[StepRecord] | None = None  # records for the live feed, only while someone watches
         self.memory_profile: MemoryProfile | None = None  # set when the engine sized the KV pool by profiling
 
@@ -95,6 +98,11 @@ class StageWorker:
         """Whether this stage feeds the ids it samples to the next step on the device (sampled_ids.py)."""
         return self.runner.sampled_ids is not None
 
+    @property
+    def busy_s(self) -> float:
+        """Seconds this stage has spent on steps, since start."""
+        return self._compute_s if self._in_flight is None else self._in_flight.seconds()
+
     def run_step(self, plan: SchedulerOutput, generation: int = 0, defer: bool = False
                  ) -> StepOutput | PendingStep | None:
         """Receive (unless first), compute, send (unless last); the StepOutput when this rank answers (with
@@ -111,13 +119,16 @@ class StageWorker:
         inter = None
         if not self.stage.is_first:
             inter = self.link.recv(mine.num_tokens, cfg.hidden_size, cfg.dtype, self.config.parallel.device)
-        out = self.runner.execute(mine, inter, self.requests.batch, defer)
+        if self._in_flight is None:
+            out = self.runner.execute(mine, inter, self.requests.batch, defer)
+            self._compute_s += self.runner.last_record.end - self.runner.last_record.start
+        else:
+            out = self._issue(mine, inter, defer)
         record = self.runner.last_record
         self.records.append(record)
         feed = self.feed  # (read once: the in-process executor's event loop may switch it off meanwhile)
         if feed is not None:
             feed.append(record)
-        self.busy_s += record.end - record.start
         if not self.stage.is_last:
             following = sched.for_stage(self.stage.rank + 1)
             if not following.is_empty:
@@ -141,6 +152,22 @@ class StageWorker:
         while feed:
             out.append(feed.popleft())
         return tuple(out)
+
+    def _issue(self, mine: SchedulerOutput, inter: IntermediateTensors | None, defer: bool
+               ) -> IntermediateTensors | StepOutput | PendingStep:
+        """Execute with async scheduling: the step counts as busy until its tokens are on the host."""
+        clock = self._in_flight
+        clock.step_started()
+        try:
+            out = self.runner.execute(mine, inter, self.requests.batch, defer)
+        except BaseException:
+            clock.step_ended()
+            raise
+        if isinstance(out, PendingStep):
+            out.when_done(clock.step_ended)  # on the executor's waiter thread, as the tokens arrive
+        else:
+            clock.step_ended()
+        return out
 
     def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "stage": self.stage.rank, "tp_rank": self.tp.rank,

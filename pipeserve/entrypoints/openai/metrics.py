@@ -2,7 +2,8 @@
 
 Each app gets its own CollectorRegistry, so several servers (or tests) in one process never share series.
 
-Per-stage busy time: for PP=1 the in-process executor sums its steps' compute time (exact, free). For PP>1
+Per-stage busy time: for PP=1 the in-process executor sums its steps' compute time (exact, free; with async
+scheduling each step counts from its issue until its tokens reach the host, worker.py). For PP>1
 each stage process reports its cumulative compute time about once a second over its pipe, so a scrape
 reads the latest figures without asking the stages (at most a second stale).
 `pipeserve_pipeline_busy_seconds_total` (time with at least one step in flight, as the engine sees it) is
