@@ -71,6 +71,13 @@ class PackedPrefill:
 def pack_prefills(chunks: list[tuple[list[int], int, int]], block_size: int,
                   device: torch.device | str) -> PackedPrefill:
     """The kernel's form of a step's prefill chunks, each given as (block table, start_pos, num_tokens)."""
+    cu, starts, tables = packed_prefill_arrays(chunks, block_size)
+    return PackedPrefill(cu.to(device), starts.to(device), tables.to(device), max(n for *_, n in chunks))
+
+
+def packed_prefill_arrays(chunks: list[tuple[list[int], int, int]], block_size: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`PackedPrefill`'s tensors on the host: (cu_query_lens, start_pos, block_tables)."""
     width = max(-(-(start + n) // block_size) for _, start, n in chunks)
     tables = torch.zeros(len(chunks), width, dtype=torch.int32)
     for i, (table, start, n) in enumerate(chunks):
@@ -78,7 +85,7 @@ def pack_prefills(chunks: list[tuple[list[int], int, int]], block_size: int,
         tables[i, : len(used)] = torch.tensor(used, dtype=torch.int32)
     cu = torch.tensor([0] + [n for *_, n in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     starts = torch.tensor([start for _, start, _ in chunks], dtype=torch.int32)
-    return PackedPrefill(cu.to(device), starts.to(device), tables.to(device), max(n for *_, n in chunks))
+    return cu, starts, tables
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pipeserve.timeline import StepRecord
 from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
 from pipeserve.worker.cuda_graphs import DecodeGraphs
 from pipeserve.worker.gpu_timeline import GpuTimeline
+from pipeserve.worker.host_staging import HostStaging
 from pipeserve.worker.input_batch import InputBatch
 from pipeserve.worker.kv_cache import allocate_kv_caches
 from pipeserve.worker.sampled_ids import PendingStep, SampledIds, placeholder_rows
@@ -55,6 +56,8 @@ class ModelRunner:
         self.last_record: StepRecord | None = None  # timing of the latest step, for traces
         # When each step ran on the GPU (benchmarks: how long the GPU waits between steps).
         self.gpu_timeline = GpuTimeline() if time_gpu and torch.device(device).type == "cuda" else None
+        # Steps built afresh copy their inputs through pinned buffers on a GPU, without waiting (host_staging.py).
+        self.staging = HostStaging(device) if torch.device(device).type == "cuda" else None
 
     def allocate_kv(self, num_blocks_per_ve: int) -> None:
         """Allocate each virtual engine's KV cache, the decode buffers that index it, and capture the graphs
@@ -107,7 +110,7 @@ class ModelRunner:
             if inputs.has_placeholders:
                 self._kept_ids().fill(inp.input_ids, inp.persistent_rows)
         else:
-            inp = build_model_input(sched, self.block_size, self.device)
+            inp = build_model_input(sched, self.block_size, self.device, self.staging)
             if held is not None:
                 self._fill_placeholders(inp, sched, batch)
         return inp, self.model(inp.input_ids, inp.positions, self.kv_caches[sched.virtual_engine], inp.attn,

@@ -7,7 +7,8 @@ Two builders:
 * `DecodeInputs`, for steps where every request decodes (the common step, and the one CUDA graphs replay):
   persistent host buffers (pinned on a GPU) and their device twins, filled from the stage's persistent
   rows (input_batch.py) with a few numpy operations; only the first rows are copied, without waiting.
-* `build_model_input`, for any step (prefill chunks, mixed steps): one tensor per input per step.
+* `build_model_input`, for any step (prefill chunks, mixed steps): one tensor per input per step, copied to a
+  GPU through the stage's pinned staging buffers (host_staging.py) when it passes them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeserve.layers.attention import AttentionMetadata, PrefillChunk, pack_prefills
+from pipeserve.layers.attention import (
+    AttentionMetadata,
+    PackedPrefill,
+    PrefillChunk,
+    pack_prefills,
+    packed_prefill_arrays,
+)
 from pipeserve.layers.kernel_select import device_uses_kernels
 from pipeserve.types import PLACEHOLDER, ScheduledRequest, SchedulerOutput
+from pipeserve.worker.host_staging import HostStaging
 from pipeserve.worker.input_batch import InputBatch
 
 
@@ -161,26 +169,19 @@ def rows_for(sched: SchedulerOutput, subset: SchedulerOutput) -> torch.Tensor | 
     return torch.tensor(rows, dtype=torch.long)
 
 
-def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cpu") -> ModelInput:
-    """Order the step's requests (decodes, then prefills) and derive every index tensor once per step."""
+def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cpu",
+                      staging: HostStaging | None = None) -> ModelInput:
+    """Order the step's requests (decodes, then prefills) and derive every index tensor once per step.
+    `staging`: the stage's pinned buffers, through which the index tensors reach the device without waiting."""
+    if staging is not None:
+        return _staged_model_input(sched, block_size, staging)
     decodes, prefills = _split(sched)
-    ordered = decodes + prefills
-    ids, positions, slots, sample_rows, sampled, scored = [], [], [], [], [], []
-    row = 0
-    for r in ordered:
-        if r.prompt_logprobs is not None:
-            scored.append((r, row))
-        ids += r.token_ids
-        positions += range(r.start_pos, r.context_len)
-        slots += _slots(r.block_table, r.start_pos, r.context_len, block_size)
-        row += r.num_tokens
-        if r.sampling_params is not None:
-            sample_rows.append(row - 1)
-            sampled.append(r)
+    ids, positions, slots, sample_rows, sampled, scored = _rows(decodes + prefills, block_size)
     attn = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
                              num_decodes=len(decodes))
     if decodes:
-        attn.block_tables, attn.context_lens = _decode_tables(decodes, block_size, device)
+        attn.block_tables, attn.context_lens = (torch.from_numpy(a).to(device)
+                                                for a in _decode_tables(decodes, block_size))
     row = len(decodes)
     if prefills and device_uses_kernels(device):  # one kernel over every chunk: no per-chunk slots or masks
         attn.packed_prefill = pack_prefills([(r.block_table, r.start_pos, r.num_tokens) for r in prefills],
@@ -199,13 +200,57 @@ def build_model_input(sched: SchedulerOutput, block_size: int, device: str = "cp
     )
 
 
-def _decode_tables(decodes: list[ScheduledRequest], block_size: int, device: str) -> tuple[torch.Tensor, ...]:
+def _rows(ordered: list[ScheduledRequest], block_size: int) -> tuple[list, ...]:
+    """Per row: (input ids, positions, KV slots); the rows sampled and their entries; the entries scoring their
+    prompt, with their first row."""
+    ids, positions, slots, sample_rows, sampled, scored = [], [], [], [], [], []
+    row = 0
+    for r in ordered:
+        if r.prompt_logprobs is not None:
+            scored.append((r, row))
+        ids += r.token_ids
+        positions += range(r.start_pos, r.context_len)
+        slots += _slots(r.block_table, r.start_pos, r.context_len, block_size)
+        row += r.num_tokens
+        if r.sampling_params is not None:
+            sample_rows.append(row - 1)
+            sampled.append(r)
+    return ids, positions, slots, sample_rows, sampled, scored
+
+
+def _staged_model_input(sched: SchedulerOutput, block_size: int, staging: HostStaging) -> ModelInput:
+    """`build_model_input` with every index tensor in one staged copy per dtype (the same values)."""
+    decodes, prefills = _split(sched)
+    ids, positions, slots, sample_rows, sampled, scored = _rows(decodes + prefills, block_size)
+    host = [torch.tensor(v, dtype=torch.long) for v in (ids, positions, slots, sample_rows)]
+    if decodes:
+        host += [torch.from_numpy(a) for a in _decode_tables(decodes, block_size)]
+    packed = prefills and device_uses_kernels(staging.device)
+    if packed:
+        host += packed_prefill_arrays([(r.block_table, r.start_pos, r.num_tokens) for r in prefills], block_size)
+    dev = staging.to_device(host)
+    attn = AttentionMetadata(slot_mapping=dev[2], num_decodes=len(decodes))
+    if decodes:
+        attn.block_tables, attn.context_lens = dev[4], dev[5]
+    if packed:
+        attn.packed_prefill = PackedPrefill(*dev[-3:], max(r.num_tokens for r in prefills))
+    else:  # chunks with masks (no kernels on this device)
+        row = len(decodes)
+        for r in prefills:
+            attn.prefills.append(_prefill_chunk(r, row, block_size, staging.device))
+            row += r.num_tokens
+    return ModelInput(input_ids=dev[0], positions=dev[1], attn=attn, sample_rows=dev[3], sampled_requests=sampled,
+                      prompt_scored=scored)
+
+
+def _decode_tables(decodes: list[ScheduledRequest], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(block tables (B, max_blocks), context lengths (B,)) of the decodes, int32."""
     lengths = np.fromiter((r.context_len for r in decodes), dtype=np.int32, count=len(decodes))  # (B,)
     used = -(-lengths // block_size)  # (B,) blocks each context covers
     tables = np.zeros((len(decodes), int(used.max())), dtype=np.int32)  # (B, max_blocks), padded with block 0
     for i, r in enumerate(decodes):
         tables[i, : used[i]] = r.block_table[: used[i]]
-    return torch.from_numpy(tables).to(device), torch.from_numpy(lengths).to(device)
+    return tables, lengths
 
 
 def _prefill_chunk(r: ScheduledRequest, query_start: int, block_size: int, device: str) -> PrefillChunk:
