@@ -6,7 +6,7 @@ import enum
 
 from pipeserve.engine.block_hashing import extend_block_hashes
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.types import SampledToken
+from pipeserve.types import SampledToken, ScheduledRequest
 
 
 class RequestStatus(enum.Enum):
@@ -78,6 +78,43 @@ class Request:
             return self.output_token_ids[start - len(prompt): start - len(prompt) + n]
         head = prompt[start: start + n]
         return head + self.output_token_ids[: n - len(head)] if len(head) < n else head
+
+    def plan_entry(self, n: int, start: int, table: list[int]) -> ScheduledRequest:
+        """Its plan entry for `n` tokens from token `start`, `table` its block table: whole if the stages do not
+        know it, else only its new blocks."""
+        num_outputs = self.num_tokens - len(self.prompt_token_ids)
+        new = self.blocks_sent is None
+        blocks = self.take_unsent_blocks(table)
+        params = self.sampling_params
+        return ScheduledRequest(
+            req_id=self.request_id,
+            token_ids=self.token_ids_from(start, n),
+            start_pos=start,
+            block_table=blocks,
+            sampling_params=params if new else None,
+            num_output_tokens=num_outputs,
+            last_stage=self.catch_up_stage if start < self.kv_held_tokens else None,
+            new=new,
+            samples=start + n == self.num_tokens,
+            prefix_token_ids=self.token_ids_from(0, start) if new and params.penalized else None,
+            prompt_token_ids=self.prompt_token_ids if new and params.prompt_logprobs is not None else None,
+        )
+
+    def take_unsent_blocks(self, table: list[int]) -> list[int]:
+        """The blocks of its table (`table`) its next plan entry carries: those the stages do not hold yet (the
+        whole table when they do not know the request), counted as sent from here on."""
+        sent = self.blocks_sent or 0
+        self.blocks_sent = len(table)
+        return table[sent:]
+
+    def record_prompt_logprobs(self, chunk: tuple[int, list] | None) -> None:
+        """Keep a chunk's prompt logprobs; positions already kept (recomputed after a preemption) are skipped."""
+        if chunk is None:
+            return
+        first, entries = chunk
+        have = len(self.prompt_logprobs)
+        if first <= have:
+            self.prompt_logprobs.extend(entries[have - first:])
 
     def forget_in_flight(self) -> None:
         """Its steps in flight will not count: drop their tokens and make their late results stale."""

@@ -31,7 +31,7 @@ from pipeserve.config import SchedulerConfig
 from pipeserve.engine.block_manager import BlockManager
 from pipeserve.engine.plan_ahead import PlanAhead, can_plan_ahead
 from pipeserve.engine.request import Request, RequestStatus
-from pipeserve.types import PLACEHOLDER, ScheduledRequest, SchedulerOutput, StepOutput
+from pipeserve.types import PLACEHOLDER, SchedulerOutput, StepOutput
 
 MAX_FAILED_STEPS = 2  # a request in this many failed steps in a row is taken to be what crashes the stage
 
@@ -172,7 +172,7 @@ class Scheduler:
                 starts.append(start)
                 num_outputs.append(len(req.output_token_ids) + ahead)
                 self.plan_ahead.num_planned_ahead += ahead
-                blocks = _take_unsent_blocks(req, table)
+                blocks = req.take_unsent_blocks(table)
                 if blocks:
                     new_blocks[req_id] = blocks
                 req.num_inflight_tokens += 1
@@ -190,7 +190,7 @@ class Scheduler:
         return budget
 
     def _plan_entry(self, out: SchedulerOutput, in_flight: dict, req: Request, n: int, start: int) -> None:
-        out.requests.append(self._scheduled_request(req, n, start))
+        out.requests.append(req.plan_entry(n, start, self.block_manager.block_tables[req.request_id]))
         req.num_inflight_tokens += n
         in_flight[req.request_id] = (req, n, req.epoch)
 
@@ -315,27 +315,6 @@ class Scheduler:
         self.num_recomputed += len(catching_up)
         return len(catching_up)
 
-    def _scheduled_request(self, req: Request, n: int, start: int) -> ScheduledRequest:
-        """The request's plan entry, from token `start`: whole if the stages do not know it, else only its new
-        blocks."""
-        num_outputs = req.num_tokens - len(req.prompt_token_ids)
-        new = req.blocks_sent is None
-        blocks = _take_unsent_blocks(req, self.block_manager.block_tables[req.request_id])
-        params = req.sampling_params
-        return ScheduledRequest(
-            req_id=req.request_id,
-            token_ids=req.token_ids_from(start, n),
-            start_pos=start,
-            block_table=blocks,
-            sampling_params=params if new else None,
-            num_output_tokens=num_outputs,
-            last_stage=req.catch_up_stage if start < req.kv_held_tokens else None,
-            new=new,
-            samples=start + n == req.num_tokens,
-            prefix_token_ids=req.token_ids_from(0, start) if new and params.penalized else None,
-            prompt_token_ids=req.prompt_token_ids if new and params.prompt_logprobs is not None else None,
-        )
-
     def _stages_forget(self, req: Request) -> None:
         """Its blocks are freed: the stages drop their copy with the next step."""
         if req.blocks_sent is not None:
@@ -375,7 +354,7 @@ class Scheduler:
             if caching and (n > 1 or computed % block_size == 0):  # a block may have filled up
                 self._cache_computed_blocks(req)
             if prompt_logprobs:
-                _record_prompt_logprobs(req, prompt_logprobs.get(req_id))
+                req.record_prompt_logprobs(prompt_logprobs.get(req_id))
             token = sampled_tokens.get(req_id)
             if token is None:
                 continue
@@ -421,23 +400,5 @@ class Scheduler:
             self.plan_ahead.ended(req)
 
 
-def _take_unsent_blocks(req: Request, table: list[int]) -> list[int]:
-    """The blocks of the request's table its next plan entry carries: those the stages do not hold yet (the
-    whole table when they do not know the request), counted as sent from here on."""
-    sent = req.blocks_sent or 0
-    req.blocks_sent = len(table)
-    return table[sent:]
-
-
 def _has_suspect(in_flight: dict[str, tuple[Request, int, int]]) -> bool:
     return any(req.num_failed_steps for req, _, _ in in_flight.values())
-
-
-def _record_prompt_logprobs(req: Request, chunk: tuple[int, list] | None) -> None:
-    """Keep a chunk's prompt logprobs; positions already kept (recomputed after a preemption) are skipped."""
-    if chunk is None:
-        return
-    first, entries = chunk
-    have = len(req.prompt_logprobs)
-    if first <= have:
-        req.prompt_logprobs.extend(entries[have - first:])
