@@ -37,6 +37,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="requests in flight, or auto (default): as many as the KV cache holds, up to max_num_seqs "
                         "per virtual engine")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV blocks per rank, as serve's flag (instead of sizing them from memory)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPUs), float32, bfloat16, float16")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--calibrate", action="store_true",
@@ -81,7 +83,7 @@ def _plan_text(args: argparse.Namespace) -> str:
                          f"not {device.name}")
     cluster = Cluster(device, args.nodes, args.gpus_per_node, intra, args.inter_node_gbps)
     work = Workload(args.input_len, args.output_len, args.max_model_len, args.concurrency,
-                    args.gpu_memory_utilization)
+                    args.gpu_memory_utilization, args.num_kv_blocks)
     rows = plan(model, cluster, work)
     render = render_json if args.json else render_table
     return render(model, cluster, work, rows)
@@ -98,7 +100,25 @@ def _cpu_device(args: argparse.Namespace, model, stated):
         from pipeserve.planner.calibrate import CalibrationSizes, measure
 
         print(f"calibrating this machine ({model.dtype} GEMMs, memory copy, loopback link) ...", file=sys.stderr)
-        write_calibration(path, measure(model.dtype, CalibrationSizes(hidden=model.hidden_size)))
+        tps = tuple(t for t in range(1, args.nodes * args.gpus_per_node + 1) if _tp_ok(model, t))
+        data = measure(model.dtype, CalibrationSizes(hidden=model.hidden_size), model, tps)
+        if os.path.exists(path):  # keep the layer costs of other models measured on this machine
+            try:
+                data["layers"] = {**read_calibration(path).get("layers", {}), **data["layers"]}
+            except ValueError:
+                pass
+        write_calibration(path, data)
     elif args.calibration_file is None and not os.path.exists(path):
         return stated
     return calibrated_cpu(path, read_calibration(path), model.dtype)
+
+
+def _tp_ok(model, tp: int) -> bool:
+    """Whether serve accepts this TP size for the model (only those get their layer costs measured)."""
+    from pipeserve.engine.arg_utils import check_tensor_parallel
+
+    try:
+        check_tensor_parallel(model, tp)
+    except ValueError:
+        return False
+    return True
