@@ -157,10 +157,13 @@ def measure(dtype: torch.dtype, sizes: CalibrationSizes, model=None, tps: tuple[
     finally:
         torch.set_num_threads(threads)
     latency_us, link = link_speed(sizes)
+    from pipeserve.planner.calibrate_allreduce import measure_allreduce
+
+    allreduce = measure_allreduce(sizes.hidden, seconds=sizes.seconds / 1.5)
     return {
         "device": "cpu", "cpu_model": cpu_model(), "torch": torch.__version__, "threads": sizes.threads,
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dtype": str(dtype).removeprefix("torch."), "gemm_hidden": sizes.hidden,
         "gemm_tflops": curve, "copy_gbps": bandwidth, "link_gbps": link, "link_latency_us": latency_us,
-        "cores": usable_cores(), "layers": layers,
+        "allreduce_busy_us": allreduce, "cores": usable_cores(), "layers": layers,
     }

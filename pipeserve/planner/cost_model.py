@@ -112,6 +112,16 @@ def calibrated_layers(model: ModelConfig, device: Device, stage: Stage, tp: int)
     return None if found is None else LayerCosts.from_dict(found)
 
 
+def busy_allreduce_s(device: Device, layout: Layout) -> float | None:
+    """Seconds --calibrate measured one all-reduce adding between busy ranks, with the measured count of busy
+    processes nearest the layout's ranks from above (else the largest); None on an uncalibrated device."""
+    measured = device.allreduce_busy_us
+    if not measured:
+        return None
+    above = [w for w in measured if w >= layout.world]
+    return measured[min(above) if above else max(measured)] * 1e-6
+
+
 def allreduce_time(nbytes: float, tp: int, bps: float, latency: float) -> float:
     """Ring all-reduce: 2 (T-1) hops, each moving 1/T of the tensor."""
     return 2 * (tp - 1) * latency + 2 * (tp - 1) / tp * nbytes / bps
@@ -135,7 +145,11 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
         out.head += head
         ar = 0.0
         if layout.tp > 1:  # attention output and MLP output: 2 per layer
-            ar = 2 * stage.layers * allreduce_time(act_bytes, layout.tp, ar_bps, ar_lat)
+            waited = busy_allreduce_s(device, layout) if not spans else None
+            if waited is None:
+                ar = 2 * stage.layers * allreduce_time(act_bytes, layout.tp, ar_bps, ar_lat)
+            else:  # measured between busy ranks (a pair per step of the ring), in place of idle hops' latency
+                ar = 2 * stage.layers * ((layout.tp - 1) * waited + allreduce_time(act_bytes, layout.tp, ar_bps, 0.0))
             if spans:
                 out.ar_inter += ar
             else:
