@@ -20,8 +20,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="choose a layout before renting the machines: memory, KV room and predicted "
                                     "throughput and latency of every TP x PP layout on a described cluster")
     p.add_argument("--model", required=True,
-                   help="what `serve` takes (config only), or a built-in shape: llama-3-8b, llama-3-70b, "
-                        "llama-3.1-405b")
+                   help="what `serve` takes (config only), or a built-in shape: llama-3.2-1b, llama-3-8b, "
+                        "llama-3-70b, llama-3.1-405b")
     p.add_argument("--gpu", required=True, help="L4, A10G, A100-40GB, A100-80GB, H100, H200, cpu, or a "
                                                 "--device-spec's name")
     p.add_argument("--device-spec", default=None, help="JSON (or YAML with PyYAML) file describing one more device")
