@@ -41,6 +41,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="KV blocks per rank, as serve's flag (instead of sizing them from memory)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPUs), float32, bfloat16, float16")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--png", default=None, help="also draw the fitting layouts side by side into this PNG file")
     p.add_argument("--calibrate", action="store_true",
                    help="with --gpu cpu: measure this machine first (GEMM rate, memory bandwidth, loopback link; "
                         "about 20 s) and store the figures for later plans")
@@ -86,7 +87,15 @@ def _plan_text(args: argparse.Namespace) -> str:
                     args.gpu_memory_utilization, args.num_kv_blocks)
     rows = plan(model, cluster, work)
     render = render_json if args.json else render_table
-    return render(model, cluster, work, rows)
+    text = render(model, cluster, work, rows)
+    if args.png:
+        from pipeserve.planner.render_png import write_png
+
+        try:
+            write_png(rows, text.splitlines()[0] if not args.json else f"plan: {model.path}", args.png)
+        except OSError as exc:
+            raise ValueError(f"--png {args.png!r}: cannot write it ({exc.strerror})") from None
+    return text
 
 
 def _cpu_device(args: argparse.Namespace, model, stated):
