@@ -123,8 +123,7 @@ def scale_cases(args: argparse.Namespace, calibration: str) -> list[dict[str, An
     try:
         print(f"writing the 1.5 B checkpoint to {folder}", file=sys.stderr, flush=True)
         write_checkpoint(folder)
-        if not args.reuse_calibration:
-            calibrate(folder, calibration, 1)
+        calibrate(folder, calibration, 1)  # its decoder layer (the file keeps the other shapes' costs)
         work = ["--input-len", "128", "--output-len", "16", "--max-model-len", "1024", "--num-kv-blocks", "256"]
         rows = plan_rows(folder, calibration, [*work, "--nodes", "1", "--gpus-per-node", "4", "--concurrency", "8"])
         out = []
