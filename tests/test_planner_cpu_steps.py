@@ -8,7 +8,7 @@ import torch
 
 from pipeserve.planner.calibration import calibrated_cpu
 from pipeserve.planner.cost_model import Step, step_period, step_time
-from pipeserve.planner.cpu_steps import LayerCosts, interpolate, shape_key
+from pipeserve.planner.cpu_steps import interpolate, shape_key
 from pipeserve.planner.memory import Layout, build_stages, check_layout
 from pipeserve.planner.plan import Cluster, Workload, plan_layout
 from tests.test_planner import small
