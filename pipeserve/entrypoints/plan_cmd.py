@@ -43,8 +43,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--png", default=None, help="also draw the fitting layouts side by side into this PNG file")
     p.add_argument("--calibrate", action="store_true",
-                   help="with --gpu cpu: measure this machine first (GEMM rate, memory bandwidth, loopback link; "
-                        "about 20 s) and store the figures for later plans")
+                   help="with --gpu cpu: measure this machine first (the model's decoder layer per TP rank shape, "
+                        "the all-reduce between busy ranks, GEMM rate, memory bandwidth, loopback link, cores; "
+                        "about a minute) and store the figures for later plans")
     p.add_argument("--calibration-file", default=None,
                    help="where --calibrate stores its figures and --gpu cpu reads them "
                         "(default ~/.cache/pipeserve/calibration-cpu.json, used where it exists)")
@@ -108,7 +109,8 @@ def _cpu_device(args: argparse.Namespace, model, stated):
     if args.calibrate:
         from pipeserve.planner.calibrate import CalibrationSizes, measure
 
-        print(f"calibrating this machine ({model.dtype} GEMMs, memory copy, loopback link) ...", file=sys.stderr)
+        print(f"calibrating this machine ({model.dtype}: the model's decoder layer, all-reduce between busy ranks, "
+              f"GEMMs, memory copy, loopback link) ...", file=sys.stderr)
         tps = tuple(t for t in range(1, args.nodes * args.gpus_per_node + 1) if _tp_ok(model, t))
         data = measure(model.dtype, CalibrationSizes(hidden=model.hidden_size), model, tps)
         if os.path.exists(path):  # keep the layer costs of other models measured on this machine
