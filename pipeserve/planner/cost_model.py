@@ -25,9 +25,10 @@ class Links:
     intra_bps: float
     inter_bps: float
     intra_latency_s: float | None = None  # measured latency per message; None: the stated LINK_LATENCY_S
+    same_machine: bool = False  # calibrated CPU: "nodes" are namespace hosts on the measured machine
 
     def latency(self, inter: bool) -> float:
-        if inter:
+        if inter and not (self.same_machine and self.intra_latency_s is not None):
             return LINK_LATENCY_S["inter"]
         return LINK_LATENCY_S[self.intra] if self.intra_latency_s is None else self.intra_latency_s
 
@@ -145,7 +146,7 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
         out.head += head
         ar = 0.0
         if layout.tp > 1:  # attention output and MLP output: 2 per layer
-            waited = busy_allreduce_s(device, layout) if not spans else None
+            waited = busy_allreduce_s(device, layout) if links.same_machine or not spans else None
             if waited is None:
                 ar = 2 * stage.layers * allreduce_time(act_bytes, layout.tp, ar_bps, ar_lat)
             else:  # measured between busy ranks (a pair per step of the ring), in place of idle hops' latency

@@ -32,7 +32,8 @@ class Cluster:
         # A calibrated intra-node link is a measured effective rate; the inter-node one stays a stated figure.
         intra_eff = 1.0 if d.calibration else eff
         lat = d.link_latency_us * 1e-6 if d.link_latency_us > 0 else None
-        return Links(self.intra, d.link_gbps(self.intra) * 1e9 * intra_eff, self.inter_gbps / 8 * 1e9 * eff, lat)
+        return Links(self.intra, d.link_gbps(self.intra) * 1e9 * intra_eff, self.inter_gbps / 8 * 1e9 * eff, lat,
+                     same_machine=d.cores > 0)
 
     @property
     def device_kind(self) -> str:
