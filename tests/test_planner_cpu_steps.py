@@ -8,7 +8,7 @@ import torch
 
 from pipeserve.planner.calibration import calibrated_cpu
 from pipeserve.planner.cost_model import Step, step_period, step_time
-from pipeserve.planner.cpu_steps import interpolate, shape_key
+from pipeserve.planner.cpu_steps import LayerCosts, interpolate, shape_key
 from pipeserve.planner.memory import Layout, build_stages, check_layout
 from pipeserve.planner.plan import Cluster, Workload, plan_layout
 from tests.test_planner import small
@@ -62,3 +62,16 @@ def test_groups_and_shared_cores_set_the_period():
     assert row.tpot_ms == pytest.approx(step_period(t, 4, 1) * 1e3)
     assert step_period(t, 4, 1) == pytest.approx(4 * t.work)  # one core: every process's work in turn
     assert row.bottleneck == "shared cores"
+
+
+def test_layer_costs_are_measured_with_the_models_own_layer():
+    from pipeserve.planner.calibrate_ops import measure_layer_costs, rank_shape_key
+
+    cfg = small(torch.float32)
+    costs = measure_layer_costs(cfg, 2, seconds=0.01, decode_rows=(1, 4), prefill_rows=(16,))
+    assert [rows for rows, _ in costs["base"]] == [1, 4, 16]
+    assert all(t > 0 for _, t in costs["base"]) and all(t > 0 for _, t in costs["head"])
+    assert costs["attn_s_per_row_ctx"] >= 0 and costs["prefill_s_per_row_ctx"] >= 0
+    LayerCosts.from_dict(costs)  # the form a plan reads back
+    (stage,) = build_stages(cfg, 2, [6])
+    assert rank_shape_key(cfg, 2) == shape_key(64, 64, stage.q_heads, stage.kv_heads, 8, stage.vocab_rows, "float32")
