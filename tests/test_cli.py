@@ -51,6 +51,8 @@ def test_bench_throughput_writes_json(tiny_model, tmp_path):
     busy = result["stage_busy_fraction"]
     assert len(busy) == 1 and 0 < busy[0] <= 1
     assert result["pipeline_bubble_fraction"] == pytest.approx(1 - busy[0])
+    (mem,) = result["rank_memory"]  # one rank: its weights, KV pool and resident memory
+    assert mem["weights_bytes"] > 0 and mem["kv_bytes"] > 0 and mem["peak_rss_bytes"] >= mem["rss_bytes"] > 0
 
 
 def test_bench_throughput_reports_each_stage_of_a_pipeline(tiny_model, tmp_path):

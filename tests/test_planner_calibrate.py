@@ -22,6 +22,7 @@ FIGURES = {"device": "cpu", "cpu_model": "Test CPU", "torch": "2.x", "threads": 
            "link_gbps": 2.0, "link_latency_us": 50.0}
 
 
+@pytest.mark.slow  # the link and all-reduce benchmarks start 2, 2 and 4 processes
 def test_tiny_calibration_writes_a_well_formed_file(tmp_path):
     path = str(tmp_path / "sub" / "cal.json")
     sizes = CalibrationSizes(hidden=32, rows=(4, 1), copy_mib=1, link_mib=1, seconds=0.02)
@@ -32,6 +33,7 @@ def test_tiny_calibration_writes_a_well_formed_file(tmp_path):
     assert data["copy_gbps"] > 0 and data["link_gbps"] > 0 and data["link_latency_us"] > 0
     assert data["dtype"] == "float32" and data["threads"] == 1 and data["gemm_hidden"] == 32
     assert data["cpu_model"] and data["torch"] == torch.__version__ and data["measured"]
+    assert set(data["allreduce_busy_us"]) == {"2", "4"} and data["cores"] >= 1 and data["layers"] == {}
 
 
 def test_calibrated_figures_replace_the_stated_ones_by_hand(tmp_path):

@@ -77,11 +77,17 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
         "num_steps": num_steps,
         "rank_bytes_sent": sent,  # activations each rank sent to the next stage
         "stage_handoff_bytes_per_step": sum(sent) / max(1, num_steps),
+        # each rank's weights and KV pool (tensor bytes) and its resident memory, now and at peak
+        "rank_memory": [{k: s.get(k, 0) for k in ("rank", "stage", "tp_rank", "weights_bytes", "kv_bytes",
+                                                   "rss_bytes", "peak_rss_bytes")} for s in stats],
         "engine_config": _config_dict(config),
     }
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['output_tokens_per_s']:.1f} output "
           f"tokens/s, {result['total_tokens_per_s']:.1f} total tokens/s ({num_prompts} requests of {input_len} "
           f"in + {output_len} out, {elapsed:.1f} s)")
+    print("Memory: " + ", ".join(f"rank {m['rank']} weights {m['weights_bytes'] / 2**20:.0f} MiB + KV "
+                                 f"{m['kv_bytes'] / 2**20:.0f} MiB, peak RSS {m['peak_rss_bytes'] / 2**20:.0f} MiB"
+                                 for m in result["rank_memory"]))
     print("Stage busy: " + ", ".join(f"stage {i} {b:.1%}" for i, b in enumerate(busy))
           + f"; pipeline bubble {result['pipeline_bubble_fraction']:.1%}")
     if output_json:

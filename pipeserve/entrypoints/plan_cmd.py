@@ -20,8 +20,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="choose a layout before renting the machines: memory, KV room and predicted "
                                     "throughput and latency of every TP x PP layout on a described cluster")
     p.add_argument("--model", required=True,
-                   help="what `serve` takes (config only), or a built-in shape: llama-3-8b, llama-3-70b, "
-                        "llama-3.1-405b")
+                   help="what `serve` takes (config only), or a built-in shape: llama-3.2-1b, llama-3-8b, "
+                        "llama-3-70b, llama-3.1-405b")
     p.add_argument("--gpu", required=True, help="L4, A10G, A100-40GB, A100-80GB, H100, H200, cpu, or a "
                                                 "--device-spec's name")
     p.add_argument("--device-spec", default=None, help="JSON (or YAML with PyYAML) file describing one more device")
@@ -37,11 +37,15 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="requests in flight, or auto (default): as many as the KV cache holds, up to max_num_seqs "
                         "per virtual engine")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV blocks per rank, as serve's flag (instead of sizing them from memory)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPUs), float32, bfloat16, float16")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--png", default=None, help="also draw the fitting layouts side by side into this PNG file")
     p.add_argument("--calibrate", action="store_true",
-                   help="with --gpu cpu: measure this machine first (GEMM rate, memory bandwidth, loopback link; "
-                        "about 20 s) and store the figures for later plans")
+                   help="with --gpu cpu: measure this machine first (the model's decoder layer per TP rank shape, "
+                        "the all-reduce between busy ranks, GEMM rate, memory bandwidth, loopback link, cores; "
+                        "about a minute) and store the figures for later plans")
     p.add_argument("--calibration-file", default=None,
                    help="where --calibrate stores its figures and --gpu cpu reads them "
                         "(default ~/.cache/pipeserve/calibration-cpu.json, used where it exists)")
@@ -81,10 +85,18 @@ def _plan_text(args: argparse.Namespace) -> str:
                          f"not {device.name}")
     cluster = Cluster(device, args.nodes, args.gpus_per_node, intra, args.inter_node_gbps)
     work = Workload(args.input_len, args.output_len, args.max_model_len, args.concurrency,
-                    args.gpu_memory_utilization)
+                    args.gpu_memory_utilization, args.num_kv_blocks)
     rows = plan(model, cluster, work)
     render = render_json if args.json else render_table
-    return render(model, cluster, work, rows)
+    text = render(model, cluster, work, rows)
+    if args.png:
+        from pipeserve.planner.render_png import write_png
+
+        try:
+            write_png(rows, text.splitlines()[0] if not args.json else f"plan: {model.path}", args.png)
+        except OSError as exc:
+            raise ValueError(f"--png {args.png!r}: cannot write it ({exc.strerror})") from None
+    return text
 
 
 def _cpu_device(args: argparse.Namespace, model, stated):
@@ -97,8 +109,27 @@ def _cpu_device(args: argparse.Namespace, model, stated):
     if args.calibrate:
         from pipeserve.planner.calibrate import CalibrationSizes, measure
 
-        print(f"calibrating this machine ({model.dtype} GEMMs, memory copy, loopback link) ...", file=sys.stderr)
-        write_calibration(path, measure(model.dtype, CalibrationSizes(hidden=model.hidden_size)))
+        print(f"calibrating this machine ({model.dtype}: the model's decoder layer, all-reduce between busy ranks, "
+              f"GEMMs, memory copy, loopback link) ...", file=sys.stderr)
+        tps = tuple(t for t in range(1, args.nodes * args.gpus_per_node + 1) if _tp_ok(model, t))
+        data = measure(model.dtype, CalibrationSizes(hidden=model.hidden_size), model, tps)
+        if os.path.exists(path):  # keep the layer costs of other models measured on this machine
+            try:
+                data["layers"] = {**read_calibration(path).get("layers", {}), **data["layers"]}
+            except ValueError:
+                pass
+        write_calibration(path, data)
     elif args.calibration_file is None and not os.path.exists(path):
         return stated
     return calibrated_cpu(path, read_calibration(path), model.dtype)
+
+
+def _tp_ok(model, tp: int) -> bool:
+    """Whether serve accepts this TP size for the model (only those get their layer costs measured)."""
+    from pipeserve.engine.arg_utils import check_tensor_parallel
+
+    try:
+        check_tensor_parallel(model, tp)
+    except ValueError:
+        return False
+    return True

@@ -6,6 +6,7 @@ two processes over torch.distributed gloo, as stages hand off. Never the runs th
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -132,8 +133,22 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def measure(dtype: torch.dtype, sizes: CalibrationSizes) -> dict:
-    """Every micro-benchmark, as the calibration file's fields."""
+def usable_cores() -> int:
+    """CPUs this process may run on: the processes of a layout share them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def measure(dtype: torch.dtype, sizes: CalibrationSizes, model=None, tps: tuple[int, ...] = ()) -> dict:
+    """Every micro-benchmark, as the calibration file's fields; with a `model`, also its decoder layer's costs
+    at each TP size in `tps` (calibrate_ops.py)."""
+    layers = {}
+    if model is not None:
+        from pipeserve.planner.calibrate_ops import measure_layer_costs, rank_shape_key
+
+        layers = {rank_shape_key(model, tp): measure_layer_costs(model, tp, sizes.seconds / 4) for tp in tps}
     threads = torch.get_num_threads()
     torch.set_num_threads(sizes.threads)
     try:
@@ -142,9 +157,13 @@ def measure(dtype: torch.dtype, sizes: CalibrationSizes) -> dict:
     finally:
         torch.set_num_threads(threads)
     latency_us, link = link_speed(sizes)
+    from pipeserve.planner.calibrate_allreduce import measure_allreduce
+
+    allreduce = measure_allreduce(sizes.hidden, seconds=sizes.seconds / 1.5)
     return {
         "device": "cpu", "cpu_model": cpu_model(), "torch": torch.__version__, "threads": sizes.threads,
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dtype": str(dtype).removeprefix("torch."), "gemm_hidden": sizes.hidden,
         "gemm_tflops": curve, "copy_gbps": bandwidth, "link_gbps": link, "link_latency_us": latency_us,
+        "allreduce_busy_us": allreduce, "cores": usable_cores(), "layers": layers,
     }

@@ -58,6 +58,18 @@ def read_calibration(path: str) -> dict:
     if not ok or [p[0] for p in curve] != sorted({p[0] for p in curve}):
         raise ValueError(f"calibration file {path!r}: gemm_tflops must be a list of [rows, TFLOP/s] pairs "
                          f"with increasing rows >= 1 and rates > 0, got {curve!r}")
+    layers = data.get("layers", {})
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) and {"base", "head"} <= set(v)
+                                               for v in layers.values()):
+        raise ValueError(f"calibration file {path!r}: layers must map rank shapes to measured costs; "
+                         f"write it again with --calibrate")
+    ar = data.get("allreduce_busy_us", {})
+    if not isinstance(ar, dict) or not all(k.isdigit() and isinstance(v, (int, float)) and v >= 0
+                                           for k, v in ar.items()):
+        raise ValueError(f"calibration file {path!r}: allreduce_busy_us must map busy ranks to microseconds")
+    cores = data.get("cores", 0)
+    if not isinstance(cores, int) or cores < 0:
+        raise ValueError(f"calibration file {path!r}: cores must be an integer >= 0, got {cores!r}")
     return data
 
 
@@ -71,6 +83,8 @@ def calibrated_cpu(path: str, data: dict, dtype: torch.dtype) -> Device:
     return replace(
         PRESETS["cpu"], hbm_gbps=data["copy_gbps"], bf16_tflops=curve[-1][1], pcie_gbps=data["link_gbps"],
         eff_bw=1.0, eff_flops=1.0, gemm_curve=curve, link_latency_us=data["link_latency_us"],
+        cores=data.get("cores", 0), layer_costs=data.get("layers", {}),
+        allreduce_busy_us={int(k): float(v) for k, v in data.get("allreduce_busy_us", {}).items()},
         source=f"{data['cpu_model']}, torch {data['torch']}, {data.get('threads', '?')} thread(s)",
         eff_source="calibrated: measured rates are already effective",
         calibration=f"calibrated figures from {path} (measured {data['measured']})")

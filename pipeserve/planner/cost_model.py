@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeserve.config import ModelConfig
+from pipeserve.planner.cpu_steps import LayerCosts, shape_key
 from pipeserve.planner.hardware import Device
 from pipeserve.planner.memory import Layout, Stage, layer_params
 
@@ -24,21 +25,25 @@ class Links:
     intra_bps: float
     inter_bps: float
     intra_latency_s: float | None = None  # measured latency per message; None: the stated LINK_LATENCY_S
+    same_machine: bool = False  # calibrated CPU: "nodes" are namespace hosts on the measured machine
 
     def latency(self, inter: bool) -> float:
-        if inter:
+        if inter and not (self.same_machine and self.intra_latency_s is not None):
             return LINK_LATENCY_S["inter"]
         return LINK_LATENCY_S[self.intra] if self.intra_latency_s is None else self.intra_latency_s
 
 
 @dataclass(frozen=True)
 class Step:
-    """One step's work: `tokens` computed, `seqs` sequences reading `ctx` tokens of KV each, `sampled` rows."""
+    """One step's work: `tokens` computed, `seqs` sequences reading `ctx` tokens of KV each, `sampled` rows.
+    `chunk_start` None: the tokens are decodes, one per sequence; else they are prompt chunks, each after
+    `chunk_start` earlier tokens of its prompt (`ctx` is then their mean context, for the FLOP count)."""
 
-    tokens: int
-    seqs: int
+    tokens: float
+    seqs: float
     ctx: float
-    sampled: int
+    sampled: float
+    chunk_start: float | None = None
 
 
 @dataclass
@@ -56,6 +61,7 @@ class StepTime:
     slowest_stage: float = 0.0  # busy time (device + all-reduce) of the slowest stage
     slowest_is_last: bool = False
     busy_sum: float = 0.0  # busy time of all stages
+    work: float = 0.0  # CPU-seconds of every process: each TP rank's device time, and the engine's host time
 
     @property
     def latency(self) -> float:
@@ -74,7 +80,16 @@ class StepTime:
 
 def stage_device_time(model: ModelConfig, device: Device, stage: Stage, tp: int,
                       step: Step) -> tuple[float, str, float]:
-    """(seconds, "compute" or "HBM", seconds of the LM head) of one stage's device work for a step."""
+    """(seconds, "compute" or "HBM", seconds of the LM head) of one stage's device work for a step: the
+    calibrated layer costs where --calibrate measured this rank shape, else the roofline."""
+    costs = calibrated_layers(model, device, stage, tp)
+    if costs is not None:
+        if step.chunk_start is None:
+            layer = costs.layer(step.tokens, step.ctx, 0, 0)
+        else:
+            layer = costs.layer(0, 0, step.tokens, step.chunk_start)
+        head = costs.tail(step.sampled) if stage.last else 0.0
+        return stage.layers * layer + head, "compute", head
     hd = model.head_dim
     flops = 2.0 * step.tokens * stage.layers * layer_params(model, stage.q_heads, stage.kv_heads, tp)
     flops += 4.0 * step.tokens * stage.layers * step.ctx * stage.q_heads * hd  # QK^T and PV over the context
@@ -87,6 +102,25 @@ def stage_device_time(model: ModelConfig, device: Device, stage: Stage, tp: int,
     head_read = stage.vocab_rows * model.hidden_size * model.dtype.itemsize if stage.last else 0
     head_share = head_flops / peak if t_flops >= t_bytes else head_read / bw
     return (t_flops, "compute", head_share) if t_flops >= t_bytes else (t_bytes, "HBM", head_share)
+
+
+def calibrated_layers(model: ModelConfig, device: Device, stage: Stage, tp: int) -> LayerCosts | None:
+    if not device.layer_costs:
+        return None
+    key = shape_key(model.hidden_size, model.intermediate_size // tp, stage.q_heads, stage.kv_heads, model.head_dim,
+                    stage.vocab_rows, str(model.dtype).removeprefix("torch."))
+    found = device.layer_costs.get(key)
+    return None if found is None else LayerCosts.from_dict(found)
+
+
+def busy_allreduce_s(device: Device, layout: Layout) -> float | None:
+    """Seconds --calibrate measured one all-reduce adding between busy ranks, with the measured count of busy
+    processes nearest the layout's ranks from above (else the largest); None on an uncalibrated device."""
+    measured = device.allreduce_busy_us
+    if not measured:
+        return None
+    above = [w for w in measured if w >= layout.world]
+    return measured[min(above) if above else max(measured)] * 1e-6
 
 
 def allreduce_time(nbytes: float, tp: int, bps: float, latency: float) -> float:
@@ -112,13 +146,18 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
         out.head += head
         ar = 0.0
         if layout.tp > 1:  # attention output and MLP output: 2 per layer
-            ar = 2 * stage.layers * allreduce_time(act_bytes, layout.tp, ar_bps, ar_lat)
+            waited = busy_allreduce_s(device, layout) if links.same_machine or not spans else None
+            if waited is None:
+                ar = 2 * stage.layers * allreduce_time(act_bytes, layout.tp, ar_bps, ar_lat)
+            else:  # measured between busy ranks (a pair per step of the ring), in place of idle hops' latency
+                ar = 2 * stage.layers * ((layout.tp - 1) * waited + allreduce_time(act_bytes, layout.tp, ar_bps, 0.0))
             if spans:
                 out.ar_inter += ar
             else:
                 out.ar_intra += ar
         busy = t_dev + ar
         out.busy_sum += busy
+        out.work += layout.tp * t_dev
         if busy >= out.slowest_stage:
             out.slowest_stage, out.slowest_is_last = busy, stage.last
         if s < len(stages) - 1:  # hidden and residual to the next stage
@@ -127,18 +166,23 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
                 out.handoff_inter += handoff_bytes / links.inter_bps + links.latency(True)
             else:
                 out.handoff_intra += handoff_bytes / links.intra_bps + links.latency(False)
+    out.work += out.host
     return out
 
 
-def step_period(t: StepTime, num_ve: int) -> float:
+def step_period(t: StepTime, num_ve: int, cores: int = 0) -> float:
     """Seconds between two steps of one virtual engine when every VE keeps one step in flight: its own step's
-    latency, unless a stage, a link or the engine's host loop serves the VEs' steps more slowly."""
-    return max(t.latency, num_ve * t.slowest_stage, num_ve * t.host)
+    latency, unless a stage, the engine's host loop, or (with `cores` > 0: processes sharing that many CPUs)
+    the CPUs serve the VEs' steps more slowly."""
+    shared = num_ve * t.work / cores if cores > 0 else 0.0
+    return max(t.latency, num_ve * t.slowest_stage, num_ve * t.host, shared)
 
 
-def bottleneck(t: StepTime, num_ve: int, pp: int) -> str:
+def bottleneck(t: StepTime, num_ve: int, pp: int, cores: int = 0) -> str:
     """Where a decode step's time goes, in words: the largest part, or the stage that sets the pace."""
-    period = step_period(t, num_ve)
+    period = step_period(t, num_ve, cores)
+    if cores > 0 and period == num_ve * t.work / cores and period > max(t.latency, num_ve * t.slowest_stage):
+        return "shared cores"
     if pp > 1 and period == num_ve * t.slowest_stage and t.slowest_is_last and t.head > 0.25 * t.slowest_stage:
         return "LM-head stage"
     if period == num_ve * t.host and t.host >= t.slowest_stage:

@@ -9,7 +9,7 @@ results/gpu.md measured copy bandwidth and GEMM rate in one run).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 DEFAULT_EFF_BW = 0.7  # share of the HBM bandwidth a decode step's weight and KV reads reach
 DEFAULT_EFF_FLOPS = 0.6  # share of peak FLOP/s a prefill GEMM reaches
@@ -39,6 +39,12 @@ class Device:
     gemm_curve: tuple[tuple[int, float], ...] = ()
     link_latency_us: float = 0.0
     calibration: str = ""
+    # Also from --calibrate: the CPUs the layout's processes share (0: one per device, as on GPUs), and the
+    # model's decoder-layer costs by rank shape (cpu_steps.LayerCosts' fields, keyed by cpu_steps.shape_key).
+    cores: int = 0
+    layer_costs: dict = field(default_factory=dict, hash=False, compare=False)
+    # and what one TP all-reduce of a decode step's size adds with that many rank processes busy
+    allreduce_busy_us: dict = field(default_factory=dict, hash=False, compare=False)
 
     def link_gbps(self, kind: str) -> float:
         return self.nvlink_gbps if kind == "nvlink" else self.pcie_gbps
@@ -97,7 +103,8 @@ def load_device_spec(path: str) -> Device:
     if missing:
         raise ValueError(f"device spec {path!r}: missing field(s) {', '.join(missing)}")
     for key, value in data.items():
-        if key in ("gemm_curve", "link_latency_us", "calibration"):
+        if key in ("gemm_curve", "link_latency_us", "calibration", "cores", "layer_costs",
+                   "allreduce_busy_us"):
             raise ValueError(f"device spec {path!r}: {key} comes from --calibrate, not from a device spec")
         if key in ("name", "source", "eff_source"):
             if not isinstance(value, str) or not value:

@@ -101,6 +101,11 @@ def build_stages(model: ModelConfig, tp: int, sizes: list[int]) -> list[Stage]:
     return stages
 
 
+def kv_pool_bytes(stage: Stage, blocks_per_ve: int, num_ve: int) -> int:
+    """The KV tensors a stage's busiest rank allocates: each VE's blocks and one scratch block (model_runner.py)."""
+    return num_ve * (blocks_per_ve + 1) * BLOCK_SIZE * stage.kv_bytes_per_token
+
+
 def activation_bytes(model: ModelConfig, stage: Stage, tp: int, sched: SchedulerConfig) -> int:
     """Peak a step at the largest batch adds: hidden, residual, QKV and gate/up rows of the token budget, and
     on the last stage the float32 logits of every sequence (the rank's shard, then the gathered vocabulary)."""
@@ -111,10 +116,16 @@ def activation_bytes(model: ModelConfig, stage: Stage, tp: int, sched: Scheduler
 
 
 def kv_blocks_per_ve(model: ModelConfig, device: Device, layout: Layout, stages: list[Stage],
-                     sched: SchedulerConfig, utilization: float, num_ve: int) -> int:
-    """Blocks per virtual engine by serve's rule: on a GPU from `gpu_memory_utilization` (engine/kv_sizing.py)
-    with profiles written from the shape; on a CPU from serve's fixed KV budget per stage. ValueError (serve's
-    message, or the weights' own) where nothing fits."""
+                     sched: SchedulerConfig, utilization: float, num_ve: int, num_kv_blocks: int | None = None) -> int:
+    """Blocks per virtual engine by serve's rule: `num_kv_blocks` split over the VEs where given; else on a GPU
+    from `gpu_memory_utilization` (engine/kv_sizing.py) with profiles written from the shape, on a CPU from
+    serve's fixed KV budget per stage. ValueError (serve's message, or the weights' own) where nothing fits."""
+    if num_kv_blocks is not None:
+        cache = CacheConfig(block_size=BLOCK_SIZE, num_kv_blocks=num_kv_blocks)
+        blocks = EngineArgs().num_blocks_from_memory(model, cache, max(st.layers for st in stages), layout.tp)
+        blocks //= num_ve
+        check_kv_capacity(blocks, BLOCK_SIZE, sched.max_model_len, "raise num_kv_blocks")
+        return blocks
     if device.name == "cpu":
         return _cpu_blocks_per_ve(model, device, layout, stages, sched, num_ve)
     total = int(device.memory_gb * 1e9)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeserve.config import ModelConfig
 from pipeserve.planner.cost_model import Links, Step, bottleneck, step_period, step_time
 from pipeserve.planner.hardware import Device
-from pipeserve.planner.memory import BLOCK_SIZE, Layout, build_stages, check_layout, kv_blocks_per_ve, scheduler_for
+from pipeserve.planner.memory import (
+    BLOCK_SIZE,
+    Layout,
+    build_stages,
+    check_layout,
+    kv_blocks_per_ve,
+    kv_pool_bytes,
+    scheduler_for,
+)
 
 
 @dataclass(frozen=True)
@@ -24,7 +32,8 @@ class Cluster:
         # A calibrated intra-node link is a measured effective rate; the inter-node one stays a stated figure.
         intra_eff = 1.0 if d.calibration else eff
         lat = d.link_latency_us * 1e-6 if d.link_latency_us > 0 else None
-        return Links(self.intra, d.link_gbps(self.intra) * 1e9 * intra_eff, self.inter_gbps / 8 * 1e9 * eff, lat)
+        return Links(self.intra, d.link_gbps(self.intra) * 1e9 * intra_eff, self.inter_gbps / 8 * 1e9 * eff, lat,
+                     same_machine=d.cores > 0)
 
     @property
     def device_kind(self) -> str:
@@ -38,6 +47,7 @@ class Workload:
     max_model_len: int
     concurrency: int | None  # None: as many as fit, up to max_num_seqs per virtual engine
     utilization: float
+    num_kv_blocks: int | None = None  # serve's --num-kv-blocks: KV blocks per rank instead of a memory budget
 
 
 @dataclass
@@ -52,6 +62,9 @@ class Row:
     devices: int = 0
     virtual_engines: int = 0
     steps_in_flight: int = 0  # per virtual engine, as serve runs them
+    stage_weights_bytes: list[int] = field(default_factory=list)  # per stage, on its busiest rank
+    stage_kv_bytes: list[int] = field(default_factory=list)  # the KV pool's tensors, per stage, busiest rank
+    decode_groups: int = 0  # groups of running requests taking turns, one decode step in flight each
     weights_gb: float = 0.0  # per device, busiest stage
     kv_bytes_per_token: int = 0  # per device, busiest stage
     kv_tokens_per_device: int = 0
@@ -80,6 +93,8 @@ def check_workload(model: ModelConfig, work: Workload) -> None:
             raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(work, name)}")
     if work.concurrency is not None and work.concurrency < 1:
         raise ValueError(f"concurrency must be >= 1 or auto, got {work.concurrency}")
+    if work.num_kv_blocks is not None and work.num_kv_blocks < 1:
+        raise ValueError(f"num-kv-blocks must be >= 1, got {work.num_kv_blocks}")
     if not 0 < work.utilization <= 1:
         raise ValueError(f"gpu-memory-utilization must be in (0, 1], got {work.utilization}")
     if work.max_model_len > model.max_position_embeddings:
@@ -103,11 +118,14 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: Layout, work: Work
     row.weights_gb = max(s.weight_bytes for s in stages) / 1e9
     row.kv_bytes_per_token = max(s.kv_bytes_per_token for s in stages)
     try:
-        blocks = kv_blocks_per_ve(model, cluster.device, layout, stages, sched, work.utilization, layout.pp)
+        blocks = kv_blocks_per_ve(model, cluster.device, layout, stages, sched, work.utilization, layout.pp,
+                                  work.num_kv_blocks)
     except ValueError as exc:
         row.status, row.reason = "no fit", str(exc)
         return row
     ves = row.virtual_engines
+    row.stage_weights_bytes = [s.weight_bytes for s in stages]
+    row.stage_kv_bytes = [kv_pool_bytes(s, blocks, ves) for s in stages]
     row.kv_tokens_per_device = blocks * BLOCK_SIZE * ves
     row.max_len_requests = (blocks * BLOCK_SIZE // work.max_model_len) * ves
     per_request = math.ceil((work.input_len + work.output_len) / BLOCK_SIZE)
@@ -120,26 +138,41 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: Layout, work: Work
 
 def _predict(model, cluster, layout, stages, sched, work, row: Row) -> None:
     """Fill the row's times: one decode step at the concurrency, chunked prefill, and a whole offline run."""
-    links, ves = cluster.links(), row.virtual_engines
-    seqs = row.concurrency / ves  # each virtual engine's batch
-    decode = step_time(model, cluster.device, layout, stages, links,
-                       Step(seqs, seqs, work.input_len + work.output_len / 2, seqs))
-    period = step_period(decode, ves)
+    links, ves, cores = cluster.links(), row.virtual_engines, cluster.device.cores
+    # serve plans a VE's next step while its earlier ones are in flight, with the requests none of them holds:
+    # the running requests fall into up to V x (steps in flight) groups that take turns, each one decode step
+    # in flight. Predicted with an even split.
+    groups = max(1, min(row.concurrency, ves * sched.max_steps_in_flight_per_ve))
+    seqs = row.concurrency / groups
+
+    def timed(step: Step):
+        return step_time(model, cluster.device, layout, stages, links, step)
+
+    def pace(t) -> float:
+        """Seconds per chunk when chunks stream through the pipeline (serve keeps P of them in flight)."""
+        shared = t.work / cores if cores > 0 else 0.0
+        return max(t.slowest_stage, t.host, shared) if ves * sched.max_steps_in_flight_per_ve > 1 else t.latency
+
+    decode = timed(Step(seqs, seqs, work.input_len + work.output_len / 2, seqs))
+    period = step_period(decode, groups, cores)
     budget = sched.max_num_batched_tokens
-    chunk_tokens = min(work.input_len, budget)
-    one = step_time(model, cluster.device, layout, stages, links, Step(chunk_tokens, 1, chunk_tokens / 2, 1))
+    chunk = min(work.input_len, budget)
     chunks = math.ceil(work.input_len / budget)
-    pace = max(one.slowest_stage, one.host) if sched.max_steps_in_flight_per_ve > 1 else one.latency
-    row.ttft_ms = (one.latency + (chunks - 1) * pace) * 1e3
-    # The offline run: every prompt's tokens in full chunks through a full pipeline, then the decode steps.
-    full = step_time(model, cluster.device, layout, stages, links,
-                     Step(budget, max(1.0, budget / work.input_len), work.input_len / 2, budget / work.input_len))
-    prefill_s = full.latency + row.concurrency * work.input_len / budget * max(full.slowest_stage, full.host)
+    first = timed(Step(chunk, 1, chunk / 2, 1, chunk_start=0))
+    later = timed(Step(chunk, 1, chunk / 2, 1, chunk_start=budget * chunks / 2)) if chunks > 1 else first
+    row.ttft_ms = (first.latency + (chunks - 1) * pace(later)) * 1e3
+    # The offline run: every prompt's tokens in full chunks (a prompt's chunks after, on average, half of its
+    # earlier chunks; shorter prompts several to a chunk), then the decode steps after each first token.
+    per_chunk = budget / work.input_len
+    start = budget * (chunks - 1) / 2 if work.input_len >= budget else 0.0
+    full = timed(Step(budget, max(1.0, per_chunk), work.input_len / 2, per_chunk, chunk_start=start))
+    prefill_s = full.latency + (row.concurrency * work.input_len / budget - 1) * pace(full)
     row.tpot_ms = period * 1e3
-    row.output_tok_s = row.concurrency * work.output_len / (prefill_s + work.output_len * period)
-    row.bubble = max(0.0, 1 - ves * decode.busy_sum / layout.pp / period)
+    row.output_tok_s = row.concurrency * work.output_len / (prefill_s + (work.output_len - 1) * period)
+    row.decode_groups = groups
+    row.bubble = max(0.0, 1 - groups * decode.busy_sum / layout.pp / period)
     row.link_share = decode.links / decode.latency
-    row.bottleneck = bottleneck(decode, ves, layout.pp)
+    row.bottleneck = bottleneck(decode, groups, layout.pp, cores)
 
 
 def plan(model: ModelConfig, cluster: Cluster, work: Workload) -> list[Row]:

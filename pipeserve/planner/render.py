@@ -40,11 +40,25 @@ def _calibrated(cluster: Cluster) -> list[str]:
         f"{d.name}: {d.source}; GEMM GFLOP/s by rows: {curve}; copy {d.hbm_gbps:.1f} GB/s; loopback link "
         f"{d.pcie_gbps:.2f} GB/s, {d.link_latency_us:.0f} us per message; effective fractions 1.0 "
         f"(measured rates); host time {d.host_ms:g} ms per step (stated)",
-        f"between nodes: {cluster.inter_gbps:g} Gbit/s at {d.eff_link:.2f} of it, {LINK_LATENCY_S['inter'] * 1e6:g} "
-        f"us per hop (stated)",
+        f"between nodes: {cluster.inter_gbps:g} Gbit/s at {d.eff_link:.2f} of it (stated); "
+        + ("latencies as measured on this machine (the nodes are namespace hosts sharing it)" if d.cores else
+           f"{LINK_LATENCY_S['inter'] * 1e6:g} us per hop (stated)"),
         f"per process: serve's CPU KV budget of {CPU_KV_CACHE_GB:g} GiB per stage (gpu-memory-utilization "
         f"does not apply)",
-    ]
+    ] + _measured_steps(d)
+
+
+def _measured_steps(d) -> list[str]:
+    lines = []
+    if d.layer_costs:
+        lines.append(f"steps of the rank shapes {', '.join(sorted(d.layer_costs))}: the model's decoder layer as "
+                     f"measured (other shapes: the GEMM rate and copy bandwidth above)")
+    if d.allreduce_busy_us:
+        busy = ", ".join(f"{v:.0f} us with {k} busy ranks" for k, v in sorted(d.allreduce_busy_us.items()))
+        lines.append(f"TP all-reduce of a decode step between busy ranks: {busy}")
+    if d.cores:
+        lines.append(f"every process of a layout shares this machine's {d.cores} cores (namespace hosts included)")
+    return lines
 
 
 def best(rows: list[Row]) -> Row:

@@ -12,7 +12,12 @@ _LLAMA3 = {"model_type": "llama", "vocab_size": 128256, "rms_norm_eps": 1e-5, "r
            "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001}
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
+_LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
 BUILTIN_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b": {**_LLAMA3, "num_hidden_layers": 16, "hidden_size": 2048, "intermediate_size": 8192,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                     "max_position_embeddings": 131072, "tie_word_embeddings": True, "rope_scaling": _LLAMA32_ROPE},
     "llama-3-8b": {**_LLAMA3, "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
                    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192},
     "llama-3-70b": {**_LLAMA3, "num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672,

@@ -1,0 +1,148 @@
+"""`--calibrate`'s per-layer costs: one real decoder layer of the model (pipeserve's own LlamaDecoderLayer and
+paged attention, random weights) at one TP rank's shape, timed alone in this process at the row counts and
+context lengths a step runs, plus the LM head and greedy sampler. A micro-benchmark of the model's code, never
+of the runs a plan predicts: no engine, no scheduler, no other process.
+
+What it stores, per rank shape (docs/planning.md, "Calibrated CPU steps"):
+* `base`: [rows, seconds] of one layer: decode rows up to 64 with the attention to their context taken out
+  (the slope below), then prompt chunks from position 0 (their causal attention to themselves included);
+* `attn_s_per_row_ctx`: seconds per (decode row x context token), the slope between two context lengths;
+* `prefill_s_per_row_ctx`: seconds per (chunk row x earlier context token), a chunk of the largest size that
+  starts at 0 against the same chunk after as many earlier tokens (a prompt's later chunks);
+* `head`: [rows, seconds] of the final norm, LM head GEMM and greedy argmax on the rank's vocabulary shard.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from pipeserve.config import ModelConfig
+from pipeserve.distributed.parallel_state import TPGroup
+from pipeserve.layers.attention import AttentionMetadata, PrefillChunk
+from pipeserve.layers.linear import NO_TP
+from pipeserve.layers.norm import RMSNorm
+from pipeserve.layers.rotary import RotaryEmbedding
+from pipeserve.models.llama import LlamaDecoderLayer, head_ranges
+from pipeserve.planner.cpu_steps import shape_key
+
+BLOCK = 16
+DECODE_ROWS = (1, 4, 16, 64)  # a decode step's rows: one per sequence of a virtual engine's batch
+PREFILL_ROWS = (128, 512)  # prefill chunks (512: serve's CPU token budget)
+SHORT_CTX, LONG_CTX = 32, 1024  # the two context lengths the attention slope is taken between
+
+
+def rank_config(model: ModelConfig, tp: int) -> ModelConfig:
+    """The model as TP rank 0 holds it (its query and KV heads, its share of the MLP), run without TP."""
+    (_, q_heads), (_, kv_heads) = head_ranges(model, TPGroup(0, tp))
+    return replace(model, num_attention_heads=q_heads, num_key_value_heads=kv_heads,
+                   intermediate_size=model.intermediate_size // tp, vocab_size=-(-model.vocab_size // tp),
+                   quantization="none")
+
+
+def rank_shape_key(model: ModelConfig, tp: int) -> str:
+    c = rank_config(model, tp)
+    return shape_key(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                     c.vocab_size, str(c.dtype).removeprefix("torch."))
+
+
+def _best_of(fn, seconds: float) -> float:
+    """Least seconds of one call over about `seconds` of calls (at least 3), after one warm-up call: the least
+    is the figure another process on a shared machine disturbs the least."""
+    fn()
+    best, spent, calls = float("inf"), 0.0, 0
+    while spent < seconds or calls < 3:
+        start = time.perf_counter()
+        fn()
+        took = time.perf_counter() - start
+        best, spent, calls = min(best, took), spent + took, calls + 1
+    return best
+
+
+def _random_layer(cfg: ModelConfig) -> tuple[LlamaDecoderLayer, RotaryEmbedding]:
+    rope = RotaryEmbedding(cfg.head_dim, 4 * LONG_CTX, cfg.rope_theta, cfg.rope_scaling)
+    layer = LlamaDecoderLayer(cfg, rope, NO_TP)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.ones(p.shape))
+    return layer, rope
+
+
+def _decode_meta(rows: int, ctx: int, num_blocks: int) -> tuple[AttentionMetadata, torch.Tensor]:
+    """`rows` decodes, each attending to `ctx` tokens in blocks of its own; (metadata, positions)."""
+    per_row = -(-ctx // BLOCK)
+    tables = torch.arange(rows * per_row, dtype=torch.int32).view(rows, per_row) % num_blocks
+    slots = tables[:, (ctx - 1) // BLOCK].long() * BLOCK + (ctx - 1) % BLOCK
+    meta = AttentionMetadata(slot_mapping=slots, num_decodes=rows, block_tables=tables,
+                             context_lens=torch.full((rows,), ctx, dtype=torch.int32))
+    return meta, torch.full((rows,), ctx - 1, dtype=torch.long)
+
+
+def _prefill_meta(rows: int, start: int) -> tuple[AttentionMetadata, torch.Tensor]:
+    """One prompt chunk of `rows` tokens at positions start.., the earlier ones already in the cache."""
+    positions = torch.arange(start, start + rows)
+    if start == 0:
+        chunk = PrefillChunk(0, rows, 0, None, None)
+    else:  # as the engine builds a later chunk: its whole context's slots, and which of them each row may see
+        mask = torch.arange(start + rows)[None, :] <= positions[:, None]  # (rows, start + rows)
+        chunk = PrefillChunk(0, rows, start, torch.arange(start + rows), mask)
+    return AttentionMetadata(slot_mapping=positions, prefills=[chunk]), positions
+
+
+def layer_seconds(cfg: ModelConfig, rows: int, ctx: int, prefill: bool, seconds: float,
+                  parts: tuple[LlamaDecoderLayer, RotaryEmbedding] | None = None) -> float:
+    """Seconds of one decoder layer's forward: `rows` decodes at context `ctx`, or a `rows`-token prompt chunk
+    after `ctx - rows` earlier tokens."""
+    layer, rope = parts or _random_layer(cfg)
+    num_blocks = rows * -(-ctx // BLOCK) + 1
+    kv = torch.zeros(2, cfg.num_key_value_heads, num_blocks, BLOCK, cfg.head_dim, dtype=cfg.dtype)
+    meta, positions = _prefill_meta(rows, ctx - rows) if prefill else _decode_meta(rows, ctx, num_blocks)
+    meta.rope_tables = rope.tables(positions, cfg.dtype)
+    x = torch.randn(rows, cfg.hidden_size).to(cfg.dtype)  # [rows, hidden]
+    residual = torch.randn(rows, cfg.hidden_size).to(cfg.dtype)
+    with torch.inference_mode():
+        return _best_of(lambda: layer(x, residual, kv, meta), seconds)
+
+
+def head_seconds(cfg: ModelConfig, rows: int, seconds: float) -> float:
+    """Seconds of the last stage's tail for `rows` sampled rows: final norm, LM head, greedy argmax."""
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+    weight = (torch.randn(cfg.vocab_size, cfg.hidden_size) * 0.02).to(cfg.dtype)  # [vocab shard, hidden]
+    x = torch.randn(rows, cfg.hidden_size).to(cfg.dtype)
+
+    def tail() -> torch.Tensor:
+        return torch.nn.functional.linear(norm(x), weight).float().argmax(dim=-1)
+
+    with torch.inference_mode():
+        return _best_of(tail, seconds)
+
+
+def measure_layer_costs(model: ModelConfig, tp: int, seconds: float = 0.4,
+                        decode_rows: tuple[int, ...] = DECODE_ROWS,
+                        prefill_rows: tuple[int, ...] = PREFILL_ROWS) -> dict:
+    """The stored costs of one rank shape (module doc), measured with one torch thread."""
+    cfg = rank_config(model, tp)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        parts = _random_layer(cfg)
+        short = {r: layer_seconds(cfg, r, SHORT_CTX, False, seconds, parts) for r in decode_rows}
+        wide = [r for r in decode_rows if r >= 4] or list(decode_rows)
+        slopes = [(layer_seconds(cfg, r, LONG_CTX, False, seconds, parts) - short[r]) / (r * (LONG_CTX - SHORT_CTX))
+                  for r in wide]
+        slope = max(0.0, sum(slopes) / len(slopes))
+        base = [[r, short[r] - slope * r * SHORT_CTX] for r in decode_rows]
+        chunks = {n: layer_seconds(cfg, n, n, True, seconds, parts) for n in prefill_rows}
+        base += [[n, t] for n, t in chunks.items()]
+        n = max(prefill_rows)
+        later = layer_seconds(cfg, n, 2 * n, True, seconds, parts)  # the same chunk after n earlier tokens
+        prefill_slope = max(0.0, (later - chunks[n]) / (n * n))
+        head = [[r, head_seconds(cfg, r, seconds)] for r in sorted({1, *decode_rows})]
+    finally:
+        torch.set_num_threads(threads)
+    base.sort()
+    return {"base": base, "attn_s_per_row_ctx": slope, "prefill_s_per_row_ctx": prefill_slope, "head": head}
+

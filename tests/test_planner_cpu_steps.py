@@ -1,0 +1,77 @@
+"""A calibrated CPU's step and schedule by hand: measured layer costs times layers plus the tail, the TP
+all-reduce measured between busy ranks, decode groups, and processes sharing the calibrated cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeserve.planner.calibration import calibrated_cpu
+from pipeserve.planner.cost_model import Step, step_period, step_time
+from pipeserve.planner.cpu_steps import LayerCosts, interpolate, shape_key
+from pipeserve.planner.memory import Layout, build_stages, check_layout
+from pipeserve.planner.plan import Cluster, Workload, plan_layout
+from tests.test_planner import small
+from tests.test_planner_calibrate import FIGURES
+
+COSTS = {"base": [[1, 1e-3], [64, 4e-3], [512, 20e-3]], "attn_s_per_row_ctx": 1e-7, "prefill_s_per_row_ctx": 2e-8,
+         "head": [[1, 2e-3], [64, 8e-3]]}
+
+
+def device(tp: int, cores: int = 2, allreduce_us: dict | None = None):
+    cfg = small(torch.float32)
+    (stage, *_) = build_stages(cfg, tp, check_layout(cfg, tp, 1))
+    key = shape_key(64, 128 // tp, stage.q_heads, stage.kv_heads, 8, stage.vocab_rows, "float32")
+    data = {**FIGURES, "layers": {key: COSTS}, "cores": cores, "allreduce_busy_us": allreduce_us or {}}
+    return calibrated_cpu("cal.json", data, torch.float32)
+
+
+def test_interpolation_between_and_beyond_the_measured_rows():
+    points = ((1, 1.0), (5, 3.0))
+    assert interpolate(points, 1) == 1.0 and interpolate(points, 3) == 2.0 and interpolate(points, 10) == 6.0
+
+
+def test_a_decode_and_a_chunk_step_by_hand():
+    cfg, dev = small(torch.float32), device(1)
+    (stage,) = build_stages(cfg, 1, [6])
+    links = Cluster(dev, 1, 1, "pcie", 1).links()
+    decode = step_time(cfg, dev, Layout(1, 1, 1, 1), [stage], links, Step(8, 8, 100, 8))
+    layer = 1e-3 + 3e-3 * 7 / 63 + 1e-7 * 8 * 100
+    tail = 2e-3 + 6e-3 * 7 / 63
+    assert decode.busy_sum == pytest.approx(6 * layer + tail)
+    assert decode.work == pytest.approx(6 * layer + tail + dev.host_ms / 1e3)
+    chunk = step_time(cfg, dev, Layout(1, 1, 1, 1), [stage], links, Step(512, 1, 512, 1, chunk_start=512))
+    assert chunk.busy_sum == pytest.approx(6 * (20e-3 + 2e-8 * 512 * 512) + 2e-3)
+
+
+def test_tp_allreduce_measured_between_busy_ranks():
+    cfg, dev = small(torch.float32), device(2, allreduce_us={2: 300.0, 4: 900.0})
+    stages = build_stages(cfg, 2, [6])
+    links = Cluster(dev, 1, 2, "pcie", 1).links()
+    t = step_time(cfg, dev, Layout(2, 1, 1, 2), stages, links, Step(8, 8, 100, 8))
+    ring_bytes = 2 * 1 / 2 * 8 * 64 * 4 / links.intra_bps
+    assert t.ar_intra == pytest.approx(2 * 6 * (300e-6 + ring_bytes))
+
+
+def test_groups_and_shared_cores_set_the_period():
+    cfg, dev = small(torch.float32), device(1, cores=1)
+    row = plan_layout(cfg, Cluster(dev, 1, 2, "pcie", 1), Layout(1, 2, 1, 2), Workload(16, 16, 256, 8, 0.9))
+    assert row.status == "ok" and row.decode_groups == 4  # 2 virtual engines x 2 steps in flight
+    stages = build_stages(cfg, 1, check_layout(cfg, 1, 2))
+    t = step_time(cfg, dev, Layout(1, 2, 1, 2), stages, Cluster(dev, 1, 2, "pcie", 1).links(), Step(2, 2, 24, 2))
+    assert row.tpot_ms == pytest.approx(step_period(t, 4, 1) * 1e3)
+    assert step_period(t, 4, 1) == pytest.approx(4 * t.work)  # one core: every process's work in turn
+    assert row.bottleneck == "shared cores"
+
+
+def test_layer_costs_are_measured_with_the_models_own_layer():
+    from pipeserve.planner.calibrate_ops import measure_layer_costs, rank_shape_key
+
+    cfg = small(torch.float32)
+    costs = measure_layer_costs(cfg, 2, seconds=0.01, decode_rows=(1, 4), prefill_rows=(16,))
+    assert [rows for rows, _ in costs["base"]] == [1, 4, 16]
+    assert all(t > 0 for _, t in costs["base"]) and all(t > 0 for _, t in costs["head"])
+    assert costs["attn_s_per_row_ctx"] >= 0 and costs["prefill_s_per_row_ctx"] >= 0
+    LayerCosts.from_dict(costs)  # the form a plan reads back
+    (stage,) = build_stages(cfg, 2, [6])
+    assert rank_shape_key(cfg, 2) == shape_key(64, 64, stage.q_heads, stage.kv_heads, 8, stage.vocab_rows, "float32")
