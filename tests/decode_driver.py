@@ -117,3 +117,31 @@ def run_scenario(runners: list[ModelRunner], params: dict[str, SamplingParams] |
     with torch.inference_mode():
         scenario = Scenario(runners, params, execute)
         return scenario.run(), scenario
+
+
+class HostTransfers:
+    """Counts calls that bring tensor data to the host: .cpu, .tolist, .item, .numpy, .to(a device), and the
+    Python conversions (bool, int, float, index) that read a tensor's value. A dispatch mode cannot see these
+    on the CPU, where they are no-ops to the dispatcher."""
+
+    NAMES = ("cpu", "tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
+        to = torch.Tensor.to
+
+        def counted_to(t, *args, **kwargs):
+            if any(isinstance(a, (str, torch.device)) for a in (*args, *kwargs.values())):
+                self.calls.append("to")
+            return to(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", counted_to)
+
+    def _counted(self, name, method):
+        def counted(t, *args, **kwargs):
+            self.calls.append(name)
+            return method(t, *args, **kwargs)
+
+        return counted

@@ -13,9 +13,8 @@ import time
 
 import pytest
 import torch
-from decode_driver import make_runners, run_scenario
+from decode_driver import HostTransfers, make_runners, run_scenario
 from helpers import fake_step, leftover_bookkeeping, tiny_with_tokenizer
-from test_decode_inputs import HostTransfers
 
 from pipeserve import LLM, SamplingParams
 from pipeserve.config import SchedulerConfig

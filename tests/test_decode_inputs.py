@@ -10,7 +10,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
-from decode_driver import MIXED, make_runners, run_scenario
+from decode_driver import MIXED, HostTransfers, make_runners, run_scenario
 
 from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.entrypoints.engine_flags import add_engine_flags, engine_kwargs
@@ -94,34 +94,6 @@ def test_input_batch_rows_are_reused_and_grow():
     assert len(batch) == 0 and not batch.num_blocks.any()
     with pytest.raises(KeyError):
         batch.rows(["b"])
-
-
-class HostTransfers:
-    """Counts calls that bring tensor data to the host: .cpu, .tolist, .item, .numpy, .to(a device), and the
-    Python conversions (bool, int, float, index) that read a tensor's value. A dispatch mode cannot see these
-    on the CPU, where they are no-ops to the dispatcher."""
-
-    NAMES = ("cpu", "tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-    def __init__(self, monkeypatch):
-        self.calls: list[str] = []
-        for name in self.NAMES:
-            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
-        to = torch.Tensor.to
-
-        def counted_to(t, *args, **kwargs):
-            if any(isinstance(a, (str, torch.device)) for a in (*args, *kwargs.values())):
-                self.calls.append("to")
-            return to(t, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, "to", counted_to)
-
-    def _counted(self, name, method):
-        def counted(t, *args, **kwargs):
-            self.calls.append(name)
-            return method(t, *args, **kwargs)
-
-        return counted
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decode_driver import MIXED, make_runners, run_scenario
-from test_decode_inputs import HostTransfers
+from decode_driver import MIXED, HostTransfers, make_runners, run_scenario
 
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import DecodeBatch, ScheduledRequest, SchedulerOutput

@@ -164,3 +164,17 @@ def test_the_checks_catch_a_lazy_upward_import_and_a_relative_cycle(tmp_path):
     graph["pipeserve.loader.gguf"] = []
     assert find_cycle(graph) == ["pipeserve.engine.a", "pipeserve.engine.b", "pipeserve.engine.a"]
 
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in helper modules (helpers.py, planner_fixtures.py, ...), so running one test file
+    never runs or depends on another's collection."""
+    tests = Path(__file__).resolve().parent
+    found = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                      if n.split(".")[-1].startswith("test_") and n.startswith(("tests.", "test_"))]
+    assert not found, "\n".join(found)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,11 +16,9 @@ from pipeserve.planner.hardware import PRESETS, Device, load_device_spec
 from pipeserve.planner.memory import BLOCK_SIZE, Layout, build_stages, check_layout, kv_blocks_per_ve, scheduler_for
 from pipeserve.planner.plan import Cluster, Workload, candidate_layouts, plan, plan_layout
 from pipeserve.planner.shapes import plan_model_config
+from tests.planner_fixtures import SMALL, pipeserve_plan, small
 
 # hidden 64, 8 query heads and 2 KV heads of 8 dims, intermediate 128, 6 layers, vocabulary 100.
-SMALL = {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
-         "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 512,
-         "tie_word_embeddings": False}
 
 
 @pytest.fixture
@@ -29,10 +26,6 @@ def small_folder(tmp_path) -> str:
     """A model folder with a config.json and no weights at all."""
     (tmp_path / "config.json").write_text(json.dumps(SMALL))
     return str(tmp_path)
-
-
-def small(dtype=torch.bfloat16) -> ModelConfig:
-    return ModelConfig.from_hf_dict("small", SMALL, dtype)
 
 
 def test_weights_and_kv_bytes_per_device_by_hand():
@@ -122,11 +115,6 @@ def test_reference_case_tp_spanning_nodes_pays_links_and_pp_pays_decode_groups()
     assert (tp8.decode_groups, pp2.decode_groups) == (1, 4)
     assert pp2.tpot_ms > tp8.tpot_ms and pp2.ttft_ms < tp8.ttft_ms
     assert by_layout[(1, 1)].status == "no fit"
-
-
-def pipeserve_plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeserve.entrypoints.launch", "plan", *args], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 BASE = ("--model", "llama-3-8b", "--gpu", "H100", "--nodes", "1", "--gpus-per-node", "8")

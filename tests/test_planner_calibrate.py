@@ -14,12 +14,9 @@ from pipeserve.planner.cost_model import Step, step_time
 from pipeserve.planner.hardware import PRESETS
 from pipeserve.planner.memory import Layout, build_stages
 from pipeserve.planner.plan import Cluster, Workload, plan_layout
-from tests.test_planner import SMALL, pipeserve_plan, small
+from tests.planner_fixtures import FIGURES, SMALL, pipeserve_plan, small
 
 # Round figures: GEMMs at 10 GFLOP/s with one row and 100 with 65, 8 GB/s copy, a 2 GB/s link of 50 us.
-FIGURES = {"device": "cpu", "cpu_model": "Test CPU", "torch": "2.x", "threads": 1, "measured": "2026-01-02 03:04 UTC",
-           "dtype": "float32", "gemm_hidden": 64, "gemm_tflops": [[1, 0.01], [65, 0.1]], "copy_gbps": 8.0,
-           "link_gbps": 2.0, "link_latency_us": 50.0}
 
 
 @pytest.mark.slow  # the link and all-reduce benchmarks start 2, 2 and 4 processes

@@ -11,8 +11,7 @@ from pipeserve.planner.cost_model import Step, step_period, step_time
 from pipeserve.planner.cpu_steps import LayerCosts, interpolate, shape_key
 from pipeserve.planner.memory import Layout, build_stages, check_layout
 from pipeserve.planner.plan import Cluster, Workload, plan_layout
-from tests.test_planner import small
-from tests.test_planner_calibrate import FIGURES
+from tests.planner_fixtures import FIGURES, small
 
 COSTS = {"base": [[1, 1e-3], [64, 4e-3], [512, 20e-3]], "attn_s_per_row_ctx": 1e-7, "prefill_s_per_row_ctx": 2e-8,
          "head": [[1, 2e-3], [64, 8e-3]]}
@@ -75,3 +74,33 @@ def test_layer_costs_are_measured_with_the_models_own_layer():
     LayerCosts.from_dict(costs)  # the form a plan reads back
     (stage,) = build_stages(cfg, 2, [6])
     assert rank_shape_key(cfg, 2) == shape_key(64, 64, stage.q_heads, stage.kv_heads, 8, stage.vocab_rows, "float32")
+
+
+def test_the_corunning_factor_slows_layouts_of_several_ranks_only():
+    costs = LayerCosts.from_dict({**COSTS, "corun": [[1, 1.5], [16, 1.3], [512, 1.1]]})
+    alone = costs.layer(8, 100, 0, 0)
+    assert costs.layer(8, 100, 0, 0, corunning=True) == pytest.approx(alone * (1.5 + (1.3 - 1.5) * 7 / 15))
+    assert costs.slowdown(0.5) == 1.5 and costs.slowdown(4096) == 1.1  # the nearest measured outside the rows
+    assert costs.tail(1, corunning=True) == pytest.approx(1.5 * costs.tail(1))
+    assert LayerCosts.from_dict(COSTS).slowdown(8) == 1.0  # a file without the factor: as measured alone
+
+    cfg = small(torch.float32)
+    dev = calibrated_cpu("cal.json", {**FIGURES, "cores": 2, "allreduce_busy_us": {},
+                                      "layers": {device(1).layer_costs.popitem()[0]: {**COSTS, "corun": [[1, 2.0]]}}},
+                         torch.float32)
+    links = Cluster(dev, 1, 2, "pcie", 1).links()
+
+    def decode(pp: int):
+        stages = build_stages(cfg, 1, check_layout(cfg, 1, pp))
+        return step_time(cfg, dev, Layout(1, pp, 1, pp), stages, links, Step(4, 4, 64, 4))
+
+    one, two = decode(1), decode(2)
+    assert two.busy_sum == pytest.approx(2 * one.busy_sum)  # PP=2's ranks run at once: each layer twice as slow
+
+
+@pytest.mark.slow  # starts one process per core
+def test_the_corunning_factor_is_measured_with_every_core_busy():
+    from pipeserve.planner.calibrate_corun import corun_factors
+
+    factors = corun_factors(small(torch.float32), 1, processes=2, seconds=0.02, rows=(1, 16))
+    assert [rows for rows, _ in factors] == [1, 16] and all(f >= 1.0 for _, f in factors)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.test_planner import pipeserve_plan
+from tests.planner_fixtures import pipeserve_plan
 
 
 def test_png_of_the_layouts(tmp_path):

@@ -149,6 +149,12 @@ def measure(dtype: torch.dtype, sizes: CalibrationSizes, model=None, tps: tuple[
         from pipeserve.planner.calibrate_ops import measure_layer_costs, rank_shape_key
 
         layers = {rank_shape_key(model, tp): measure_layer_costs(model, tp, sizes.seconds / 4) for tp in tps}
+        if usable_cores() > 1:
+            from pipeserve.planner.calibrate_corun import corun_factors
+
+            for tp in tps:
+                layers[rank_shape_key(model, tp)]["corun"] = corun_factors(model, tp, usable_cores(),
+                                                                           sizes.seconds / 4)
     threads = torch.get_num_threads()
     torch.set_num_threads(sizes.threads)
     try:

@@ -79,16 +79,17 @@ class StepTime:
 
 
 def stage_device_time(model: ModelConfig, device: Device, stage: Stage, tp: int,
-                      step: Step) -> tuple[float, str, float]:
+                      step: Step, corunning: bool = False) -> tuple[float, str, float]:
     """(seconds, "compute" or "HBM", seconds of the LM head) of one stage's device work for a step: the
-    calibrated layer costs where --calibrate measured this rank shape, else the roofline."""
+    calibrated layer costs where --calibrate measured this rank shape (slowed by the co-running factor where
+    other ranks of the layout share the machine's cores), else the roofline."""
     costs = calibrated_layers(model, device, stage, tp)
     if costs is not None:
         if step.chunk_start is None:
-            layer = costs.layer(step.tokens, step.ctx, 0, 0)
+            layer = costs.layer(step.tokens, step.ctx, 0, 0, corunning)
         else:
-            layer = costs.layer(0, 0, step.tokens, step.chunk_start)
-        head = costs.tail(step.sampled) if stage.last else 0.0
+            layer = costs.layer(0, 0, step.tokens, step.chunk_start, corunning)
+        head = costs.tail(step.sampled, corunning) if stage.last else 0.0
         return stage.layers * layer + head, "compute", head
     hd = model.head_dim
     flops = 2.0 * step.tokens * stage.layers * layer_params(model, stage.q_heads, stage.kv_heads, tp)
@@ -137,8 +138,9 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
     ar_bps = links.inter_bps if spans else links.intra_bps
     ar_lat = links.latency(spans)
     act_bytes = step.tokens * model.hidden_size * elem  # one all-reduce's tensor
+    corunning = device.cores > 1 and layout.world > 1  # a calibrated CPU whose cores run several ranks at once
     for s, stage in enumerate(stages):
-        t_dev, kind, head = stage_device_time(model, device, stage, layout.tp, step)
+        t_dev, kind, head = stage_device_time(model, device, stage, layout.tp, step, corunning)
         if kind == "compute":
             out.compute += t_dev
         else:

@@ -21,20 +21,36 @@ class LayerCosts:
     attn_s_per_row_ctx: float  # a decode row's attention, per context token
     prefill_s_per_row_ctx: float  # a prompt chunk row's attention, per earlier token of its prompt
     head: tuple[tuple[float, float], ...]  # (rows, final norm + LM head + argmax seconds)
+    # (rows, slowdown with every core running a layer at once: calibrate_corun.py); empty where not measured
+    corun: tuple[tuple[float, float], ...] = ()
 
     @staticmethod
     def from_dict(d: dict) -> LayerCosts:
         return LayerCosts(tuple((float(r), float(t)) for r, t in d["base"]), float(d["attn_s_per_row_ctx"]),
-                          float(d["prefill_s_per_row_ctx"]), tuple((float(r), float(t)) for r, t in d["head"]))
+                          float(d["prefill_s_per_row_ctx"]), tuple((float(r), float(t)) for r, t in d["head"]),
+                          tuple((float(r), float(f)) for r, f in d.get("corun", ())))
 
-    def layer(self, decode_rows: float, ctx: float, prefill_rows: float, prefill_start: float) -> float:
-        """One layer: decodes at context `ctx` and one prompt chunk after `prefill_start` earlier tokens."""
+    def layer(self, decode_rows: float, ctx: float, prefill_rows: float, prefill_start: float,
+              corunning: bool = False) -> float:
+        """One layer: decodes at context `ctx` and one prompt chunk after `prefill_start` earlier tokens; with
+        `corunning`, as it runs while the layout's other ranks keep the machine's other cores busy."""
         rows = decode_rows + prefill_rows
-        return (interpolate(self.base, rows) + self.attn_s_per_row_ctx * decode_rows * ctx
-                + self.prefill_s_per_row_ctx * prefill_rows * prefill_start)
+        alone = (interpolate(self.base, rows) + self.attn_s_per_row_ctx * decode_rows * ctx
+                 + self.prefill_s_per_row_ctx * prefill_rows * prefill_start)
+        return alone * self.slowdown(rows) if corunning else alone
 
-    def tail(self, sampled: float) -> float:
-        return interpolate(self.head, sampled) if sampled > 0 else 0.0
+    def tail(self, sampled: float, corunning: bool = False) -> float:
+        if sampled <= 0:
+            return 0.0
+        return interpolate(self.head, sampled) * (self.slowdown(sampled) if corunning else 1.0)
+
+    def slowdown(self, rows: float) -> float:
+        """The co-running factor at `rows`: linear between measured row counts, the nearest one outside them."""
+        if not self.corun:
+            return 1.0
+        if rows >= self.corun[-1][0]:
+            return self.corun[-1][1]
+        return interpolate(self.corun, rows)
 
 
 def interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:

@@ -1,0 +1,73 @@
+"""`--calibrate`'s co-running factor: how much slower the model's decoder layer runs on one core while every
+core of the machine runs one at the same time, as the ranks of a PP or TP layout do.
+
+A layer timed alone has the whole memory bandwidth and the shared cache to itself. Decode steps read every
+weight once per step, so they are bound by memory, and on a machine whose cores share one memory system two
+busy ranks each run slower than one alone. The factor is the ratio of the two timings of the same layer at the
+same rows (a decode at a short context, a prompt chunk), each the least of repeated calls (calibrate_ops'
+rule); a plan multiplies a stage's layer and LM-head costs by it wherever more than one of its rank processes
+run at once on a calibrated CPU.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+from pipeserve.config import ModelConfig
+
+CORUN_ROWS = (1, 16, 512)  # decode rows at the short context, and serve's CPU prompt chunk
+
+
+def _timings(model: ModelConfig, tp: int, rows: tuple[int, ...], seconds: float) -> list[float]:
+    from pipeserve.planner.calibrate_ops import SHORT_CTX, _random_layer, layer_seconds, rank_config
+
+    cfg = rank_config(model, tp)
+    parts = _random_layer(cfg)
+    out = []
+    for r in rows:
+        prefill = r > 64  # past a decode batch: a prompt chunk from position 0
+        out.append(layer_seconds(cfg, r, r if prefill else SHORT_CTX, prefill, seconds, parts))
+    return out
+
+
+def _corunner(model, tp, rows, seconds, start, results) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _timings(model, tp, rows[:1], seconds / 4)  # imports and first calls before the barrier, not timed together
+    start.wait()
+    results.put(_timings(model, tp, rows, seconds))
+
+
+def corun_factors(model: ModelConfig, tp: int, processes: int, seconds: float = 0.4,
+                  rows: tuple[int, ...] = CORUN_ROWS) -> list[list[float]]:
+    """[[rows, factor], ...]: one layer's seconds with `processes` copies running at once (their median) over
+    its seconds alone, both measured here, one torch thread each."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = _timings(model, tp, rows, seconds)
+    finally:
+        torch.set_num_threads(threads)
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_corunner, args=(model, tp, rows, seconds, start, results)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    try:
+        together = [results.get(timeout=300) for _ in procs]
+    except Exception as exc:  # queue.Empty: a process died or hung
+        raise ValueError(f"calibrate: the co-running layer benchmark failed ({type(exc).__name__})") from None
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    factors = []
+    for i, r in enumerate(rows):
+        times = sorted(t[i] for t in together)
+        median = times[len(times) // 2]
+        factors.append([r, max(1.0, median / alone[i])])  # never faster than alone: noise, not a gain
+    return factors
