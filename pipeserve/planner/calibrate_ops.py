@@ -48,17 +48,17 @@ def rank_shape_key(model: ModelConfig, tp: int) -> str:
                      c.vocab_size, str(c.dtype).removeprefix("torch."))
 
 
-def _best_of(fn, seconds: float) -> float:
-    """Least seconds of one call over about `seconds` of calls (at least 3), after one warm-up call: the least
-    is the figure another process on a shared machine disturbs the least."""
+def _best_of(fn, seconds: float, statistic: str = "least") -> float:
+    """Least (or median) seconds of one call over about `seconds` of calls (at least 3), after one warm-up call:
+    the least is the figure another process on a shared machine disturbs the least."""
     fn()
-    best, spent, calls = float("inf"), 0.0, 0
-    while spent < seconds or calls < 3:
+    times, spent = [], 0.0
+    while spent < seconds or len(times) < 3:
         start = time.perf_counter()
         fn()
-        took = time.perf_counter() - start
-        best, spent, calls = min(best, took), spent + took, calls + 1
-    return best
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return min(times) if statistic == "least" else sorted(times)[len(times) // 2]
 
 
 def _random_layer(cfg: ModelConfig) -> tuple[LlamaDecoderLayer, RotaryEmbedding]:
@@ -93,7 +93,7 @@ def _prefill_meta(rows: int, start: int) -> tuple[AttentionMetadata, torch.Tenso
 
 
 def layer_seconds(cfg: ModelConfig, rows: int, ctx: int, prefill: bool, seconds: float,
-                  parts: tuple[LlamaDecoderLayer, RotaryEmbedding] | None = None) -> float:
+                  parts: tuple[LlamaDecoderLayer, RotaryEmbedding] | None = None, statistic: str = "least") -> float:
     """Seconds of one decoder layer's forward: `rows` decodes at context `ctx`, or a `rows`-token prompt chunk
     after `ctx - rows` earlier tokens."""
     layer, rope = parts or _random_layer(cfg)
@@ -104,7 +104,7 @@ def layer_seconds(cfg: ModelConfig, rows: int, ctx: int, prefill: bool, seconds:
     x = torch.randn(rows, cfg.hidden_size).to(cfg.dtype)  # [rows, hidden]
     residual = torch.randn(rows, cfg.hidden_size).to(cfg.dtype)
     with torch.inference_mode():
-        return _best_of(lambda: layer(x, residual, kv, meta), seconds)
+        return _best_of(lambda: layer(x, residual, kv, meta), seconds, statistic)
 
 
 def head_seconds(cfg: ModelConfig, rows: int, seconds: float) -> float:
