@@ -5,13 +5,13 @@ two processes over torch.distributed gloo, as stages hand off. Never the runs th
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import socket
 import time
 from dataclasses import dataclass
 
 import torch
+
+from pipeserve.planner.spawned import free_port, run_spawned
 
 DECODE_ROWS = (1, 4, 16, 64)  # a decode step's rows per stage: one per sequence of a virtual engine's batch
 PREFILL_ROWS = 512  # a prefill chunk's rows
@@ -58,12 +58,6 @@ def copy_gbps(mib: int, seconds: float) -> float:
     return 2.0 * src.numel() * 4 * calls / elapsed / 1e9
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _link_rank(rank: int, port: int, sizes: CalibrationSizes, results) -> None:
     """One of two processes: ping-pong a one-element tensor (latency) then a large one (bandwidth)."""
     import torch.distributed as dist
@@ -105,21 +99,9 @@ def _link_rank(rank: int, port: int, sizes: CalibrationSizes, results) -> None:
 
 def link_speed(sizes: CalibrationSizes) -> tuple[float, float]:
     """(latency per message in us, GB/s of a large message) between two processes over gloo on 127.0.0.1."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_link_rank, args=(r, port, sizes, results)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    failed = [p.exitcode for p in procs if p.exitcode != 0]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    if failed or results.empty():
-        raise ValueError(f"calibrate: the loopback link benchmark failed (exit codes {failed})")
-    return results.get()
+    port = free_port()
+    (result,) = run_spawned(_link_rank, [(r, port, sizes) for r in (0, 1)], "loopback link", timeout_s=120)
+    return result
 
 
 def cpu_model() -> str:

@@ -10,20 +10,14 @@ without the all-reduce, both loops run by every process at once (alternated, the
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import socket
 import time
 
 import torch
 
+from pipeserve.planner.spawned import free_port, run_spawned
+
 WORLDS = (2, 4)  # busy rank processes: one TP pair, two pairs
 ROUNDS = 3  # alternations of the loop without and with the all-reduce
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, elems: int, busy_ms: float, seconds: float, results) -> None:
@@ -68,21 +62,10 @@ def _rank(rank: int, world: int, port: int, elems: int, busy_ms: float, seconds:
 
 def busy_allreduce_us(world: int, elems: int, busy_ms: float = 1.0, seconds: float = 2.0) -> float:
     """Microseconds one all-reduce of `elems` float32 adds per (busy work, all-reduce) round, `world` ranks."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, elems, busy_ms, seconds, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    failed = [p.exitcode for p in procs if p.exitcode != 0]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    if failed or results.empty():
-        raise ValueError(f"calibrate: the busy all-reduce benchmark failed (exit codes {failed})")
-    return results.get() * 1e6
+    port = free_port()
+    (added,) = run_spawned(_rank, [(r, world, port, elems, busy_ms, seconds) for r in range(world)],
+                           "busy all-reduce")
+    return added * 1e6
 
 
 def measure_allreduce(hidden: int, rows: int = 8, seconds: float = 2.0) -> dict[str, float]:

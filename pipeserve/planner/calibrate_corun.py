@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing as mp
 
 from pipeserve.config import ModelConfig
+from pipeserve.planner.spawned import run_spawned
 
 CORUN_ROWS = (1, 16, 512)  # decode rows at the short context, and serve's CPU prompt chunk
 
@@ -53,20 +54,9 @@ def corun_factors(model: ModelConfig, tp: int, processes: int, seconds: float = 
         alone = _timings(model, tp, rows, seconds)
     finally:
         torch.set_num_threads(threads)
-    ctx = mp.get_context("spawn")
-    start, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_corunner, args=(model, tp, rows, seconds, start, results)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    try:
-        together = [results.get(timeout=300) for _ in procs]
-    except Exception as exc:  # queue.Empty: a process died or hung
-        raise ValueError(f"calibrate: the co-running layer benchmark failed ({type(exc).__name__})") from None
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    start = mp.get_context("spawn").Barrier(processes)
+    together = run_spawned(_corunner, [(model, tp, rows, seconds, start)] * processes, "co-running layer",
+                           results_wanted=processes, timeout_s=300)
     factors = []
     for i, r in enumerate(rows):
         times = sorted(t[i] for t in together)
