@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeserve.planner.spawned import free_port, run_spawned
+from pipeserve.control.process import free_port
+from pipeserve.planner.spawned import run_spawned
 
 DECODE_ROWS = (1, 4, 16, 64)  # a decode step's rows per stage: one per sequence of a virtual engine's batch
 PREFILL_ROWS = 512  # a prefill chunk's rows

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from pipeserve.planner.spawned import free_port, run_spawned
+from pipeserve.control.process import free_port
+from pipeserve.planner.spawned import run_spawned
 
 WORLDS = (2, 4)  # busy rank processes: one TP pair, two pairs
 ROUNDS = 3  # alternations of the loop without and with the all-reduce

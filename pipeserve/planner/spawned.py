@@ -6,14 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import socket
 from collections.abc import Callable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_spawned(target: Callable, args: list[tuple], what: str, results_wanted: int = 1,
