@@ -145,3 +145,32 @@ class HostTransfers:
             return method(t, *args, **kwargs)
 
         return counted
+
+
+def placeholder_step(runners, scenario, device: str):
+    """The scenario's next decode step (requests a, c, d decoding) on stage 0, run once with its real input ids
+    for the tokens expected, then planned again with placeholders and the real ids kept on the device, as async
+    scheduling leaves them: (runner, states, the placeholder step resolved, the expected tokens)."""
+    from pipeserve.types import PLACEHOLDER
+    from pipeserve.worker.sampled_ids import SampledIds
+
+    runner, states = runners[0], scenario.states[0]
+    runner.sampled_ids = SampledIds(device)
+    plan = scenario._plan([], [])
+    real = list(plan.decodes.token_ids)
+    with torch.inference_mode():
+        expected = runner.execute(states.resolve(plan), None, states.batch).sampled
+        rows = torch.from_numpy(states.batch.rows(plan.decodes.req_ids)).to(device)
+        runner.sampled_ids.record(rows, torch.tensor(real, device=device))
+        plan.decodes.token_ids = [PLACEHOLDER] * len(real)
+        return runner, states, states.resolve(plan), expected
+
+
+def issue_without_sync(runner, sched, batch):
+    """Issue a step deferred with CUDA's sync debug mode raising on any synchronisation; its PendingStep."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return runner.execute(sched, None, batch, defer=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from decode_driver import HostTransfers, make_runners, run_scenario
+from decode_driver import HostTransfers, make_runners, placeholder_step, run_scenario
 from helpers import fake_step, leftover_bookkeeping, tiny_with_tokenizer
 
 from pipeserve import LLM, SamplingParams
@@ -26,7 +26,7 @@ from pipeserve.engine.startup import build_async_engine
 from pipeserve.entrypoints.engine_flags import add_engine_flags, engine_kwargs
 from pipeserve.executor.uniproc import UniProcExecutor
 from pipeserve.types import PLACEHOLDER
-from pipeserve.worker.sampled_ids import PendingStep, SampledIds
+from pipeserve.worker.sampled_ids import PendingStep
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [20, 21], list(range(30, 60)), [7, 7, 7]]
 ENGINE = dict(device="cpu", dtype="float32", num_kv_blocks=96, block_size=4, max_model_len=128, seed=0,
@@ -267,16 +267,9 @@ def test_a_deferred_step_brings_its_ids_to_the_host_once_when_asked(tiny_model, 
     """Issuing a step with placeholders reads nothing back; its result is the step's one transfer, and equals
     the tokens of the same step run with the real ids."""
     runners = make_runners(tiny_model, 1, static=static)
-    _, scenario = run_scenario(runners, execute=True)  # requests a, c, d are decoding
-    runner, states = runners[0], scenario.states[0]
-    runner.sampled_ids = SampledIds("cpu")
-    plan = scenario._plan([], [])
-    real = list(plan.decodes.token_ids)
+    _, scenario = run_scenario(runners, execute=True)
+    runner, states, sched, expected = placeholder_step(runners, scenario, "cpu")
     with torch.inference_mode():
-        expected = runner.execute(states.resolve(plan), None, states.batch).sampled
-        runner.sampled_ids.record(torch.from_numpy(states.batch.rows(plan.decodes.req_ids)), torch.tensor(real))
-        plan.decodes.token_ids = [PLACEHOLDER] * len(real)
-        sched = states.resolve(plan)
         counter = HostTransfers(monkeypatch)
         pending = runner.execute(sched, None, states.batch, defer=True)
         issued = list(counter.calls)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decode_driver import make_runners, run_scenario
+from decode_driver import issue_without_sync, make_runners, placeholder_step, run_scenario
 
 from pipeserve import LLM, SamplingParams
-from pipeserve.types import PLACEHOLDER
-from pipeserve.worker.sampled_ids import PendingStep, SampledIds
+from pipeserve.worker.sampled_ids import PendingStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -45,23 +44,10 @@ def test_async_equals_sync_under_graphs(tiny_model):
 
 def test_a_placeholder_step_replays_without_synchronising(tiny_model):
     runners = make_runners(tiny_model, 1, device="cuda", enforce_eager=False)
-    _, scenario = run_scenario(runners, execute=True)  # requests a, c, d are decoding
-    runner, states = runners[0], scenario.states[0]
-    runner.sampled_ids = SampledIds("cuda")
-    plan = scenario._plan([], [])
-    real = list(plan.decodes.token_ids)
+    _, scenario = run_scenario(runners, execute=True)
+    runner, states, sched, expected = placeholder_step(runners, scenario, "cuda")
     with torch.inference_mode():
-        expected = runner.execute(states.resolve(plan), None, states.batch).sampled
-        rows = torch.from_numpy(states.batch.rows(plan.decodes.req_ids)).to("cuda")
-        runner.sampled_ids.record(rows, torch.tensor(real, device="cuda"))
-        plan.decodes.token_ids = [PLACEHOLDER] * len(real)
-        sched = states.resolve(plan)
         replays = runner.graphs.replays
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            pending = runner.execute(sched, None, states.batch, defer=True)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        pending = issue_without_sync(runner, sched, states.batch)
         assert isinstance(pending, PendingStep) and runner.graphs.replays == replays + 1
         assert pending.result().sampled == expected

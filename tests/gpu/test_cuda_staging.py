@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decode_driver import make_runners, run_scenario
+from decode_driver import issue_without_sync, make_runners, run_scenario
 
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import ScheduledRequest, SchedulerOutput
@@ -36,11 +36,5 @@ def test_a_prefill_step_is_issued_without_synchronising(tiny_model):
                                                           list(range(8)), SamplingParams(temperature=0),
                                                           samples=True)])
         with torch.inference_mode():
-            sched = states.resolve(plan)
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                pending = runner.execute(sched, None, states.batch, defer=True)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
+            pending = issue_without_sync(runner, states.resolve(plan), states.batch)
         assert isinstance(pending, PendingStep) and list(pending.result().sampled) == ["p"]
