@@ -76,6 +76,18 @@ def test_layer_costs_are_measured_with_the_models_own_layer():
     assert rank_shape_key(cfg, 2) == shape_key(64, 64, stage.q_heads, stage.kv_heads, 8, stage.vocab_rows, "float32")
 
 
+def test_timed_layers_stream_their_weights_past_the_last_level_cache(monkeypatch):
+    from pipeserve.planner import calibrate_ops
+
+    assert calibrate_ops.last_level_cache_bytes() >= 1 << 20  # sysfs read on this machine (or the 32 MiB default)
+    cfg = small(torch.float32)  # 6 layers: q, k, v, o of 8 + 2 heads of 8, and 3 x 64 x 128 MLP: 136 KiB each
+    layer_bytes = (2 * 64 * (8 + 2) * 8 + 3 * 64 * 128) * 4
+    monkeypatch.setattr(calibrate_ops, "last_level_cache_bytes", lambda: layer_bytes)
+    assert calibrate_ops.streamed_layer_count(cfg) == 4  # four times the cache
+    monkeypatch.setattr(calibrate_ops, "last_level_cache_bytes", lambda: 32 << 20)
+    assert calibrate_ops.streamed_layer_count(cfg) == 6  # never more layers than the model has
+
+
 def test_the_corunning_factor_slows_layouts_of_several_ranks_only():
     costs = LayerCosts.from_dict({**COSTS, "corun": [[1, 1.5], [16, 1.3], [512, 1.1]]})
     alone = costs.layer(8, 100, 0, 0)

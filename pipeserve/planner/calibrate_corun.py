@@ -4,9 +4,9 @@ core of the machine runs one at the same time, as the ranks of a PP or TP layout
 A layer timed alone has the whole memory bandwidth and the shared cache to itself. Decode steps read every
 weight once per step, so they are bound by memory, and on a machine whose cores share one memory system two
 busy ranks each run slower than one alone. The factor is the ratio of the two timings of the same layer at the
-same rows (a decode at a short context, a prompt chunk), each the median of repeated calls: the least call,
-which calibrate_ops keeps for the costs themselves, is the one the other cores disturbed least, and would
-hide what co-running costs. A plan multiplies a stage's layer and LM-head costs by it wherever more than
+same rows (a decode at a short context, a prompt chunk), each the median of repeated calls through the same
+streamed layers calibrate_ops times (their weights far beyond the cache, so both timings read memory as a
+stage does). A plan multiplies a stage's layer and LM-head costs by it wherever more than
 one of its rank processes run at once on a calibrated CPU.
 """
 
@@ -22,14 +22,20 @@ CORUN_ROWS = (1, 16, 512)  # decode rows at the short context, and serve's CPU p
 
 def _timings(model: ModelConfig, tp: int, rows: tuple[int, ...], seconds: float) -> list[float]:
     """The median seconds of one layer call at each row count (calls repeated for about `seconds` each)."""
-    from pipeserve.planner.calibrate_ops import SHORT_CTX, _random_layer, layer_seconds, rank_config
+    from pipeserve.planner.calibrate_ops import (
+        SHORT_CTX,
+        StreamedLayers,
+        layer_seconds,
+        rank_config,
+        streamed_layer_count,
+    )
 
     cfg = rank_config(model, tp)
-    parts = _random_layer(cfg)
+    parts = StreamedLayers(cfg, streamed_layer_count(cfg))
     out = []
     for r in rows:
         prefill = r > 64  # past a decode batch: a prompt chunk from position 0
-        out.append(layer_seconds(cfg, r, r if prefill else SHORT_CTX, prefill, seconds, parts, statistic="median"))
+        out.append(layer_seconds(cfg, r, r if prefill else SHORT_CTX, prefill, seconds, parts))
     return out
 
 
