@@ -1,5 +1,8 @@
-"""`pipeserve plan`'s predictions beside measured runs, out of sample: calibrate first (micro-benchmarks only),
-then plan every case from the stored figures, then run each case and put the two side by side.
+"""`pipeserve plan`'s predictions beside measured runs, out of sample: calibrate (micro-benchmarks only), run
+every case, calibrate again into a second file, then plan every case from each file and put the mean of the
+two predictions beside the measured run. This VM's speed drifts by up to 30% over minutes: a calibration taken
+only before the runs can land in a slow spell while they run in a fast one, or the other way round; one
+before and one after bracket them. Neither calibration sees the runs.
 
 Cases (one thread per rank, dense weights, float32):
 * default: the embedded model (or `--model`) at PP=1, PP=2, TP=2 and PP=2 x TP=2, `pipeserve bench throughput`
@@ -11,7 +14,7 @@ Cases (one thread per rank, dense weights, float32):
 Scored: output tokens/s (predicted / measured) and each stage's weights + KV pool (the busiest rank's tensor
 bytes, predicted against what the rank reports); peak RSS is printed beside them, not scored.
 
-    python benchmarks/plan_check.py [--netns] [--scale] [--reuse-calibration] --markdown results/plan_check.md
+    python benchmarks/plan_check.py [--netns] [--scale] --markdown results/plan_check.md
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from common import CLI, run_to_json, write_report
@@ -46,7 +50,19 @@ def measure(argv: list[str], wrap=lambda cmd: cmd) -> dict[str, Any] | None:
     return None
 
 
-def plan_rows(model: str, calibration: str, extra: list[str]) -> dict[tuple[int, int], dict[str, Any]]:
+@dataclass
+class Case:
+    """One measured run, and what `pipeserve plan` needs to predict it: the model and the plan's flags."""
+
+    name: str
+    tp: int
+    pp: int
+    model: str
+    plan_args: tuple[str, ...]
+    measured: dict[str, Any] | None
+
+
+def plan_rows(model: str, calibration: str, extra: tuple[str, ...]) -> dict[tuple[int, int], dict[str, Any]]:
     """`pipeserve plan --json` from the stored calibration: its rows by (TP, PP)."""
     out = subprocess.run([*CLI, "plan", "--model", model, "--gpu", "cpu", "--dtype", "float32",
                           "--calibration-file", calibration, "--json", *extra],
@@ -55,7 +71,8 @@ def plan_rows(model: str, calibration: str, extra: list[str]) -> dict[tuple[int,
 
 
 def calibrate(model: str, calibration: str, max_tp: int) -> None:
-    """`plan --calibrate` for the model's decoder layer at TP sizes up to `max_tp` (the runs come later)."""
+    """`plan --calibrate` for the model's decoder layer at TP sizes up to `max_tp` (the file keeps the other
+    shapes' costs)."""
     subprocess.run([*CLI, "plan", "--calibrate", "--model", model, "--gpu", "cpu", "--dtype", "float32",
                     "--nodes", "1", "--gpus-per-node", str(max_tp), "--calibration-file", calibration,
                     "--input-len", "16", "--output-len", "16", "--max-model-len", "256"],
@@ -68,47 +85,50 @@ def stage_memory(measured: dict[str, Any]) -> list[dict[str, int]]:
     return sorted(ranks, key=lambda m: m["stage"])
 
 
-def compare(case: str, predicted: dict[str, Any], measured: dict[str, Any] | None) -> dict[str, Any]:
+def compare(case: Case, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The case's predictions from both calibrations (their mean scored) beside its measured run."""
+    predicted = (before["output_tok_s"] + after["output_tok_s"]) / 2
+    out = {"case": case.name, "predicted_tok_s": predicted,
+           "predicted_before_after": [before["output_tok_s"], after["output_tok_s"]]}
+    measured = case.measured
     if measured is None:
-        return {"case": case, "predicted_tok_s": predicted["output_tok_s"], "failed": True}
+        return {**out, "failed": True}
     stages = stage_memory(measured)
-    pred_mem = [w + k for w, k in zip(predicted["stage_weights_bytes"], predicted["stage_kv_bytes"], strict=True)]
+    pred_mem = [w + k for w, k in zip(before["stage_weights_bytes"], before["stage_kv_bytes"], strict=True)]
     meas_mem = [m["weights_bytes"] + m["kv_bytes"] for m in stages]
-    return {"case": case, "predicted_tok_s": predicted["output_tok_s"],
-            "measured_tok_s": measured["output_tokens_per_s"],
-            "ratio": predicted["output_tok_s"] / measured["output_tokens_per_s"],
+    return {**out, "measured_tok_s": measured["output_tokens_per_s"],
+            "ratio": predicted / measured["output_tokens_per_s"],
             "predicted_stage_bytes": pred_mem, "measured_stage_bytes": meas_mem,
             "memory_error": max(abs(p / m - 1) for p, m in zip(pred_mem, meas_mem, strict=True)),
             "peak_rss_bytes": [m["peak_rss_bytes"] for m in stages],
-            "bottleneck": predicted["bottleneck"], "machine_cpu_s": measured.get("machine_cpu_s"),
+            "bottleneck": before["bottleneck"], "machine_cpu_s": measured.get("machine_cpu_s"),
             "elapsed_s": measured["elapsed_s"]}
 
 
-def embedded_cases(args: argparse.Namespace, calibration: str, cases: list[str]) -> list[dict[str, Any]]:
-    work = ["--input-len", str(args.input_len), "--output-len", str(args.output_len),
-            "--max-model-len", str(args.max_model_len)]
-    rows = plan_rows(args.model, calibration, [*work, "--nodes", "1", "--gpus-per-node", "4",
-                                              "--concurrency", str(args.num_prompts)])
+def embedded_runs(args: argparse.Namespace, cases: list[str]) -> list[Case]:
+    work = ("--input-len", str(args.input_len), "--output-len", str(args.output_len),
+            "--max-model-len", str(args.max_model_len))
+    plan_args = (*work, "--nodes", "1", "--gpus-per-node", "4", "--concurrency", str(args.num_prompts))
     out = []
     for case in cases:
         tp, pp = EMBEDDED[case]
         print(f"running {case}", file=sys.stderr, flush=True)
         measured = measure(["bench", "throughput", "--model", args.model, "-tp", str(tp), "-pp", str(pp),
-                                "--num-prompts", str(args.num_prompts), *work, *COMMON])
-        out.append(compare(case, rows[(tp, pp)], measured))
+                            "--num-prompts", str(args.num_prompts), *work, *COMMON])
+        out.append(Case(case, tp, pp, args.model, plan_args, measured))
     return out
 
 
-def netns_cases(args: argparse.Namespace, calibration: str) -> list[dict[str, Any]]:
+def netns_runs(args: argparse.Namespace) -> list[Case]:
     from pipeserve.testing_netns import NetnsCluster, netns_available
 
     problem = netns_available()
     if problem:
         sys.exit(f"plan_check --netns: {problem}")
     length = args.input_len + args.output_len
-    work = ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--max-model-len", str(length)]
-    rows = plan_rows(args.model, calibration, [*work, "--nodes", "2", "--gpus-per-node", "1",
-                                              "--inter-node-gbps", "1", "--concurrency", str(args.num_prompts)])
+    work = ("--input-len", str(args.input_len), "--output-len", str(args.output_len), "--max-model-len", str(length))
+    plan_args = (*work, "--nodes", "2", "--gpus-per-node", "1", "--inter-node-gbps", "1",
+                 "--concurrency", str(args.num_prompts))
     out = []
     for case, (tp, pp) in NETNS.items():
         with NetnsCluster(2, rate="1gbit") as cluster:
@@ -125,43 +145,54 @@ def netns_cases(args: argparse.Namespace, calibration: str) -> list[dict[str, An
                 worker.wait(timeout=120)
             finally:
                 worker.kill()
-        out.append(compare(case, rows[(tp, pp)], measured))
+        out.append(Case(case, tp, pp, args.model, plan_args, measured))
     return out
 
 
-def scale_cases(args: argparse.Namespace, calibration: str) -> list[dict[str, Any]]:
-    from bench_scale import write_checkpoint
+def scale_runs(folder: str) -> list[Case]:
+    """The 1.5 B model (its checkpoint already in `folder`) at PP=1, 2 and 4."""
+    work = ("--input-len", "128", "--output-len", "16", "--max-model-len", "1024", "--num-kv-blocks", "256")
+    plan_args = (*work, "--nodes", "1", "--gpus-per-node", "4", "--concurrency", "8")
+    out = []
+    for case, (tp, pp) in SCALE.items():
+        print(f"running {case}", file=sys.stderr, flush=True)
+        measured = measure(["bench", "throughput", "--model", folder, "-pp", str(pp), "--num-prompts", "8",
+                            *work, *COMMON])
+        out.append(Case(case, tp, pp, folder, plan_args, measured))
+    return out
 
-    folder = tempfile.mkdtemp(prefix="pipeserve-plan-check-")
-    try:
-        print(f"writing the 1.5 B checkpoint to {folder}", file=sys.stderr, flush=True)
-        write_checkpoint(folder)
-        calibrate(folder, calibration, 1)  # its decoder layer (the file keeps the other shapes' costs)
-        work = ["--input-len", "128", "--output-len", "16", "--max-model-len", "1024", "--num-kv-blocks", "256"]
-        rows = plan_rows(folder, calibration, [*work, "--nodes", "1", "--gpus-per-node", "4", "--concurrency", "8"])
-        out = []
-        for case, (tp, pp) in SCALE.items():
-            print(f"running {case}", file=sys.stderr, flush=True)
-            measured = measure(["bench", "throughput", "--model", folder, "-pp", str(pp), "--num-prompts", "8",
-                                    *work, *COMMON])
-            out.append(compare(case, rows[(tp, pp)], measured))
-        return out
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+
+def calibrate_all(model: str, scale_folder: str | None, calibration: str) -> None:
+    print(f"calibrating into {calibration} (micro-benchmarks only)", file=sys.stderr, flush=True)
+    calibrate(model, calibration, 2)
+    if scale_folder:
+        calibrate(scale_folder, calibration, 1)
+
+
+def predicted_rows(cases: list[Case], calibration: str) -> list[dict[str, Any]]:
+    """Each case's plan row from one calibration file (one `plan` call per model and flags)."""
+    plans: dict[tuple[str, tuple[str, ...]], dict[tuple[int, int], dict[str, Any]]] = {}
+    for c in cases:
+        if (c.model, c.plan_args) not in plans:
+            plans[(c.model, c.plan_args)] = plan_rows(c.model, calibration, c.plan_args)
+    return [plans[(c.model, c.plan_args)][(c.tp, c.pp)] for c in cases]
 
 
 def report(results: list[dict[str, Any]], header: str) -> str:
     def mib(values: list[int]) -> str:
         return " / ".join(f"{v / MIB:,.0f}" for v in values)
 
-    lines = [header, "", "| case | predicted out tok/s | measured | predicted / measured | bottleneck (plan) | "
-             "weights + KV per stage, predicted (MiB) | measured (MiB) | worst error | peak RSS per stage (MiB) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [header, "", "| case | predicted out tok/s (calibrated before / after) | mean | measured | "
+             "predicted / measured | bottleneck (plan) | weights + KV per stage, predicted (MiB) | measured (MiB) | "
+             "worst error | peak RSS per stage (MiB) |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in results:
+        both = " / ".join(f"{v:.2f}" for v in r["predicted_before_after"])
         if r.get("failed"):
-            lines.append(f"| {r['case']} | {r['predicted_tok_s']:.2f} | failed twice | | | | | | |")
+            lines.append(f"| {r['case']} | {both} | {r['predicted_tok_s']:.2f} | failed twice | | | | | | |")
             continue
-        lines.append(f"| {r['case']} | {r['predicted_tok_s']:.2f} | {r['measured_tok_s']:.2f} | {r['ratio']:.2f} | "
+        lines.append(f"| {r['case']} | {both} | {r['predicted_tok_s']:.2f} | {r['measured_tok_s']:.2f} | "
+                     f"{r['ratio']:.2f} | "
                      f"{r['bottleneck']} | {mib(r['predicted_stage_bytes'])} | {mib(r['measured_stage_bytes'])} | "
                      f"{r['memory_error']:.1%} | {mib(r['peak_rss_bytes'])} |")
     return "\n".join(lines)
@@ -177,8 +208,6 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--netns", action="store_true", help="also PP=2 vs TP=2 on two namespace hosts (root)")
     p.add_argument("--scale", action="store_true", help="also the 1.5 B model at PP=1/2/4")
-    p.add_argument("--calibration-file", default=None, help="default: a fresh file in a temporary folder")
-    p.add_argument("--reuse-calibration", action="store_true", help="plan from --calibration-file as it is")
     p.add_argument("--markdown", default=None)
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
@@ -186,32 +215,40 @@ def main() -> None:
     unknown = sorted(set(cases) - set(EMBEDDED))
     if unknown:
         sys.exit(f"plan_check: unknown case(s) {', '.join(unknown)}; known: {', '.join(EMBEDDED)}")
-    folder = tempfile.mkdtemp(prefix="pipeserve-calibration-")
-    calibration = args.calibration_file or os.path.join(folder, "calibration-cpu.json")
-    if args.reuse_calibration and not os.path.exists(calibration):
-        sys.exit(f"plan_check: --reuse-calibration needs an existing --calibration-file, not {calibration!r}")
+    folder = tempfile.mkdtemp(prefix="pipeserve-plan-check-")
+    before, after = (os.path.join(folder, f"calibration-{when}.json") for when in ("before", "after"))
     start = time.time()
     try:
-        if not args.reuse_calibration:
-            print("calibrating (micro-benchmarks only)", file=sys.stderr, flush=True)
-            calibrate(args.model, calibration, 2)
-        results = embedded_cases(args, calibration, cases) if cases else []
-        if args.netns:
-            results += netns_cases(args, calibration)
+        scale_folder = None
         if args.scale:
-            results += scale_cases(args, calibration)
-        with open(calibration) as f:
-            figures = json.load(f)
+            scale_folder = os.path.join(folder, "llama-1.5b")
+            print(f"writing the 1.5 B checkpoint to {scale_folder}", file=sys.stderr, flush=True)
+            from bench_scale import write_checkpoint
+
+            write_checkpoint(scale_folder)
+        calibrate_all(args.model, scale_folder, before)
+        runs = embedded_runs(args, cases) if cases else []
+        if args.netns:
+            runs += netns_runs(args)
+        if scale_folder:
+            runs += scale_runs(scale_folder)
+        calibrate_all(args.model, scale_folder, after)
+        results = [compare(c, b, a) for c, b, a in
+                   zip(runs, predicted_rows(runs, before), predicted_rows(runs, after), strict=True)]
+        figures = []
+        for path in (before, after):
+            with open(path) as f:
+                figures.append(json.load(f))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     load = os.getloadavg()
     header = (f"`pipeserve plan` against measured runs: {args.model}, {args.num_prompts} prompts of {args.input_len} "
               f"in / {args.output_len} out (1.5 B: 8 of 128 / 16), one thread per rank, float32, dense weights; "
-              f"{figures['cpu_model']}, {figures['cores']} cores, torch {figures['torch']}; calibrated "
-              f"{figures['measured']}; {time.time() - start:.0f} s in all, load average at the end "
-              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+              f"{figures[0]['cpu_model']}, {figures[0]['cores']} cores, torch {figures[0]['torch']}; calibrated "
+              f"{figures[0]['measured']} and {figures[1]['measured']}; {time.time() - start:.0f} s in all, "
+              f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     text = report(results, header) + f"\n\ncommand: `python benchmarks/plan_check.py {' '.join(sys.argv[1:])}`"
-    write_report(text, args.markdown, args.output_json, {"results": results, "calibration": figures})
+    write_report(text, args.markdown, args.output_json, {"results": results, "calibrations": figures})
 
 
 if __name__ == "__main__":

@@ -57,11 +57,14 @@ def rank_shape_key(model: ModelConfig, tp: int) -> str:
                      c.vocab_size, str(c.dtype).removeprefix("torch."))
 
 
+MIN_CALLS = 7  # one call varies by 10-15% on a shared VM: the median of 7 does not follow one slow call
+
+
 def _median_of(fn, seconds: float) -> float:
-    """Median seconds of one call over about `seconds` of calls (at least 3), after one warm-up call."""
+    """Median seconds of one call over about `seconds` of calls (at least MIN_CALLS), after one warm-up call."""
     fn()
     times, spent = [], 0.0
-    while spent < seconds or len(times) < 3:
+    while spent < seconds or len(times) < MIN_CALLS:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -94,15 +97,28 @@ def streamed_layer_count(cfg: ModelConfig) -> int:
 
 
 class StreamedLayers:
-    """`count` decoder layers of one rank shape with random weights, and the rotary tables they share."""
+    """`count` decoder layers of one rank shape with random weights, the rotary tables they share, and a KV
+    pool per layer, grown to the largest measurement's blocks and reused by the others (zeroing a fresh
+    gigabyte of pools per measurement would cost the calibration more than the measurements)."""
 
     def __init__(self, cfg: ModelConfig, count: int):
+        self.cfg = cfg
         self.rope = RotaryEmbedding(cfg.head_dim, 4 * LONG_CTX, cfg.rope_theta, cfg.rope_scaling)
         self.layers = [LlamaDecoderLayer(cfg, self.rope, NO_TP) for _ in range(count)]
+        self._pools: list[torch.Tensor] = []
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in (p for layer in self.layers for p in layer.parameters()):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.ones(p.shape))
+
+    def kv_pools(self, num_blocks: int) -> list[torch.Tensor]:
+        """One pool of at least `num_blocks` blocks per layer, each [2, kv heads, blocks, block size, head dim]."""
+        if not self._pools or self._pools[0].shape[2] < num_blocks:
+            c = self.cfg
+            self._pools = []  # the old pools go before the new ones are made
+            self._pools = [torch.zeros(2, c.num_key_value_heads, num_blocks, BLOCK, c.head_dim, dtype=c.dtype)
+                           for _ in self.layers]
+        return self._pools
 
 
 def _decode_meta(rows: int, ctx: int, num_blocks: int) -> tuple[AttentionMetadata, torch.Tensor]:
@@ -131,8 +147,7 @@ def layer_seconds(cfg: ModelConfig, rows: int, ctx: int, prefill: bool, seconds:
     """Seconds of one decoder layer's forward as a stage runs it among others (module doc): `rows` decodes at
     context `ctx`, or a `rows`-token prompt chunk after `ctx - rows` earlier tokens."""
     num_blocks = rows * -(-ctx // BLOCK) + 1
-    kvs = [torch.zeros(2, cfg.num_key_value_heads, num_blocks, BLOCK, cfg.head_dim, dtype=cfg.dtype)
-           for _ in stack.layers]  # each [2, kv heads, blocks, block size, head dim]
+    kvs = stack.kv_pools(num_blocks)
     meta, positions = _prefill_meta(rows, ctx - rows) if prefill else _decode_meta(rows, ctx, num_blocks)
     meta.rope_tables = stack.rope.tables(positions, cfg.dtype)
     x = torch.randn(rows, cfg.hidden_size).to(cfg.dtype)  # [rows, hidden]
@@ -168,6 +183,7 @@ def measure_layer_costs(model: ModelConfig, tp: int, seconds: float = 0.4,
     torch.set_num_threads(1)
     try:
         parts = StreamedLayers(cfg, streamed_layer_count(cfg))
+        parts.kv_pools(max(decode_rows) * -(-LONG_CTX // BLOCK) + 1)  # the largest measurement's, made once
         short = {r: layer_seconds(cfg, r, SHORT_CTX, False, seconds, parts) for r in decode_rows}
         wide = [r for r in decode_rows if r >= 4] or list(decode_rows)
         slopes = [(layer_seconds(cfg, r, LONG_CTX, False, seconds, parts) - short[r]) / (r * (LONG_CTX - SHORT_CTX))
