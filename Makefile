@@ -29,7 +29,7 @@ run: install
 # Lint, then the whole suite (about 13 minutes on 2 cores); `make test-fast` skips the slow tests.
 test: install
 	$(BIN)/ruff check pipeserve tests benchmarks
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
