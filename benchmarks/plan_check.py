@@ -14,7 +14,7 @@ Cases (one thread per rank, dense weights, float32):
 Scored: output tokens/s (predicted / measured) and each stage's weights + KV pool (the busiest rank's tensor
 bytes, predicted against what the rank reports); peak RSS is printed beside them, not scored.
 
-    python benchmarks/plan_check.py [--netns] [--scale] --markdown results/plan_check.md
+    python benchmarks/plan_check.py [--netns] [--scale] [--single-calibration] --markdown results/plan_check.md
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ def stage_memory(measured: dict[str, Any]) -> list[dict[str, int]]:
     return sorted(ranks, key=lambda m: m["stage"])
 
 
-def compare(case: Case, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """The case's predictions from both calibrations (their mean scored) beside its measured run."""
-    predicted = (before["output_tok_s"] + after["output_tok_s"]) / 2
+def compare(case: Case, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The case's predictions from each calibration (their mean scored) beside its measured run."""
+    before = rows[0]
+    predicted = sum(r["output_tok_s"] for r in rows) / len(rows)
     out = {"case": case.name, "predicted_tok_s": predicted,
-           "predicted_before_after": [before["output_tok_s"], after["output_tok_s"]]}
+           "predicted_per_calibration": [r["output_tok_s"] for r in rows]}
     measured = case.measured
     if measured is None:
         return {**out, "failed": True}
@@ -182,12 +183,13 @@ def report(results: list[dict[str, Any]], header: str) -> str:
     def mib(values: list[int]) -> str:
         return " / ".join(f"{v / MIB:,.0f}" for v in values)
 
-    lines = [header, "", "| case | predicted out tok/s (calibrated before / after) | mean | measured | "
+    when = "before / after" if len(results[0]["predicted_per_calibration"]) == 2 else "before"
+    lines = [header, "", f"| case | predicted out tok/s (calibrated {when} the runs) | mean | measured | "
              "predicted / measured | bottleneck (plan) | weights + KV per stage, predicted (MiB) | measured (MiB) | "
              "worst error | peak RSS per stage (MiB) |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in results:
-        both = " / ".join(f"{v:.2f}" for v in r["predicted_before_after"])
+        both = " / ".join(f"{v:.2f}" for v in r["predicted_per_calibration"])
         if r.get("failed"):
             lines.append(f"| {r['case']} | {both} | {r['predicted_tok_s']:.2f} | failed twice | | | | | | |")
             continue
@@ -208,6 +210,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--netns", action="store_true", help="also PP=2 vs TP=2 on two namespace hosts (root)")
     p.add_argument("--scale", action="store_true", help="also the 1.5 B model at PP=1/2/4")
+    p.add_argument("--single-calibration", action="store_true",
+                   help="calibrate only before the runs (faster; exposed to the machine's drift)")
     p.add_argument("--markdown", default=None)
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
@@ -232,11 +236,13 @@ def main() -> None:
             runs += netns_runs(args)
         if scale_folder:
             runs += scale_runs(scale_folder)
-        calibrate_all(args.model, scale_folder, after)
-        results = [compare(c, b, a) for c, b, a in
-                   zip(runs, predicted_rows(runs, before), predicted_rows(runs, after), strict=True)]
+        files = [before] if args.single_calibration else [before, after]
+        if not args.single_calibration:
+            calibrate_all(args.model, scale_folder, after)
+        per_file = [predicted_rows(runs, path) for path in files]
+        results = [compare(c, list(rows)) for c, *rows in zip(runs, *per_file, strict=True)]
         figures = []
-        for path in (before, after):
+        for path in files:
             with open(path) as f:
                 figures.append(json.load(f))
     finally:
@@ -245,7 +251,7 @@ def main() -> None:
     header = (f"`pipeserve plan` against measured runs: {args.model}, {args.num_prompts} prompts of {args.input_len} "
               f"in / {args.output_len} out (1.5 B: 8 of 128 / 16), one thread per rank, float32, dense weights; "
               f"{figures[0]['cpu_model']}, {figures[0]['cores']} cores, torch {figures[0]['torch']}; calibrated "
-              f"{figures[0]['measured']} and {figures[1]['measured']}; {time.time() - start:.0f} s in all, "
+              f"{' and '.join(f['measured'] for f in figures)}; {time.time() - start:.0f} s in all, "
               f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     text = report(results, header) + f"\n\ncommand: `python benchmarks/plan_check.py {' '.join(sys.argv[1:])}`"
     write_report(text, args.markdown, args.output_json, {"results": results, "calibrations": figures})
