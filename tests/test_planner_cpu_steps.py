@@ -80,8 +80,8 @@ def test_timed_layers_stream_their_weights_past_the_last_level_cache(monkeypatch
     from pipeserve.planner import calibrate_ops
 
     assert calibrate_ops.last_level_cache_bytes() >= 1 << 20  # sysfs read on this machine (or the 32 MiB default)
-    cfg = small(torch.float32)  # 6 layers: q, k, v, o of 8 + 2 heads of 8, and 3 x 64 x 128 MLP: 136 KiB each
-    layer_bytes = (2 * 64 * (8 + 2) * 8 + 3 * 64 * 128) * 4
+    cfg = small(torch.float32)  # 6 layers: q, o of 8 heads of 8, k, v of 2, a 3 x 64 x 128 MLP, two norms of 64
+    layer_bytes = (64 * (8 + 2 * 2) * 8 + 8 * 8 * 64 + 3 * 64 * 128 + 2 * 64) * 4
     monkeypatch.setattr(calibrate_ops, "last_level_cache_bytes", lambda: layer_bytes)
     assert calibrate_ops.streamed_layer_count(cfg) == 4  # four times the cache
     monkeypatch.setattr(calibrate_ops, "last_level_cache_bytes", lambda: 32 << 20)

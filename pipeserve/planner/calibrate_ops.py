@@ -36,6 +36,7 @@ from pipeserve.layers.norm import RMSNorm
 from pipeserve.layers.rotary import RotaryEmbedding
 from pipeserve.models.llama import LlamaDecoderLayer, head_ranges
 from pipeserve.planner.cpu_steps import shape_key
+from pipeserve.planner.memory import layer_params
 
 BLOCK = 16
 DECODE_ROWS = (1, 4, 16, 64)  # a decode step's rows: one per sequence of a virtual engine's batch
@@ -91,8 +92,7 @@ def last_level_cache_bytes() -> int:
 def streamed_layer_count(cfg: ModelConfig) -> int:
     """Distinct layers a timed call runs in turn: their weights four times the last-level cache, at most the
     model's layers (a stage never holds more)."""
-    layer_bytes = (2 * cfg.hidden_size * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
-                   + 3 * cfg.hidden_size * cfg.intermediate_size) * cfg.dtype.itemsize
+    layer_bytes = layer_params(cfg, cfg.num_attention_heads, cfg.num_key_value_heads, 1) * cfg.dtype.itemsize
     return max(1, min(cfg.num_hidden_layers, -(-4 * last_level_cache_bytes() // layer_bytes)))
 
 
