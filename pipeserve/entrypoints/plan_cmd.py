@@ -117,7 +117,7 @@ def _cpu_device(args: argparse.Namespace, model, stated):
             try:
                 data["layers"] = {**read_calibration(path).get("layers", {}), **data["layers"]}
             except ValueError:
-                pass
+                pass  # a malformed old file is replaced whole by the new measurements
         write_calibration(path, data)
     elif args.calibration_file is None and not os.path.exists(path):
         return stated
