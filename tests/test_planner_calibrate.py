@@ -30,7 +30,9 @@ def test_tiny_calibration_writes_a_well_formed_file(tmp_path):
     assert data["copy_gbps"] > 0 and data["link_gbps"] > 0 and data["link_latency_us"] > 0
     assert data["dtype"] == "float32" and data["threads"] == 1 and data["gemm_hidden"] == 32
     assert data["cpu_model"] and data["torch"] == torch.__version__ and data["measured"]
-    assert set(data["allreduce_busy_us"]) == {"2", "4"} and data["cores"] >= 1 and data["layers"] == {}
+    assert set(data["allreduce_busy_us"]) == set(data["allreduce_cpu_us"]) == {"2", "4"}
+    assert [b for b, _ in data["allreduce_busy_us"]["2"]] == [8 * 32 * 4, 512 * 32 * 4]  # a decode's, a chunk's
+    assert data["cores"] >= 1 and data["layers"] == {}
 
 
 def test_calibrated_figures_replace_the_stated_ones_by_hand(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeserve.planner.calibration import calibrated_cpu
-from pipeserve.planner.cost_model import Step, step_period, step_time
+from pipeserve.planner.cost_model import Step, at_bytes, busy_allreduce, step_period, step_time
 from pipeserve.planner.cpu_steps import LayerCosts, interpolate, shape_key
 from pipeserve.planner.memory import Layout, build_stages, check_layout
 from pipeserve.planner.plan import Cluster, Workload, plan_layout
@@ -15,13 +15,15 @@ from tests.planner_fixtures import FIGURES, small
 
 COSTS = {"base": [[1, 1e-3], [64, 4e-3], [512, 20e-3]], "attn_s_per_row_ctx": 1e-7, "prefill_s_per_row_ctx": 2e-8,
          "head": [[1, 2e-3], [64, 8e-3]]}
+COSTS_DECODE_8_AT_100 = 1e-3 + 3e-3 * 7 / 63 + 1e-7 * 8 * 100  # one layer: 8 decodes at context 100
 
 
-def device(tp: int, cores: int = 2, allreduce_us: dict | None = None):
+def device(tp: int, cores: int = 2, allreduce_us: dict | None = None, allreduce_cpu_us: dict | None = None):
     cfg = small(torch.float32)
     (stage, *_) = build_stages(cfg, tp, check_layout(cfg, tp, 1))
     key = shape_key(64, 128 // tp, stage.q_heads, stage.kv_heads, 8, stage.vocab_rows, "float32")
-    data = {**FIGURES, "layers": {key: COSTS}, "cores": cores, "allreduce_busy_us": allreduce_us or {}}
+    data = {**FIGURES, "layers": {key: COSTS}, "cores": cores, "allreduce_busy_us": allreduce_us or {},
+            "allreduce_cpu_us": allreduce_cpu_us or {}}
     return calibrated_cpu("cal.json", data, torch.float32)
 
 
@@ -35,7 +37,7 @@ def test_a_decode_and_a_chunk_step_by_hand():
     (stage,) = build_stages(cfg, 1, [6])
     links = Cluster(dev, 1, 1, "pcie", 1).links()
     decode = step_time(cfg, dev, Layout(1, 1, 1, 1), [stage], links, Step(8, 8, 100, 8))
-    layer = 1e-3 + 3e-3 * 7 / 63 + 1e-7 * 8 * 100
+    layer = COSTS_DECODE_8_AT_100
     tail = 2e-3 + 6e-3 * 7 / 63
     assert decode.busy_sum == pytest.approx(6 * layer + tail)
     assert decode.work == pytest.approx(6 * layer + tail + dev.host_ms / 1e3)
@@ -44,12 +46,30 @@ def test_a_decode_and_a_chunk_step_by_hand():
 
 
 def test_tp_allreduce_measured_between_busy_ranks():
-    cfg, dev = small(torch.float32), device(2, allreduce_us={2: 300.0, 4: 900.0})
+    walls = {"2": [[1024, 300.0], [4096, 600.0]], "4": [[1024, 900.0], [4096, 1500.0]]}
+    cpus = {"2": [[1024, 100.0], [4096, 400.0]], "4": [[1024, 50.0], [4096, 80.0]]}
+    cfg, dev = small(torch.float32), device(2, allreduce_us=walls, allreduce_cpu_us=cpus)
     stages = build_stages(cfg, 2, [6])
     links = Cluster(dev, 1, 2, "pcie", 1).links()
+    # 8 rows of 64 float32: 2048 bytes, a third of the way from 1024 to 4096 bytes; 2 all-reduces per layer
     t = step_time(cfg, dev, Layout(2, 1, 1, 2), stages, links, Step(8, 8, 100, 8))
-    ring_bytes = 2 * 1 / 2 * 8 * 64 * 4 / links.intra_bps
-    assert t.ar_intra == pytest.approx(2 * 6 * (300e-6 + ring_bytes))
+    assert t.ar_intra == pytest.approx(2 * 6 * 400e-6)
+    rank = 6 * COSTS_DECODE_8_AT_100 + 2e-3 + 6e-3 * 7 / 63  # its layers and the tail
+    assert t.busy_sum == pytest.approx(rank + t.ar_intra)
+    # each rank's CPU-seconds count the all-reduces' CPU, not their wall time
+    assert t.work == pytest.approx(2 * (rank + 2 * 6 * 200e-6) + dev.host_ms / 1e3)
+    # a layout of 4 busy ranks reads the 4-rank measurement
+    assert busy_allreduce(dev, Layout(2, 2, 1, 4), 2048) == pytest.approx((1100e-6, 60e-6))
+    # a ring of 4 takes 3 of a pair's exchanges, each of half the tensor
+    assert busy_allreduce(dev, Layout(4, 1, 1, 4), 4096) == pytest.approx((3 * 1100e-6, 3 * 60e-6))
+
+
+def test_measured_costs_between_and_past_the_measured_message_sizes():
+    points = ((1024.0, 300.0), (4096.0, 600.0))
+    assert at_bytes(points, 10) == 300.0  # below the smallest message: its fixed cost
+    assert at_bytes(points, 2048) == pytest.approx(400.0)
+    assert at_bytes(points, 7168) == pytest.approx(900.0)  # past the largest: along the last slope
+    assert at_bytes(((1024.0, 300.0),), 1e6) == 300.0
 
 
 def test_groups_and_shared_cores_set_the_period():

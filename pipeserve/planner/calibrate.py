@@ -154,5 +154,5 @@ def measure(dtype: torch.dtype, sizes: CalibrationSizes, model=None, tps: tuple[
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dtype": str(dtype).removeprefix("torch."), "gemm_hidden": sizes.hidden,
         "gemm_tflops": curve, "copy_gbps": bandwidth, "link_gbps": link, "link_latency_us": latency_us,
-        "allreduce_busy_us": allreduce, "cores": usable_cores(), "layers": layers,
+        **allreduce, "cores": usable_cores(), "layers": layers,
     }

@@ -1,10 +1,14 @@
-"""`--calibrate`'s all-reduce: what one gloo all-reduce of a decode step's size adds to a TP rank's time while
+"""`--calibrate`'s all-reduce: what one gloo all-reduce adds to a TP rank's time, and to its CPU-seconds, while
 the ranks are busy between all-reduces, as they are in a step (a layer's GEMMs, then an all-reduce).
 
-Idle ping-pong latency understates it: a rank that reaches the all-reduce first waits for its peer, and where
-the machine has fewer cores than busy processes, the peer may be descheduled, so the wait lasts until the
-scheduler runs it again. So it is measured with 2 busy ranks (one TP pair) and with 4 (two TP pairs, as
-TP=2 x PP=2 runs), each time as the wall time a loop of (busy work, all-reduce) takes beyond the same loop
+Idle ping-pong latency understates the time: a rank that reaches the all-reduce first waits for its peer, and
+where the machine has fewer cores than busy processes, the peer may be descheduled, so the wait lasts until the
+scheduler runs it again. The CPU-seconds matter where the layout's processes share the cores: gloo copies
+every message through a loopback socket and its threads keep a core busy for much of the wait, so the CPUs a
+layout's ranks need grow with every all-reduce, not only their wall time.
+
+Both are measured with 2 busy ranks (one TP pair) and with 4 (two TP pairs, as TP=2 x PP=2 runs), at a decode
+step's message and at a prompt chunk's, each as what a loop of (busy work, all-reduce) takes beyond the same loop
 without the all-reduce, both loops run by every process at once (alternated, the least of each).
 """
 
@@ -18,10 +22,12 @@ from pipeserve.control.process import free_port
 from pipeserve.planner.spawned import run_spawned
 
 WORLDS = (2, 4)  # busy rank processes: one TP pair, two pairs
+ROWS = (8, 512)  # a decode step's rows and serve's CPU prompt chunk: the message sizes measured
 ROUNDS = 3  # alternations of the loop without and with the all-reduce
 
 
-def _rank(rank: int, world: int, port: int, elems: int, busy_ms: float, seconds: float, results) -> None:
+def _rank(rank: int, world: int, port: int, sizes: tuple[int, ...], busy_ms: float, seconds: float,
+          results) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -37,38 +43,57 @@ def _rank(rank: int, world: int, port: int, elems: int, busy_ms: float, seconds:
         per = (time.perf_counter() - start) / 20
         reps = torch.tensor([max(1, int(busy_ms / 1e3 / max(per, 1e-7)))])
         dist.broadcast(reps, 0)  # every rank does the same work
-        msg = torch.zeros(elems)
 
-        def loop(count: int, reduce: bool) -> float:
+        def loop(msg: torch.Tensor, count: int, reduce: bool) -> tuple[float, float]:
+            """(wall seconds, this process's CPU-seconds, every thread of it) of `count` rounds."""
             dist.barrier()
-            begin = time.perf_counter()
+            begin, cpu = time.perf_counter(), time.process_time()
             for _ in range(count):
                 for _ in range(int(reps)):
                     torch.mm(a[:size], a)
                 if reduce:
                     dist.all_reduce(msg, group=mine)
             dist.barrier()
-            return time.perf_counter() - begin
+            return time.perf_counter() - begin, time.process_time() - cpu
 
-        loop(3, True)  # warm-up
-        count = max(5, int(seconds / 2 / ROUNDS / max(busy_ms / 1e3, 1e-4)))
-        plain = reduced = float("inf")
-        for _ in range(ROUNDS):  # alternated, the least of each: what other load on the machine disturbs least
-            plain, reduced = min(plain, loop(count, False)), min(reduced, loop(count, True))
-        if rank == 0:
-            results.put(max(0.0, (reduced - plain) / count))
+        added = []
+        for elems in sizes:
+            msg = torch.zeros(elems)
+            loop(msg, 3, True)  # warm-up
+            count = max(5, int(seconds / 2 / ROUNDS / max(busy_ms / 1e3, 1e-4)))
+            plain = reduced = (float("inf"), float("inf"))
+            for _ in range(ROUNDS):  # alternated, the least of each: what other load on the machine disturbs least
+                p, r = loop(msg, count, False), loop(msg, count, True)
+                plain = (min(plain[0], p[0]), min(plain[1], p[1]))
+                reduced = (min(reduced[0], r[0]), min(reduced[1], r[1]))
+            added.append((max(0.0, (reduced[0] - plain[0]) / count), max(0.0, (reduced[1] - plain[1]) / count)))
+        results.put(added)
     finally:
         dist.destroy_process_group()
 
 
-def busy_allreduce_us(world: int, elems: int, busy_ms: float = 1.0, seconds: float = 2.0) -> float:
-    """Microseconds one all-reduce of `elems` float32 adds per (busy work, all-reduce) round, `world` ranks."""
+def busy_allreduce_us(world: int, sizes: tuple[int, ...], busy_ms: float = 1.0,
+                      seconds: float = 2.0) -> list[tuple[float, float]]:
+    """[(microseconds of wall time, microseconds of CPU time), ...]: what one all-reduce of each size in `sizes`
+    (float32 elements) adds per (busy work, all-reduce) round with `world` busy ranks, the median rank's of each."""
     port = free_port()
-    (added,) = run_spawned(_rank, [(r, world, port, elems, busy_ms, seconds) for r in range(world)],
-                           "busy all-reduce")
-    return added * 1e6
+    ranks = run_spawned(_rank, [(r, world, port, sizes, busy_ms, seconds) for r in range(world)],
+                        "busy all-reduce", results_wanted=world)
+    out = []
+    for i in range(len(sizes)):
+        walls, cpus = sorted(r[i][0] for r in ranks), sorted(r[i][1] for r in ranks)
+        out.append((walls[world // 2] * 1e6, cpus[world // 2] * 1e6))
+    return out
 
 
-def measure_allreduce(hidden: int, rows: int = 8, seconds: float = 2.0) -> dict[str, float]:
-    """{busy ranks: us per all-reduce} for a decode step's message (`rows` x `hidden` float32)."""
-    return {str(w): busy_allreduce_us(w, rows * hidden, seconds=seconds) for w in WORLDS}
+def measure_allreduce(hidden: int, rows: tuple[int, ...] = ROWS, seconds: float = 2.0) -> dict[str, dict]:
+    """{"allreduce_busy_us": {busy ranks: [[bytes, us], ...]}, "allreduce_cpu_us": likewise}: what one all-reduce
+    of `rows` x `hidden` float32 adds to a rank's wall time and CPU time, at each row count."""
+    sizes = tuple(r * hidden for r in sorted(rows))
+    busy: dict[str, list] = {}
+    cpu: dict[str, list] = {}
+    for w in WORLDS:
+        added = busy_allreduce_us(w, sizes, seconds=seconds)
+        busy[str(w)] = [[4 * n, wall_us] for n, (wall_us, _) in zip(sizes, added, strict=True)]
+        cpu[str(w)] = [[4 * n, cpu_us] for n, (_, cpu_us) in zip(sizes, added, strict=True)]
+    return {"allreduce_busy_us": busy, "allreduce_cpu_us": cpu}

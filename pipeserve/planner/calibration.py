@@ -63,14 +63,30 @@ def read_calibration(path: str) -> dict:
                                                for v in layers.values()):
         raise ValueError(f"calibration file {path!r}: layers must map rank shapes to measured costs; "
                          f"write it again with --calibrate")
-    ar = data.get("allreduce_busy_us", {})
-    if not isinstance(ar, dict) or not all(k.isdigit() and isinstance(v, (int, float)) and v >= 0
-                                           for k, v in ar.items()):
-        raise ValueError(f"calibration file {path!r}: allreduce_busy_us must map busy ranks to microseconds")
+    for key in ("allreduce_busy_us", "allreduce_cpu_us"):
+        if not _is_allreduce_table(data.get(key, {})):
+            raise ValueError(f"calibration file {path!r}: {key} must map busy ranks to [[message bytes, "
+                             f"microseconds], ...] with increasing bytes; write it again with --calibrate")
     cores = data.get("cores", 0)
     if not isinstance(cores, int) or cores < 0:
         raise ValueError(f"calibration file {path!r}: cores must be an integer >= 0, got {cores!r}")
     return data
+
+
+def _is_allreduce_table(table) -> bool:
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
+
+    def points(v) -> bool:
+        return (isinstance(v, list) and len(v) > 0
+                and all(isinstance(p, list) and len(p) == 2 and number(p[0]) and number(p[1]) for p in v)
+                and [p[0] for p in v] == sorted({p[0] for p in v}))
+
+    return isinstance(table, dict) and all(isinstance(k, str) and k.isdigit() and points(v) for k, v in table.items())
+
+
+def _allreduce(table: dict) -> dict[int, tuple[tuple[float, float], ...]]:
+    return {int(k): tuple((float(b), float(us)) for b, us in v) for k, v in table.items()}
 
 
 def calibrated_cpu(path: str, data: dict, dtype: torch.dtype) -> Device:
@@ -84,7 +100,8 @@ def calibrated_cpu(path: str, data: dict, dtype: torch.dtype) -> Device:
         PRESETS["cpu"], hbm_gbps=data["copy_gbps"], bf16_tflops=curve[-1][1], pcie_gbps=data["link_gbps"],
         eff_bw=1.0, eff_flops=1.0, gemm_curve=curve, link_latency_us=data["link_latency_us"],
         cores=data.get("cores", 0), layer_costs=data.get("layers", {}),
-        allreduce_busy_us={int(k): float(v) for k, v in data.get("allreduce_busy_us", {}).items()},
+        allreduce_busy_us=_allreduce(data.get("allreduce_busy_us", {})),
+        allreduce_cpu_us=_allreduce(data.get("allreduce_cpu_us", {})),
         source=f"{data['cpu_model']}, torch {data['torch']}, {data.get('threads', '?')} thread(s)",
         eff_source="calibrated: measured rates are already effective",
         calibration=f"calibrated figures from {path} (measured {data['measured']})")

@@ -61,7 +61,7 @@ class StepTime:
     slowest_stage: float = 0.0  # busy time (device + all-reduce) of the slowest stage
     slowest_is_last: bool = False
     busy_sum: float = 0.0  # busy time of all stages
-    work: float = 0.0  # CPU-seconds of every process: each TP rank's device time, and the engine's host time
+    work: float = 0.0  # CPU-seconds of every process: each TP rank's device time and all-reduces, the host time
 
     @property
     def latency(self) -> float:
@@ -114,14 +114,30 @@ def calibrated_layers(model: ModelConfig, device: Device, stage: Stage, tp: int)
     return None if found is None else LayerCosts.from_dict(found)
 
 
-def busy_allreduce_s(device: Device, layout: Layout) -> float | None:
-    """Seconds --calibrate measured one all-reduce adding between busy ranks, with the measured count of busy
-    processes nearest the layout's ranks from above (else the largest); None on an uncalibrated device."""
-    measured = device.allreduce_busy_us
-    if not measured:
+def busy_allreduce(device: Device, layout: Layout, nbytes: float) -> tuple[float, float] | None:
+    """(wall seconds, CPU-seconds per rank) that one all-reduce of `nbytes` over the layout's TP group adds between
+    busy ranks, from what --calibrate measured between TP pairs (with the measured count of busy processes
+    nearest the layout's ranks from above, else the largest); None on an uncalibrated device. A ring of T ranks
+    takes T - 1 of a pair's exchanges, each of 2 / T of the tensor."""
+    walls, cpus = device.allreduce_busy_us, device.allreduce_cpu_us
+    if not walls:
         return None
-    above = [w for w in measured if w >= layout.world]
-    return measured[min(above) if above else max(measured)] * 1e-6
+    above = [w for w in walls if w >= layout.world]
+    world = min(above) if above else max(walls)
+    pair_bytes, hops = 2 * nbytes / layout.tp, layout.tp - 1
+    wall = hops * at_bytes(walls[world], pair_bytes) * 1e-6
+    cpu = hops * at_bytes(cpus[world], pair_bytes) * 1e-6 if world in cpus else 0.0
+    return wall, cpu
+
+
+def at_bytes(points: tuple[tuple[float, float], ...], nbytes: float) -> float:
+    """A measured cost at `nbytes`: linear between the measured message sizes and along the last two points'
+    slope past them; below the smallest, its cost (a message's fixed cost dominates there)."""
+    if len(points) == 1 or nbytes <= points[0][0]:
+        return points[0][1]
+    i = next((i for i in range(1, len(points)) if nbytes <= points[i][0]), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return max(0.0, y0 + (y1 - y0) * (nbytes - x0) / (x1 - x0))
 
 
 def allreduce_time(nbytes: float, tp: int, bps: float, latency: float) -> float:
@@ -146,20 +162,23 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
         else:
             out.hbm += t_dev
         out.head += head
-        ar = 0.0
+        ar = ar_cpu = 0.0
         if layout.tp > 1:  # attention output and MLP output: 2 per layer
-            waited = busy_allreduce_s(device, layout) if links.same_machine or not spans else None
-            if waited is None:
+            measured = busy_allreduce(device, layout, act_bytes) if links.same_machine or not spans else None
+            if measured is None:
                 ar = 2 * stage.layers * allreduce_time(act_bytes, layout.tp, ar_bps, ar_lat)
-            else:  # measured between busy ranks (a pair per step of the ring), in place of idle hops' latency
-                ar = 2 * stage.layers * ((layout.tp - 1) * waited + allreduce_time(act_bytes, layout.tp, ar_bps, 0.0))
+            else:  # measured between busy ranks over loopback; a slower link between nodes adds its transfer
+                wall, cpu = measured
+                slower = allreduce_time(act_bytes, layout.tp, ar_bps, 0.0) - allreduce_time(
+                    act_bytes, layout.tp, links.intra_bps, 0.0) if spans else 0.0
+                ar, ar_cpu = 2 * stage.layers * (wall + max(0.0, slower)), 2 * stage.layers * cpu
             if spans:
                 out.ar_inter += ar
             else:
                 out.ar_intra += ar
         busy = t_dev + ar
         out.busy_sum += busy
-        out.work += layout.tp * t_dev
+        out.work += layout.tp * (t_dev + ar_cpu)
         if busy >= out.slowest_stage:
             out.slowest_stage, out.slowest_is_last = busy, stage.last
         if s < len(stages) - 1:  # hidden and residual to the next stage

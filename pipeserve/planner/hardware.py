@@ -43,8 +43,10 @@ class Device:
     # model's decoder-layer costs by rank shape (cpu_steps.LayerCosts' fields, keyed by cpu_steps.shape_key).
     cores: int = 0
     layer_costs: dict = field(default_factory=dict, hash=False, compare=False)
-    # and what one TP all-reduce of a decode step's size adds with that many rank processes busy
+    # and what one TP pair's all-reduce adds with that many rank processes busy: {busy ranks: ((message bytes,
+    # microseconds), ...)} of wall time, and of each rank's CPU time
     allreduce_busy_us: dict = field(default_factory=dict, hash=False, compare=False)
+    allreduce_cpu_us: dict = field(default_factory=dict, hash=False, compare=False)
 
     def link_gbps(self, kind: str) -> float:
         return self.nvlink_gbps if kind == "nvlink" else self.pcie_gbps
@@ -104,7 +106,7 @@ def load_device_spec(path: str) -> Device:
         raise ValueError(f"device spec {path!r}: missing field(s) {', '.join(missing)}")
     for key, value in data.items():
         if key in ("gemm_curve", "link_latency_us", "calibration", "cores", "layer_costs",
-                   "allreduce_busy_us"):
+                   "allreduce_busy_us", "allreduce_cpu_us"):
             raise ValueError(f"device spec {path!r}: {key} comes from --calibrate, not from a device spec")
         if key in ("name", "source", "eff_source"):
             if not isinstance(value, str) or not value:

@@ -54,8 +54,13 @@ def _measured_steps(d) -> list[str]:
         lines.append(f"steps of the rank shapes {', '.join(sorted(d.layer_costs))}: the model's decoder layer as "
                      f"measured (other shapes: the GEMM rate and copy bandwidth above)")
     if d.allreduce_busy_us:
-        busy = ", ".join(f"{v:.0f} us with {k} busy ranks" for k, v in sorted(d.allreduce_busy_us.items()))
-        lines.append(f"TP all-reduce of a decode step between busy ranks: {busy}")
+        def sizes(world: int) -> str:
+            cpu = dict(d.allreduce_cpu_us.get(world, ()))
+            return " / ".join(f"{us:.0f} us (CPU {cpu.get(b, 0.0):.0f}) at {b / 1024:.0f} KiB"
+                              for b, us in d.allreduce_busy_us[world])
+
+        busy = "; ".join(f"{k} busy ranks: {sizes(k)}" for k in sorted(d.allreduce_busy_us))
+        lines.append(f"a TP pair's all-reduce between busy ranks: {busy}")
     if d.cores:
         lines.append(f"every process of a layout shares this machine's {d.cores} cores (namespace hosts included)")
     return lines
