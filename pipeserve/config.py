@@ -6,11 +6,13 @@ Reading a checkpoint's config (HF folder or GGUF file) is the loader's job: `loa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a model runs in, by name
+QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")  # ModelConfig.quantization (layers/quantization.py)
 
 
 @dataclass(frozen=True)
@@ -34,15 +36,33 @@ class ModelConfig:
     mlp_bias: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    dtype: torch.dtype = torch.float32
+    # The dtype's name (a key of DTYPE_BYTES): the record stays free of torch, so planning a layout never imports
+    # it; a torch.dtype given here is stored by its name. The engine's tensors take `torch_dtype`.
+    dtype: str = "float32"
     quantization: str = "none"  # weight-only: none, int8, int4, or auto (a GGUF's 4-bit blocks kept 4-bit)
+
+    def __post_init__(self) -> None:
+        name = self.dtype if isinstance(self.dtype, str) else str(self.dtype).removeprefix("torch.")
+        if name not in DTYPE_BYTES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        object.__setattr__(self, "dtype", name)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
 
     @property
     def is_gguf(self) -> bool:
         return self.path.endswith(".gguf")
 
     @staticmethod
-    def from_hf_dict(path: str, cfg: dict[str, Any], dtype: torch.dtype) -> ModelConfig:
+    def from_hf_dict(path: str, cfg: dict[str, Any], dtype: str | torch.dtype) -> ModelConfig:
         """Build from a `config.json`-shaped dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
         arch = cfg.get("model_type", "llama")
         if arch != "llama":
@@ -92,16 +112,17 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
-    """`auto` is bfloat16 where the hardware computes it natively (CUDA, or CPUs with bf16 units), else float32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+def resolve_dtype(dtype: str | torch.dtype, device: str = "cpu") -> str:
+    """The dtype's name; `auto` is bfloat16 where the hardware computes it natively (CUDA, or CPUs with bf16
+    units), else float32."""
+    if not isinstance(dtype, str):  # a torch.dtype
+        dtype = str(dtype).removeprefix("torch.")
     if dtype == "auto":
         native = device.startswith("cuda") or cpu_has_native_bf16()
-        return torch.bfloat16 if native else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+        return "bfloat16" if native else "float32"
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
+    return dtype
 
 
 @dataclass(frozen=True)

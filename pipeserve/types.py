@@ -8,10 +8,12 @@ Everything here is small and picklable: it crosses process and machine boundarie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the contracts name tensors; importing them (the engine's side, a plan) needs no torch
+    import torch
 
 # The input id of a decode planned before its previous token reached the host (async scheduling): the stage
 # takes the token from the ids it sampled last (worker/sampled_ids.py).

@@ -39,7 +39,7 @@ def make_runners(path: str, stages: int = 1, device: str = "cpu", static: bool =
                              enforce_eager=enforce_eager)
         if static and runner.graphs is None:
             runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.decode_inputs, cfg.hidden_size,
-                                         cfg.dtype, device)
+                                         cfg.torch_dtype, device)
             if capture:
                 runner.graphs.capture()
         runners.append(runner)

@@ -13,8 +13,9 @@ from pipeserve.engine.arg_utils import EngineArgs
 from pipeserve.engine.kv_sizing import blocks_per_ve, kv_capacity_line, size_kv_cache
 from pipeserve.executor.base import Executor
 from pipeserve.loader.model_config import load_model_config
+from pipeserve.models.rank_shapes import kv_bytes_per_block
 from pipeserve.types import MemoryProfile
-from pipeserve.worker.kv_cache import allocate_kv_caches, kv_bytes_per_block
+from pipeserve.worker.kv_cache import allocate_kv_caches
 from pipeserve.worker.memory_profile import dummy_decode, dummy_prefill, run_dummy_step
 from pipeserve.worker.model_runner import ModelRunner
 

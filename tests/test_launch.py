@@ -30,10 +30,10 @@ def test_local_ranks(argv, ranks):
 def test_importing_pipeserve_does_not_import_torch():
     """The command must fork its stage processes before anything has started a thread, so the package
     itself loads nothing heavy until a public name is used."""
-    code = "import sys, pipeserve.entrypoints.launch; print('torch' in sys.modules); pipeserve.LLM; " \
-           "print('torch' in sys.modules)"
+    code = "import sys, pipeserve.entrypoints.launch; print('pipeserve.engine.llm' in sys.modules, " \
+           "'torch' in sys.modules); pipeserve.LLM; print('pipeserve.engine.llm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "True"]
+    assert out.split() == ["False", "False", "True"]
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from pipeserve.planner.hardware import PRESETS, Device, load_device_spec
 from pipeserve.planner.memory import BLOCK_SIZE, Layout, build_stages, check_layout, kv_blocks_per_ve, scheduler_for
 from pipeserve.planner.plan import Cluster, Workload, candidate_layouts, plan, plan_layout
 from pipeserve.planner.shapes import plan_model_config
-from tests.planner_fixtures import SMALL, pipeserve_plan, small
+from tests.planner_fixtures import FIGURES, SMALL, pipeserve_plan, small
 
 # hidden 64, 8 query heads and 2 KV heads of 8 dims, intermediate 128, 6 layers, vocabulary 100.
 
@@ -149,14 +149,15 @@ def test_malformed_device_spec(tmp_path):
 
 
 def test_json_from_a_device_spec_without_any_model_file(tmp_path):
-    """A built-in shape needs no file at all; the command imports no server and no checkpoint reader."""
+    """A built-in shape needs no file at all; the command imports no server, no checkpoint reader, and not torch
+    (importing torch alone takes about 2 s here: the plan answers in well under 3 s without it)."""
     spec = tmp_path / "dev.json"
     spec.write_text(json.dumps({"name": "X1", "memory_gb": 48, "hbm_gbps": 1000, "bf16_tflops": 200,
                                 "pcie_gbps": 32, "nvlink_gbps": 100, "source": "a test"}))
     code = ("import sys, runpy; sys.argv = ['pipeserve', 'plan', '--model', 'llama-3-8b', '--gpu', 'X1', "
             f"'--device-spec', {str(spec)!r}, '--gpus-per-node', '2', '--json'];\n"
             "from pipeserve.entrypoints.cli import main\nmain()\n"
-            "print('LOADED', sorted(m for m in ('fastapi', 'pipeserve.loader.safetensors_loader', "
+            "print('LOADED', sorted(m for m in ('torch', 'fastapi', 'pipeserve.loader.safetensors_loader', "
             "'pipeserve.loader.gguf_loader', 'pipeserve.worker.worker') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -167,6 +168,23 @@ def test_json_from_a_device_spec_without_any_model_file(tmp_path):
     assert {(row["tp"], row["pp"]) for row in result["layouts"]} == {(1, 1), (1, 2), (2, 1)}
     assert all(row["status"] == "ok" for row in result["layouts"])
     assert (result["recommended"]["tp"], result["recommended"]["pp"]) in {(1, 1), (1, 2), (2, 1)}
+
+
+def test_a_checkpoint_folder_on_a_calibrated_cpu_plans_without_torch(small_folder, tmp_path):
+    """The path a CPU user takes: the model's config.json and this machine's calibration file, no torch."""
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({**FIGURES, "cores": 2, "allreduce_busy_us": {"2": [[1024, 300.0], [4096, 600.0]]},
+                               "allreduce_cpu_us": {"2": [[1024, 100.0], [4096, 200.0]]}}))
+    argv = ["pipeserve", "plan", "--model", small_folder, "--gpu", "cpu", "--calibration-file", str(cal),
+            "--gpus-per-node", "2", "--input-len", "16", "--output-len", "16", "--max-model-len", "64",
+            "--dtype", "float32", "--json"]
+    code = (f"import sys; sys.argv = {argv!r}\n"
+            "from pipeserve.entrypoints.cli import main\nmain()\nprint('TORCH', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    body, loaded = r.stdout.rsplit("TORCH", 1)
+    assert loaded.strip() == "False"
+    assert {(row["tp"], row["pp"]) for row in json.loads(body)["layouts"]} == {(1, 1), (1, 2), (2, 1)}
 
 
 def test_step_time_by_hand():

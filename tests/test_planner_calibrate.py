@@ -38,7 +38,7 @@ def test_tiny_calibration_writes_a_well_formed_file(tmp_path):
 def test_calibrated_figures_replace_the_stated_ones_by_hand(tmp_path):
     path = str(tmp_path / "cal.json")
     write_calibration(path, FIGURES)
-    device = calibrated_cpu(path, read_calibration(path), torch.float32)
+    device = calibrated_cpu(path, read_calibration(path), "float32")
     assert device.flops_per_s(1) == pytest.approx(1e10)
     assert device.flops_per_s(33) == pytest.approx(5.5e10)  # halfway between 1 and 65 rows
     assert device.flops_per_s(512) == pytest.approx(1e11)  # flat beyond the last point
@@ -76,7 +76,7 @@ def test_the_command_reads_the_file_back(tmp_path):
     assert out["assumptions"][0] == f"calibrated figures from {path} (measured 2026-01-02 03:04 UTC)"
     assert out["cluster"]["device"]["hbm_gbps"] == 8.0 and out["cluster"]["device"]["eff_flops"] == 1.0
     cfg = small(torch.float32)
-    device = calibrated_cpu(path, FIGURES, torch.float32)
+    device = calibrated_cpu(path, FIGURES, "float32")
     expected = plan_layout(cfg, Cluster(device, 1, 2, "pcie", 100), Layout(1, 2, 1, 2), Workload(16, 16, 256, 8, 0.9))
     (pp2,) = [row for row in out["layouts"] if (row["tp"], row["pp"]) == (1, 2)]
     assert pp2["output_tok_s"] == pytest.approx(expected.output_tok_s)

@@ -24,7 +24,7 @@ def device(tp: int, cores: int = 2, allreduce_us: dict | None = None, allreduce_
     key = shape_key(64, 128 // tp, stage.q_heads, stage.kv_heads, 8, stage.vocab_rows, "float32")
     data = {**FIGURES, "layers": {key: COSTS}, "cores": cores, "allreduce_busy_us": allreduce_us or {},
             "allreduce_cpu_us": allreduce_cpu_us or {}}
-    return calibrated_cpu("cal.json", data, torch.float32)
+    return calibrated_cpu("cal.json", data, "float32")
 
 
 def test_interpolation_between_and_beyond_the_measured_rows():
@@ -119,7 +119,7 @@ def test_the_corunning_factor_slows_layouts_of_several_ranks_only():
     cfg = small(torch.float32)
     dev = calibrated_cpu("cal.json", {**FIGURES, "cores": 2, "allreduce_busy_us": {},
                                       "layers": {device(1).layer_costs.popitem()[0]: {**COSTS, "corun": [[1, 2.0]]}}},
-                         torch.float32)
+                         "float32")
     links = Cluster(dev, 1, 2, "pcie", 1).links()
 
     def decode(pp: int):

@@ -98,5 +98,5 @@ def run_throughput(model: str | None, engine_kwargs: dict[str, Any], input_len: 
 
 def _config_dict(config) -> dict[str, Any]:
     d = dataclasses.asdict(config)
-    d["model"]["dtype"] = str(config.model.dtype).removeprefix("torch.")
+    d["model"]["dtype"] = config.model.dtype
     return d

@@ -6,16 +6,12 @@ import logging
 import os
 from dataclasses import dataclass, fields
 
-import torch
-
 from pipeserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.partition import parse_partition
 from pipeserve.engine.kv_sizing import check_kv_capacity
 from pipeserve.loader.default_model import resolve_model_path
 from pipeserve.loader.model_config import load_model_config
-from pipeserve.models.llama import kv_head_range
-from pipeserve.worker.kv_cache import kv_bytes_per_block
+from pipeserve.models.rank_shapes import kv_bytes_per_block, kv_head_range
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +117,8 @@ class EngineArgs:
             raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp}")
         check_tensor_parallel(model, tp)
         sizes = parse_partition(self.pp_layer_partition, model, pp)
+        import torch  # here, not at the top: `pipeserve plan` checks layouts through this module without torch
+
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device != "cpu" and not device.startswith("cuda"):
             raise ValueError(f"device {device!r} is not 'cpu' or 'cuda'")
@@ -211,7 +209,7 @@ class EngineArgs:
                 raise ValueError(f"num_kv_blocks must be >= 1, got {cache.num_kv_blocks}")
             return cache.num_kv_blocks
         # The memory budget is per rank: under TP a rank holds only its KV heads (the most any rank holds).
-        kv_heads = max(kv_head_range(model, TPGroup(rank, tp))[1] for rank in range(tp))
+        kv_heads = max(kv_head_range(model, rank, tp)[1] for rank in range(tp))
         per_block = kv_bytes_per_block(model, layers_on_busiest_stage, cache.block_size, kv_heads)
         return max(1, cache.kv_cache_memory_bytes // per_block)
 

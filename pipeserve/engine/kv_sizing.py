@@ -23,10 +23,13 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from pipeserve.config import EngineConfig
-from pipeserve.executor.base import Executor
 from pipeserve.types import MemoryProfile
+
+if TYPE_CHECKING:  # only sizing a live engine's cache takes one; the arithmetic serves `pipeserve plan` too
+    from pipeserve.executor.base import Executor
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pipeserve.config import QUANTIZATION_METHODS
 from pipeserve.engine.arg_utils import EngineArgs
-from pipeserve.layers.quantization import QUANTIZATION_METHODS
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:

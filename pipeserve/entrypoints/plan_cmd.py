@@ -112,7 +112,7 @@ def _cpu_device(args: argparse.Namespace, model, stated):
         print(f"calibrating this machine ({model.dtype}: the model's decoder layer, all-reduce between busy ranks, "
               f"GEMMs, memory copy, loopback link) ...", file=sys.stderr)
         tps = tuple(t for t in range(1, args.nodes * args.gpus_per_node + 1) if _tp_ok(model, t))
-        data = measure(model.dtype, CalibrationSizes(hidden=model.hidden_size), model, tps)
+        data = measure(model.torch_dtype, CalibrationSizes(hidden=model.hidden_size), model, tps)
         if os.path.exists(path):  # keep the layer costs of other models measured on this machine
             try:
                 data["layers"] = {**read_calibration(path).get("layers", {}), **data["layers"]}

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 GROUP_SIZE = 32
-QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
 # The activation dtype of every quantized matmul. CUDA's int4 kernel takes only bfloat16, and on CPU the
 # float32 variants are scalar fallbacks 10-20x slower; activations are cast for the one matmul.
 KERNEL_DTYPE = torch.bfloat16

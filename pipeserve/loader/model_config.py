@@ -6,8 +6,7 @@ import json
 import os
 from dataclasses import replace
 
-from pipeserve.config import ModelConfig, resolve_dtype
-from pipeserve.layers.quantization import QUANTIZATION_METHODS
+from pipeserve.config import QUANTIZATION_METHODS, ModelConfig, resolve_dtype
 
 
 def load_model_config(path: str, dtype: str = "auto", quantization: str = "none") -> ModelConfig:

@@ -67,7 +67,7 @@ def quantize_model(model: torch.nn.Module, cfg: ModelConfig) -> str:
             quant_bytes += module.quantized.nbytes
             label = f"{method} (exact from the checkpoint)" if method == "int4" and codes is not None else method
         else:
-            label = str(cfg.dtype).removeprefix("torch.")
+            label = cfg.dtype
         counts[label] = counts.get(label, 0) + 1
         dense_bytes += module.weight.numel() * module.weight.element_size()
     kinds = ", ".join(f"{n} matmul{'s' * (n != 1)} {label}" for label, n in counts.items())

@@ -22,6 +22,7 @@ from pipeserve.layers.linear import NO_TP, ColumnParallelLinear, RowParallelLine
 from pipeserve.layers.norm import RMSNorm
 from pipeserve.layers.rotary import RotaryEmbedding
 from pipeserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from pipeserve.models.rank_shapes import head_ranges
 from pipeserve.types import IntermediateTensors
 
 
@@ -32,43 +33,18 @@ class PlaceholderLayer(nn.Module):
         raise RuntimeError("a placeholder layer belongs to another pipeline stage and cannot run here")
 
 
-def head_ranges(cfg: ModelConfig, tp: TPGroup) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((first query head, count), (first KV head, count)) held by this TP rank.
-
-    Heads are dealt out by KV group (a KV head and the query heads that read it), as evenly as the group
-    count allows: SmolLM2's 3 groups over 2 ranks give 2 and 1. With more ranks than KV heads, each KV head
-    is replicated on T / n_kv ranks, which split its query heads.
-    """
-    nkv, nh = cfg.num_key_value_heads, cfg.num_attention_heads
-    group = nh // nkv
-    if tp.size <= nkv:
-        base, extra = divmod(nkv, tp.size)
-        kv_start, kv_count = tp.rank * base + min(tp.rank, extra), base + (tp.rank < extra)
-        return (kv_start * group, kv_count * group), (kv_start, kv_count)
-    share = tp.size // nkv
-    if tp.size % nkv or group % share:
-        raise ValueError(f"tensor_parallel_size={tp.size} cannot share {nkv} KV heads of {group} query heads each")
-    kv, per_rank = tp.rank // share, group // share
-    return (kv * group + (tp.rank % share) * per_rank, per_rank), (kv, 1)
-
-
-def kv_head_range(cfg: ModelConfig, tp: TPGroup) -> tuple[int, int]:
-    """(first KV head, count) this TP rank holds."""
-    return head_ranges(cfg, tp)[1]
-
-
 class LlamaAttention(nn.Module):
     """Fused QKV projection, rotary embedding, paged attention, output projection; heads split over TP."""
 
     def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, tp: TPGroup):
         super().__init__()
         hd = cfg.head_dim
-        (q_start, nh), (kv_start, nkv) = head_ranges(cfg, tp)
+        (q_start, nh), (kv_start, nkv) = head_ranges(cfg, tp.rank, tp.size)
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
         qkv_rows = [(q_start * hd, nh * hd), (kv_start * hd, nkv * hd), (kv_start * hd, nkv * hd)]
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, qkv_rows, cfg.attention_bias, cfg.dtype)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, qkv_rows, cfg.attention_bias, cfg.torch_dtype)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, cfg.attention_bias,
-                                        cfg.dtype, tp, in_range=(q_start * hd, nh * hd))
+                                        cfg.torch_dtype, tp, in_range=(q_start * hd, nh * hd))
         self.rope = rope
         self.attn = PagedAttention(nh, nkv, hd)
 
@@ -93,8 +69,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear.even(cfg.hidden_size, [inter, inter], cfg.mlp_bias, cfg.dtype, tp)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, cfg.dtype, tp)
+        self.gate_up_proj = ColumnParallelLinear.even(cfg.hidden_size, [inter, inter], cfg.mlp_bias, cfg.torch_dtype,
+                                                      tp)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, cfg.torch_dtype, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # (T, 2 * inter)
@@ -111,9 +88,9 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, tp: TPGroup):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
         self.self_attn = LlamaAttention(cfg, rope, tp)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
         self.mlp = LlamaMLP(cfg, tp)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
@@ -133,13 +110,13 @@ class LlamaForCausalLM(nn.Module):
         self.cfg, self.stage = cfg, stage
         self.rope = rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         v, h = cfg.vocab_size, cfg.hidden_size
-        self.embed_tokens = VocabParallelEmbedding(v, h, cfg.dtype, tp) if stage.is_first else PlaceholderLayer()
+        self.embed_tokens = VocabParallelEmbedding(v, h, cfg.torch_dtype, tp) if stage.is_first else PlaceholderLayer()
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, rope, tp) if stage.owns_layer(i) else PlaceholderLayer()
             for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(h, cfg.rms_norm_eps, cfg.dtype) if stage.is_last else PlaceholderLayer()
-        self.lm_head = ParallelLMHead(v, h, cfg.dtype, tp) if stage.is_last else PlaceholderLayer()
+        self.norm = RMSNorm(h, cfg.rms_norm_eps, cfg.torch_dtype) if stage.is_last else PlaceholderLayer()
+        self.lm_head = ParallelLMHead(v, h, cfg.torch_dtype, tp) if stage.is_last else PlaceholderLayer()
         if stage.is_first and stage.is_last and cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one matrix (shard) serves both ends
 
@@ -153,7 +130,7 @@ class LlamaForCausalLM(nn.Module):
         if uses_kernels(positions):
             meta.positions = positions  # the rotary kernel reads the tables itself
         else:
-            meta.rope_tables = self.rope.tables(positions, self.cfg.dtype)  # shared by every layer of the step
+            meta.rope_tables = self.rope.tables(positions, self.cfg.torch_dtype)  # shared by every layer of the step
         for i in range(self.stage.start_layer, self.stage.end_layer):
             hidden, residual = self.layers[i](hidden, residual, kv_caches[i - self.stage.start_layer], meta)
         if not self.stage.is_last:

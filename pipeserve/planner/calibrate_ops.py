@@ -29,12 +29,12 @@ from dataclasses import replace
 import torch
 
 from pipeserve.config import ModelConfig
-from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.layers.attention import AttentionMetadata, PrefillChunk
 from pipeserve.layers.linear import NO_TP
 from pipeserve.layers.norm import RMSNorm
 from pipeserve.layers.rotary import RotaryEmbedding
-from pipeserve.models.llama import LlamaDecoderLayer, head_ranges
+from pipeserve.models.llama import LlamaDecoderLayer
+from pipeserve.models.rank_shapes import head_ranges
 from pipeserve.planner.cpu_steps import shape_key
 from pipeserve.planner.memory import layer_params
 
@@ -46,7 +46,7 @@ SHORT_CTX, LONG_CTX = 32, 1024  # the two context lengths the attention slope is
 
 def rank_config(model: ModelConfig, tp: int) -> ModelConfig:
     """The model as TP rank 0 holds it (its query and KV heads, its share of the MLP), run without TP."""
-    (_, q_heads), (_, kv_heads) = head_ranges(model, TPGroup(0, tp))
+    (_, q_heads), (_, kv_heads) = head_ranges(model, 0, tp)
     return replace(model, num_attention_heads=q_heads, num_key_value_heads=kv_heads,
                    intermediate_size=model.intermediate_size // tp, vocab_size=-(-model.vocab_size // tp),
                    quantization="none")
@@ -55,7 +55,7 @@ def rank_config(model: ModelConfig, tp: int) -> ModelConfig:
 def rank_shape_key(model: ModelConfig, tp: int) -> str:
     c = rank_config(model, tp)
     return shape_key(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                     c.vocab_size, str(c.dtype).removeprefix("torch."))
+                     c.vocab_size, c.dtype)
 
 
 MIN_CALLS = 7  # one call varies by 10-15% on a shared VM: the median of 7 does not follow one slow call
@@ -92,7 +92,7 @@ def last_level_cache_bytes() -> int:
 def streamed_layer_count(cfg: ModelConfig) -> int:
     """Distinct layers a timed call runs in turn: their weights four times the last-level cache, at most the
     model's layers (a stage never holds more)."""
-    layer_bytes = layer_params(cfg, cfg.num_attention_heads, cfg.num_key_value_heads, 1) * cfg.dtype.itemsize
+    layer_bytes = layer_params(cfg, cfg.num_attention_heads, cfg.num_key_value_heads, 1) * cfg.dtype_bytes
     return max(1, min(cfg.num_hidden_layers, -(-4 * last_level_cache_bytes() // layer_bytes)))
 
 
@@ -116,7 +116,7 @@ class StreamedLayers:
         if not self._pools or self._pools[0].shape[2] < num_blocks:
             c = self.cfg
             self._pools = []  # the old pools go before the new ones are made
-            self._pools = [torch.zeros(2, c.num_key_value_heads, num_blocks, BLOCK, c.head_dim, dtype=c.dtype)
+            self._pools = [torch.zeros(2, c.num_key_value_heads, num_blocks, BLOCK, c.head_dim, dtype=c.torch_dtype)
                            for _ in self.layers]
         return self._pools
 
@@ -149,9 +149,9 @@ def layer_seconds(cfg: ModelConfig, rows: int, ctx: int, prefill: bool, seconds:
     num_blocks = rows * -(-ctx // BLOCK) + 1
     kvs = stack.kv_pools(num_blocks)
     meta, positions = _prefill_meta(rows, ctx - rows) if prefill else _decode_meta(rows, ctx, num_blocks)
-    meta.rope_tables = stack.rope.tables(positions, cfg.dtype)
-    x = torch.randn(rows, cfg.hidden_size).to(cfg.dtype)  # [rows, hidden]
-    residual = torch.randn(rows, cfg.hidden_size).to(cfg.dtype)
+    meta.rope_tables = stack.rope.tables(positions, cfg.torch_dtype)
+    x = torch.randn(rows, cfg.hidden_size).to(cfg.torch_dtype)  # [rows, hidden]
+    residual = torch.randn(rows, cfg.hidden_size).to(cfg.torch_dtype)
 
     def run_stack() -> None:
         for layer, kv in zip(stack.layers, kvs, strict=True):
@@ -163,9 +163,9 @@ def layer_seconds(cfg: ModelConfig, rows: int, ctx: int, prefill: bool, seconds:
 
 def head_seconds(cfg: ModelConfig, rows: int, seconds: float) -> float:
     """Seconds of the last stage's tail for `rows` sampled rows: final norm, LM head, greedy argmax."""
-    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-    weight = (torch.randn(cfg.vocab_size, cfg.hidden_size) * 0.02).to(cfg.dtype)  # [vocab shard, hidden]
-    x = torch.randn(rows, cfg.hidden_size).to(cfg.dtype)
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.torch_dtype)
+    weight = (torch.randn(cfg.vocab_size, cfg.hidden_size) * 0.02).to(cfg.torch_dtype)  # [vocab shard, hidden]
+    x = torch.randn(rows, cfg.hidden_size).to(cfg.torch_dtype)
 
     def tail() -> torch.Tensor:
         return torch.nn.functional.linear(norm(x), weight).float().argmax(dim=-1)

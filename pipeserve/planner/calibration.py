@@ -7,8 +7,6 @@ import json
 import os
 from dataclasses import replace
 
-import torch
-
 from pipeserve.planner.hardware import PRESETS, Device
 
 DEFAULT_PATH = "~/.cache/pipeserve/calibration-cpu.json"
@@ -89,9 +87,8 @@ def _allreduce(table: dict) -> dict[int, tuple[tuple[float, float], ...]]:
     return {int(k): tuple((float(b), float(us)) for b, us in v) for k, v in table.items()}
 
 
-def calibrated_cpu(path: str, data: dict, dtype: torch.dtype) -> Device:
-    """The `cpu` preset with the file's measured figures; the plan's dtype must be the one measured."""
-    plan_dtype = str(dtype).removeprefix("torch.")
+def calibrated_cpu(path: str, data: dict, plan_dtype: str) -> Device:
+    """The `cpu` preset with the file's measured figures; the plan's dtype (its name) must be the one measured."""
     if data["dtype"] != plan_dtype:
         raise ValueError(f"calibration file {path!r} measured {data['dtype']} GEMMs, the plan uses {plan_dtype}: "
                          f"run --calibrate with --dtype {plan_dtype}, or plan with --dtype {data['dtype']}")

@@ -100,7 +100,7 @@ def stage_device_time(model: ModelConfig, device: Device, stage: Stage, tp: int,
     peak = device.flops_per_s(step.tokens)
     bw = device.hbm_gbps * 1e9 * device.eff_bw
     t_flops, t_bytes = (flops + head_flops) / peak, read / bw
-    head_read = stage.vocab_rows * model.hidden_size * model.dtype.itemsize if stage.last else 0
+    head_read = stage.vocab_rows * model.hidden_size * model.dtype_bytes if stage.last else 0
     head_share = head_flops / peak if t_flops >= t_bytes else head_read / bw
     return (t_flops, "compute", head_share) if t_flops >= t_bytes else (t_bytes, "HBM", head_share)
 
@@ -109,7 +109,7 @@ def calibrated_layers(model: ModelConfig, device: Device, stage: Stage, tp: int)
     if not device.layer_costs:
         return None
     key = shape_key(model.hidden_size, model.intermediate_size // tp, stage.q_heads, stage.kv_heads, model.head_dim,
-                    stage.vocab_rows, str(model.dtype).removeprefix("torch."))
+                    stage.vocab_rows, model.dtype)
     found = device.layer_costs.get(key)
     return None if found is None else LayerCosts.from_dict(found)
 
@@ -149,7 +149,7 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
               step: Step) -> StepTime:
     """Seconds of one step through every stage of the layout."""
     out = StepTime(host=device.host_ms / 1e3)
-    elem = model.dtype.itemsize
+    elem = model.dtype_bytes
     spans = layout.tp_spans_nodes()
     ar_bps = links.inter_bps if spans else links.intra_bps
     ar_lat = links.latency(spans)

@@ -10,15 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeserve.config import CacheConfig, ModelConfig, SchedulerConfig
-from pipeserve.distributed.parallel_state import TPGroup
 from pipeserve.distributed.partition import parse_partition
 from pipeserve.distributed.rank_layout import RankLayout
 from pipeserve.engine.arg_utils import CPU_KV_CACHE_GB, EngineArgs, check_tensor_parallel
 from pipeserve.engine.kv_sizing import blocks_per_ve, check_kv_capacity
-from pipeserve.models.llama import head_ranges
+from pipeserve.models.rank_shapes import head_ranges, kv_bytes_per_block
 from pipeserve.planner.hardware import Device
 from pipeserve.types import MemoryProfile
-from pipeserve.worker.kv_cache import kv_bytes_per_block
 
 BLOCK_SIZE = CacheConfig().block_size
 RUNTIME_RESERVE_GB = 1.0  # per device: CUDA context, allocator slack and decode graphs (an assumption)
@@ -85,9 +83,9 @@ def layer_params(model: ModelConfig, q_heads: int, kv_heads: int, tp: int) -> in
 
 
 def build_stages(model: ModelConfig, tp: int, sizes: list[int]) -> list[Stage]:
-    (_, q_heads), (_, kv_heads) = head_ranges(model, TPGroup(0, tp))
+    (_, q_heads), (_, kv_heads) = head_ranges(model, 0, tp)
     vocab_rows = -(-model.vocab_size // tp)
-    elem = model.dtype.itemsize
+    elem = model.dtype_bytes
     stages = []
     for i, n in enumerate(sizes):
         first, last = i == 0, i == len(sizes) - 1
@@ -109,7 +107,7 @@ def kv_pool_bytes(stage: Stage, blocks_per_ve: int, num_ve: int) -> int:
 def activation_bytes(model: ModelConfig, stage: Stage, tp: int, sched: SchedulerConfig) -> int:
     """Peak a step at the largest batch adds: hidden, residual, QKV and gate/up rows of the token budget, and
     on the last stage the float32 logits of every sequence (the rank's shard, then the gathered vocabulary)."""
-    h, hd, elem = model.hidden_size, model.head_dim, model.dtype.itemsize
+    h, hd, elem = model.hidden_size, model.head_dim, model.dtype_bytes
     per_token = 4 * h + (stage.q_heads + 2 * stage.kv_heads) * hd + 2 * (model.intermediate_size // tp)
     logits = sched.max_num_seqs * (stage.vocab_rows + model.vocab_size) * 4 if stage.last else 0
     return sched.max_num_batched_tokens * per_token * elem + logits
@@ -139,7 +137,7 @@ def kv_blocks_per_ve(model: ModelConfig, device: Device, layout: Layout, stages:
                              f"gpu_memory_utilization={utilization} allows of {device.memory_gb:g} GB")
         act = activation_bytes(model, stage, layout.tp, sched)
         for rank in layout.ranks.stage_ranks(s):
-            kv_heads = head_ranges(model, TPGroup(rank % layout.tp, layout.tp))[1][1]
+            kv_heads = head_ranges(model, rank % layout.tp, layout.tp)[1][1]
             per_block = kv_bytes_per_block(model, stage.layers, BLOCK_SIZE, kv_heads)
             profiles.append(MemoryProfile(f"rank{rank}", total, stage.weight_bytes + reserve, act, 0, per_block))
     blocks = blocks_per_ve(profiles, utilization, num_ve)

@@ -83,7 +83,7 @@ def render_table(model: ModelConfig, cluster: Cluster, work: Workload, rows: lis
     fitting = [r for r in rows if r.status == "ok"]
     smallest = min(fitting, key=lambda r: (r.devices, -r.output_tok_s))
     conc = "auto" if work.concurrency is None else str(work.concurrency)
-    lines = [f"plan: {model.path} ({str(model.dtype).removeprefix('torch.')}) on {cluster.nodes} x "
+    lines = [f"plan: {model.path} ({model.dtype}) on {cluster.nodes} x "
              f"{cluster.gpus_per_node} {cluster.device.name}; {work.input_len} in / {work.output_len} out, "
              f"max-model-len {work.max_model_len}, concurrency {conc}, gpu-memory-utilization {work.utilization}",
              ""]
@@ -112,7 +112,7 @@ def render_table(model: ModelConfig, cluster: Cluster, work: Workload, rows: lis
 def render_json(model: ModelConfig, cluster: Cluster, work: Workload, rows: list[Row]) -> str:
     rec = best(rows)
     return json.dumps({
-        "model": model.path, "dtype": str(model.dtype).removeprefix("torch."),
+        "model": model.path, "dtype": model.dtype,
         "cluster": {"device": asdict(cluster.device), "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
                     "intra_node": cluster.intra, "inter_node_gbps": cluster.inter_gbps},
         "workload": asdict(work), "assumptions": assumptions(cluster),

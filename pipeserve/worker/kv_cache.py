@@ -1,4 +1,4 @@
-"""KV cache sizing and allocation for one stage, split among virtual engines."""
+"""KV cache allocation for one stage, split among virtual engines (the sizing: engine/kv_sizing.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,12 @@ import torch
 from pipeserve.config import ModelConfig
 
 
-def kv_bytes_per_block(cfg: ModelConfig, num_layers: int, block_size: int, num_kv_heads: int | None = None) -> int:
-    """Bytes one block costs on a rank that holds `num_layers` layers and `num_kv_heads` KV heads (K and V)."""
-    elem = torch.empty((), dtype=cfg.dtype).element_size()
-    return 2 * num_layers * block_size * (num_kv_heads or cfg.num_key_value_heads) * cfg.head_dim * elem
-
-
 def allocate_kv_caches(cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
                        device: str = "cpu", num_kv_heads: int | None = None) -> list[torch.Tensor]:
     """One (2, n_kv_heads, num_blocks, block_size, head_dim) tensor per layer of the stage (head-major);
     `num_kv_heads` is this TP rank's share."""
     shape = (2, num_kv_heads or cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
-    return [_zeros(shape, cfg.dtype, device) for _ in range(num_layers)]
+    return [_zeros(shape, cfg.torch_dtype, device) for _ in range(num_layers)]
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:

@@ -22,9 +22,10 @@ from collections.abc import Callable
 import torch
 
 from pipeserve.layers.sampler import Sampler
+from pipeserve.models.rank_shapes import kv_bytes_per_block
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.types import IntermediateTensors, MemoryProfile, ScheduledRequest, SchedulerOutput
-from pipeserve.worker.kv_cache import allocate_kv_caches, kv_bytes_per_block
+from pipeserve.worker.kv_cache import allocate_kv_caches
 from pipeserve.worker.model_runner import ModelRunner
 from pipeserve.worker.step_inputs import build_model_input
 
@@ -99,7 +100,7 @@ def decode_buffer_bytes(runner: ModelRunner, decode_peak: int) -> int:
     if not runner.uses_graphs:
         return inputs
     cfg = runner.model_cfg
-    static = 4 * runner.max_num_seqs * cfg.hidden_size * cfg.dtype.itemsize  # DecodeGraphs' in/out buffers
+    static = 4 * runner.max_num_seqs * cfg.hidden_size * cfg.dtype_bytes  # DecodeGraphs' in/out buffers
     return inputs + static + decode_peak
 
 
@@ -133,8 +134,8 @@ def run_dummy_step(runner: ModelRunner, sched: SchedulerOutput, kv: list[torch.T
     inter = None
     if not stage.is_first:  # what the previous stage would hand over: (T, hidden) each
         shape = (inp.input_ids.shape[0], cfg.hidden_size)
-        inter = IntermediateTensors(torch.zeros(shape, dtype=cfg.dtype, device=runner.device),
-                                    torch.zeros(shape, dtype=cfg.dtype, device=runner.device))
+        inter = IntermediateTensors(torch.zeros(shape, dtype=cfg.torch_dtype, device=runner.device),
+                                    torch.zeros(shape, dtype=cfg.torch_dtype, device=runner.device))
     out = runner.model(inp.input_ids, inp.positions, kv, inp.attn, inter)
     if not stage.is_last:
         return

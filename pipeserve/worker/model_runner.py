@@ -17,7 +17,7 @@ from pipeserve.distributed.stage import StageInfo
 from pipeserve.layers.linear import NO_TP
 from pipeserve.layers.sampler import Sampler, read_plain, score_tokens
 from pipeserve.loader.model_loader import load_model
-from pipeserve.models.llama import kv_head_range
+from pipeserve.models.rank_shapes import kv_head_range
 from pipeserve.timeline import StepRecord
 from pipeserve.types import IntermediateTensors, SchedulerOutput, StepOutput
 from pipeserve.worker.cuda_graphs import DecodeGraphs
@@ -41,7 +41,7 @@ class ModelRunner:
                  enforce_eager: bool = False, time_gpu: bool = False, keep_sampled_ids: bool = False):
         self.stage, self.block_size, self.device = stage, block_size, device
         self.model_cfg, self.num_virtual_engines, self.max_model_len = model_cfg, num_virtual_engines, max_model_len
-        self.max_num_seqs, self.kv_heads = max_num_seqs, kv_head_range(model_cfg, tp)[1]
+        self.max_num_seqs, self.kv_heads = max_num_seqs, kv_head_range(model_cfg, tp.rank, tp.size)[1]
         self.uses_graphs = not enforce_eager and torch.device(device).type == "cuda" and tp.size == 1
         self.model = load_model(model_cfg, stage, max_model_len, device, disable_progress, tp)
         self.kv_caches: list[list[torch.Tensor]] = []  # per VE, per layer; empty until allocate_kv
@@ -68,7 +68,7 @@ class ModelRunner:
         self.decode_inputs = DecodeInputs(self.max_num_seqs, -(-self.max_model_len // self.block_size),
                                           self.block_size, num_blocks_per_ve, self.device)
         if self.uses_graphs:
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.decode_inputs, cfg.hidden_size, cfg.dtype,
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.decode_inputs, cfg.hidden_size, cfg.torch_dtype,
                                        self.device)
             self.graphs.capture()
 

@@ -118,7 +118,7 @@ class StageWorker:
             return StepOutput(sched.step_id, sched.virtual_engine) if self.runner.samples else None
         inter = None
         if not self.stage.is_first:
-            inter = self.link.recv(mine.num_tokens, cfg.hidden_size, cfg.dtype, self.config.parallel.device)
+            inter = self.link.recv(mine.num_tokens, cfg.hidden_size, cfg.torch_dtype, self.config.parallel.device)
         if self._in_flight is None:
             out = self.runner.execute(mine, inter, self.requests.batch, defer)
             self._compute_s += self.runner.last_record.end - self.runner.last_record.start

@@ -15,7 +15,7 @@ import torch
 from helpers import assert_greedy_match
 
 from pipeserve import LLM, SamplingParams
-from pipeserve.worker.kv_cache import kv_bytes_per_block
+from pipeserve.models.rank_shapes import kv_bytes_per_block
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

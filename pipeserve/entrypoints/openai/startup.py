@@ -14,7 +14,7 @@ def describe_layout(config: EngineConfig, model_name: str) -> list[str]:
     m, par, sched = config.model, config.parallel, config.scheduler
     ves, max_len = config.num_virtual_engines, sched.max_model_len
     lines = [f"model {model_name!r} ({m.path}): {m.num_hidden_layers} layers, dtype "
-             f"{str(m.dtype).removeprefix('torch.')}, max_model_len {max_len}, device {par.device}",
+             f"{m.dtype}, max_model_len {max_len}, device {par.device}",
              f"parallel layout: PP={par.pipeline_parallel_size} x TP={par.tensor_parallel_size}, {ves} virtual "
              f"engine(s), {par.threads_per_worker} torch thread(s) per model process"]
     sizes = list(par.stage_layers) or [m.num_hidden_layers]

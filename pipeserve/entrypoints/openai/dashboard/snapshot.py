@@ -30,7 +30,7 @@ def layout(engine: AsyncEngine, model_name: str) -> dict[str, Any]:
         stages.append({"stage": st.rank, "layers": [st.start_layer, st.end_layer], "extras": extras})
     return {
         "model": model_name, "path": str(m.path), "num_layers": m.num_hidden_layers,
-        "dtype": str(m.dtype).removeprefix("torch."), "quantization": m.quantization,
+        "dtype": m.dtype, "quantization": m.quantization,
         "pp": par.pipeline_parallel_size, "tp": par.tensor_parallel_size, "device": par.device,
         "nnodes": par.nnodes, "stages": stages, "max_model_len": cfg.scheduler.max_model_len,
         "kv": {"virtual_engines": cfg.num_virtual_engines, "blocks_per_ve": cfg.num_blocks_per_ve,
