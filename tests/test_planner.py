@@ -105,15 +105,17 @@ def test_candidates_cover_one_machine_and_whole_machines():
 
 def test_reference_case_tp_spanning_nodes_pays_links_and_pp_pays_decode_groups():
     """70B on 2 x 4 L4 with 50 Gbit/s between them: TP=8 all-reduces over Ethernet twice per layer; TP=4 x PP=2
-    decodes in serve's groups (2 VEs x 2 steps in flight), each stage reading its weights once per group."""
+    decodes in serve's groups (each VE's 8 prompts end their prefill in one 8,192-token chunk: one group per
+    VE), each stage reading its weights once per group, and comes out ahead on the links."""
     rows = plan(plan_model_config("llama-3-70b", "auto", "cuda"), Cluster(PRESETS["L4"], 2, 4, "pcie", 50),
                 Workload(1024, 128, 4096, None, 0.85))
     by_layout = {(r.tp, r.pp): r for r in rows}
     tp8, pp2 = by_layout[(8, 1)], by_layout[(4, 2)]
     assert tp8.status == pp2.status == "ok"
     assert tp8.link_share > pp2.link_share
-    assert (tp8.decode_groups, pp2.decode_groups) == (1, 4)
+    assert (tp8.decode_groups, pp2.decode_groups) == (1, 2)
     assert pp2.tpot_ms > tp8.tpot_ms and pp2.ttft_ms < tp8.ttft_ms
+    assert pp2.output_tok_s > tp8.output_tok_s
     assert by_layout[(1, 1)].status == "no fit"
 
 

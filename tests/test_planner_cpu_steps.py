@@ -10,7 +10,7 @@ from pipeserve.planner.calibration import calibrated_cpu
 from pipeserve.planner.cost_model import Step, at_bytes, busy_allreduce, step_period, step_time
 from pipeserve.planner.cpu_steps import LayerCosts, interpolate, shape_key
 from pipeserve.planner.memory import Layout, build_stages, check_layout
-from pipeserve.planner.plan import Cluster, Workload, plan_layout
+from pipeserve.planner.plan import Cluster, Workload, decode_groups, plan_layout
 from tests.planner_fixtures import FIGURES, small
 
 COSTS = {"base": [[1, 1e-3], [64, 4e-3], [512, 20e-3]], "attn_s_per_row_ctx": 1e-7, "prefill_s_per_row_ctx": 2e-8,
@@ -74,13 +74,24 @@ def test_measured_costs_between_and_past_the_measured_message_sizes():
 
 def test_groups_and_shared_cores_set_the_period():
     cfg, dev = small(torch.float32), device(1, cores=1)
-    row = plan_layout(cfg, Cluster(dev, 1, 2, "pcie", 1), Layout(1, 2, 1, 2), Workload(16, 16, 256, 8, 0.9))
-    assert row.status == "ok" and row.decode_groups == 4  # 2 virtual engines x 2 steps in flight
+    # 8 prompts of 256 tokens, PP=2: a virtual engine's 4 prompts take 2 chunks of 512 tokens, so they end
+    # their prefills in 2 steps and decode in 2 groups (its 2 steps in flight): 4 groups of 2 requests
+    row = plan_layout(cfg, Cluster(dev, 1, 2, "pcie", 1), Layout(1, 2, 1, 2), Workload(256, 16, 512, 8, 0.9))
+    assert row.status == "ok" and row.decode_groups == 4
     stages = build_stages(cfg, 1, check_layout(cfg, 1, 2))
-    t = step_time(cfg, dev, Layout(1, 2, 1, 2), stages, Cluster(dev, 1, 2, "pcie", 1).links(), Step(2, 2, 24, 2))
+    t = step_time(cfg, dev, Layout(1, 2, 1, 2), stages, Cluster(dev, 1, 2, "pcie", 1).links(), Step(2, 2, 264, 2))
     assert row.tpot_ms == pytest.approx(step_period(t, 4, 1) * 1e3)
     assert step_period(t, 4, 1) == pytest.approx(4 * t.work)  # one core: every process's work in turn
     assert row.bottleneck == "shared cores"
+
+
+def test_decode_groups_follow_how_prompts_end_their_prefills():
+    # short prompts: one 512-token chunk ends 4 prompts of 128 at once (serve ran 2 x 15 decode steps + 2 chunks
+    # for 8 such prompts at PP=2, and 4 x 15 + 4 at PP=4)
+    assert decode_groups(8, 2, 2, 128, 512) == 2 and decode_groups(8, 4, 4, 128, 512) == 4
+    assert decode_groups(8, 1, 1, 128, 512) == 1  # PP=1: one step in flight
+    assert decode_groups(8, 2, 2, 1024, 512) == 4  # a prompt per chunk at most: every step in flight has a group
+    assert decode_groups(2, 4, 4, 1024, 512) == 2  # never more groups than requests
 
 
 def test_layer_costs_are_measured_with_the_models_own_layer():

@@ -136,13 +136,26 @@ def plan_layout(model: ModelConfig, cluster: Cluster, layout: Layout, work: Work
     return row
 
 
+def decode_groups(concurrency: int, ves: int, in_flight: int, input_len: int, token_budget: int) -> int:
+    """How many groups the running requests decode in, taking turns with one step in flight each (predicted
+    with an even split over them).
+
+    serve plans a virtual engine's next step while its earlier ones are in flight, with the requests none of
+    them holds, so a group keeps its requests. Offline, every request arrives at once; a VE packs its prompts
+    into chunks of `token_budget` tokens, and the prompts whose prefill ends in the same step start decoding
+    together. So a VE decodes in as many groups as its prompts' prefills end in distinct steps, at most its
+    steps in flight (8 prompts of 128 tokens on PP=2 with a 512-token budget: one chunk per VE, 2 groups of 4).
+    """
+    per_ve = math.ceil(concurrency / ves)
+    ending_together = max(1, token_budget // input_len)  # prompts whose prefill ends in one chunk
+    return max(1, min(concurrency, ves * min(in_flight, math.ceil(per_ve / ending_together))))
+
+
 def _predict(model, cluster, layout, stages, sched, work, row: Row) -> None:
     """Fill the row's times: one decode step at the concurrency, chunked prefill, and a whole offline run."""
     links, ves, cores = cluster.links(), row.virtual_engines, cluster.device.cores
-    # serve plans a VE's next step while its earlier ones are in flight, with the requests none of them holds:
-    # the running requests fall into up to V x (steps in flight) groups that take turns, each one decode step
-    # in flight. Predicted with an even split.
-    groups = max(1, min(row.concurrency, ves * sched.max_steps_in_flight_per_ve))
+    groups = decode_groups(row.concurrency, ves, sched.max_steps_in_flight_per_ve, work.input_len,
+                           sched.max_num_batched_tokens)
     seqs = row.concurrency / groups
 
     def timed(step: Step):
