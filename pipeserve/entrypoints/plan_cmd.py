@@ -45,7 +45,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="with --gpu cpu: measure this machine first (the model's decoder layer per TP rank shape, "
                         "the all-reduce between busy ranks, GEMM rate, memory bandwidth, loopback link, cores; "
-                        "about three minutes for a small model) and store the figures for later plans")
+                        "about four minutes for a small model) and store the figures for later plans")
     p.add_argument("--calibration-file", default=None,
                    help="where --calibrate stores its figures and --gpu cpu reads them "
                         "(default ~/.cache/pipeserve/calibration-cpu.json, used where it exists)")
