@@ -127,7 +127,7 @@ def main() -> None:
     from pipeserve.loader.default_model import default_model_path
 
     path, me = default_model_path(), sys.executable
-    dtype = str(resolve_dtype("auto")).removeprefix("torch.")
+    dtype = resolve_dtype("auto")
     single: dict[str, dict[str, Any]] = {}
     if args.reuse_single:
         with open(args.reuse_single) as f:

@@ -42,7 +42,7 @@ class ModelConfig:
     quantization: str = "none"  # weight-only: none, int8, int4, or auto (a GGUF's 4-bit blocks kept 4-bit)
 
     def __post_init__(self) -> None:
-        name = self.dtype if isinstance(self.dtype, str) else str(self.dtype).removeprefix("torch.")
+        name = dtype_name(self.dtype)
         if name not in DTYPE_BYTES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         object.__setattr__(self, "dtype", name)
@@ -112,11 +112,15 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16 (or "bfloat16"): how configs and calibration files name a dtype."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str = "cpu") -> str:
     """The dtype's name; `auto` is bfloat16 where the hardware computes it natively (CUDA, or CPUs with bf16
     units), else float32."""
-    if not isinstance(dtype, str):  # a torch.dtype
-        dtype = str(dtype).removeprefix("torch.")
+    dtype = dtype_name(dtype)
     if dtype == "auto":
         native = device.startswith("cuda") or cpu_has_native_bf16()
         return "bfloat16" if native else "float32"

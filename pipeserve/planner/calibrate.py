@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeserve.config import dtype_name
 from pipeserve.control.process import free_port
 from pipeserve.planner.spawned import run_spawned
 
@@ -152,7 +153,7 @@ def measure(dtype: torch.dtype, sizes: CalibrationSizes, model=None, tps: tuple[
     return {
         "device": "cpu", "cpu_model": cpu_model(), "torch": torch.__version__, "threads": sizes.threads,
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "dtype": str(dtype).removeprefix("torch."), "gemm_hidden": sizes.hidden,
+        "dtype": dtype_name(dtype), "gemm_hidden": sizes.hidden,
         "gemm_tflops": curve, "copy_gbps": bandwidth, "link_gbps": link, "link_latency_us": latency_us,
         **allreduce, "cores": usable_cores(), "layers": layers,
     }

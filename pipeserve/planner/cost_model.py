@@ -155,6 +155,14 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
     ar_lat = links.latency(spans)
     act_bytes = step.tokens * model.hidden_size * elem  # one all-reduce's tensor
     corunning = device.cores > 1 and layout.world > 1  # a calibrated CPU whose cores run several ranks at once
+    # one all-reduce's (wall seconds, CPU-seconds per rank), the same on every stage; None: the ring's formula
+    measured = None
+    if layout.tp > 1 and (links.same_machine or not spans):
+        measured = busy_allreduce(device, layout, act_bytes)
+    if measured is not None and spans:  # measured over loopback; a slower link between nodes adds its transfer
+        slower = allreduce_time(act_bytes, layout.tp, ar_bps, 0.0) - allreduce_time(
+            act_bytes, layout.tp, links.intra_bps, 0.0)
+        measured = (measured[0] + max(0.0, slower), measured[1])
     for s, stage in enumerate(stages):
         t_dev, kind, head = stage_device_time(model, device, stage, layout.tp, step, corunning)
         if kind == "compute":
@@ -164,14 +172,10 @@ def step_time(model: ModelConfig, device: Device, layout: Layout, stages: list[S
         out.head += head
         ar = ar_cpu = 0.0
         if layout.tp > 1:  # attention output and MLP output: 2 per layer
-            measured = busy_allreduce(device, layout, act_bytes) if links.same_machine or not spans else None
             if measured is None:
                 ar = 2 * stage.layers * allreduce_time(act_bytes, layout.tp, ar_bps, ar_lat)
-            else:  # measured between busy ranks over loopback; a slower link between nodes adds its transfer
-                wall, cpu = measured
-                slower = allreduce_time(act_bytes, layout.tp, ar_bps, 0.0) - allreduce_time(
-                    act_bytes, layout.tp, links.intra_bps, 0.0) if spans else 0.0
-                ar, ar_cpu = 2 * stage.layers * (wall + max(0.0, slower)), 2 * stage.layers * cpu
+            else:
+                ar, ar_cpu = 2 * stage.layers * measured[0], 2 * stage.layers * measured[1]
             if spans:
                 out.ar_inter += ar
             else:
