@@ -161,10 +161,11 @@ def _predict(model, cluster, layout, stages, sched, work, row: Row) -> None:
     def timed(step: Step):
         return step_time(model, cluster.device, layout, stages, links, step)
 
+    streaming = ves * sched.max_steps_in_flight_per_ve > 1  # serve keeps several chunks in flight
+
     def pace(t) -> float:
-        """Seconds per chunk when chunks stream through the pipeline (serve keeps P of them in flight)."""
-        shared = t.work / cores if cores > 0 else 0.0
-        return max(t.slowest_stage, t.host, shared) if ves * sched.max_steps_in_flight_per_ve > 1 else t.latency
+        """Seconds per chunk when chunks stream through the pipeline: its slowest stage or the engine's host."""
+        return max(t.slowest_stage, t.host) if streaming else t.latency
 
     decode = timed(Step(seqs, seqs, work.input_len + work.output_len / 2, seqs))
     period = step_period(decode, groups, cores)
@@ -173,19 +174,37 @@ def _predict(model, cluster, layout, stages, sched, work, row: Row) -> None:
     chunks = math.ceil(work.input_len / budget)
     first = timed(Step(chunk, 1, chunk / 2, 1, chunk_start=0))
     later = timed(Step(chunk, 1, chunk / 2, 1, chunk_start=budget * chunks / 2)) if chunks > 1 else first
-    row.ttft_ms = (first.latency + (chunks - 1) * pace(later)) * 1e3
-    # The offline run: every prompt's tokens in full chunks (a prompt's chunks after, on average, half of its
-    # earlier chunks; shorter prompts several to a chunk), then the decode steps after each first token.
-    per_chunk = budget / work.input_len
-    start = budget * (chunks - 1) / 2 if work.input_len >= budget else 0.0
-    full = timed(Step(budget, max(1.0, per_chunk), work.input_len / 2, per_chunk, chunk_start=start))
-    prefill_s = full.latency + (row.concurrency * work.input_len / budget - 1) * pace(full)
+    ttft = first.latency + (chunks - 1) * pace(later)
+    if cores > 0:  # a long prompt's chunks stream too, their CPU-seconds spread over the shared cores
+        ttft = max(ttft, (first.work + (chunks - 1) * later.work) / cores)
+    row.ttft_ms = ttft * 1e3
+    row.output_tok_s = row.concurrency * work.output_len / (
+        offline_prefill_s(work, row.concurrency, ves, budget, timed, pace, cores) + (work.output_len - 1) * period)
     row.tpot_ms = period * 1e3
-    row.output_tok_s = row.concurrency * work.output_len / (prefill_s + (work.output_len - 1) * period)
     row.decode_groups = groups
     row.bubble = max(0.0, 1 - groups * decode.busy_sum / layout.pp / period)
     row.link_share = decode.links / decode.latency
     row.bottleneck = bottleneck(decode, groups, layout.pp, cores)
+
+
+def offline_prefill_s(work: Workload, concurrency: int, ves: int, budget: int, timed, pace, cores: int) -> float:
+    """Seconds to prefill every prompt of an offline run, all arriving at once.
+
+    serve packs each virtual engine's own prompts into its chunks of at most `budget` tokens (8 prompts of 128
+    on PP=4: 4 chunks of 256, one per VE, not 2 of 512), and the chunks stream through the stages. The run
+    takes the first chunk's trip through every stage and one slowest stage per chunk after it, or, where the
+    layout's processes share `cores` CPUs, at least every chunk's CPU-seconds spread over them.
+    """
+    ve_tokens = concurrency / ves * work.input_len
+    ve_chunks = math.ceil(ve_tokens / budget)
+    rows = ve_tokens / ve_chunks  # a chunk's tokens, on average
+    per_chunk = rows / work.input_len  # prompts a chunk holds (under 1: a long prompt's share)
+    # a long prompt's chunk comes, on average, after half of its earlier chunks
+    start = budget * (math.ceil(work.input_len / budget) - 1) / 2 if work.input_len >= budget else 0.0
+    step = timed(Step(rows, max(1.0, per_chunk), work.input_len / 2, per_chunk, chunk_start=start))
+    n = ves * ve_chunks
+    critical_path = step.latency + (n - 1) * pace(step)
+    return max(critical_path, n * step.work / cores) if cores > 0 else critical_path
 
 
 def plan(model: ModelConfig, cluster: Cluster, work: Workload) -> list[Row]:
