@@ -10,7 +10,7 @@ from pipeserve.planner.calibration import calibrated_cpu
 from pipeserve.planner.cost_model import Step, at_bytes, busy_allreduce, step_period, step_time
 from pipeserve.planner.cpu_steps import LayerCosts, interpolate, shape_key
 from pipeserve.planner.memory import Layout, build_stages, check_layout
-from pipeserve.planner.plan import Cluster, Workload, decode_groups, plan_layout
+from pipeserve.planner.plan import Cluster, Workload, decode_groups, offline_prefill_s, plan_layout
 from tests.planner_fixtures import FIGURES, small
 
 COSTS = {"base": [[1, 1e-3], [64, 4e-3], [512, 20e-3]], "attn_s_per_row_ctx": 1e-7, "prefill_s_per_row_ctx": 2e-8,
@@ -92,6 +92,37 @@ def test_decode_groups_follow_how_prompts_end_their_prefills():
     assert decode_groups(8, 1, 1, 128, 512) == 1  # PP=1: one step in flight
     assert decode_groups(8, 2, 2, 1024, 512) == 4  # a prompt per chunk at most: every step in flight has a group
     assert decode_groups(2, 4, 4, 1024, 512) == 2  # never more groups than requests
+
+
+def test_offline_prefill_packs_each_virtual_engines_own_prompts():
+    cfg, dev = small(torch.float32), device(1, cores=2)
+    layout = Layout(1, 4, 1, 4)
+    stages = build_stages(cfg, 1, check_layout(cfg, 1, 4))
+    links = Cluster(dev, 1, 4, "pcie", 1).links()
+    steps = []
+
+    def timed(step: Step):
+        steps.append(step)
+        return step_time(cfg, dev, layout, stages, links, step)
+
+    def pace(t) -> float:
+        return max(t.slowest_stage, t.host)
+
+    # 8 prompts of 128 on PP=4, 512-token chunks: 4 chunks of 256 tokens (a VE's 2 prompts), not 2 of 512
+    seconds = offline_prefill_s(Workload(128, 16, 512, 8, 0.9), 8, 4, 512, timed, pace, cores=2)
+    (step,) = steps
+    assert (step.tokens, step.sampled, step.chunk_start) == (256, 2, 0.0)
+    t = timed(step)
+    # the first chunk's trip and 3 slowest stages after it, or 4 chunks' CPU-seconds over 2 cores
+    assert seconds == pytest.approx(max(t.latency + 3 * pace(t), 4 * t.work / 2))
+    assert seconds == pytest.approx(4 * t.work / 2)  # four ranks on two cores: the cores set the pace here
+    # a VE's 4 prompts of 1024 take 8 chunks of 512, each after 256 earlier tokens of its prompt on average
+    steps.clear()
+    seconds = offline_prefill_s(Workload(1024, 16, 2048, 8, 0.9), 8, 2, 512, timed, pace, cores=0)
+    (step,) = steps
+    assert (step.tokens, step.sampled, step.chunk_start) == (512, 0.5, 256.0)
+    t = timed(step)
+    assert seconds == pytest.approx(t.latency + 15 * pace(t))
 
 
 def test_layer_costs_are_measured_with_the_models_own_layer():
