@@ -163,9 +163,9 @@ def scale_runs(folder: str) -> list[Case]:
     return out
 
 
-def calibrate_all(model: str, scale_folder: str | None, calibration: str) -> None:
+def calibrate_all(model: str, scale_folder: str | None, calibration: str, max_tp: int) -> None:
     print(f"calibrating into {calibration} (micro-benchmarks only)", file=sys.stderr, flush=True)
-    calibrate(model, calibration, 2)
+    calibrate(model, calibration, max_tp)
     if scale_folder:
         calibrate(scale_folder, calibration, 1)
 
@@ -230,7 +230,9 @@ def main() -> None:
             from bench_scale import write_checkpoint
 
             write_checkpoint(scale_folder)
-        calibrate_all(args.model, scale_folder, before)
+        # the TP=2 rank shape is measured only where a case runs it
+        max_tp = 2 if args.netns or any(EMBEDDED[c][0] > 1 for c in cases) else 1
+        calibrate_all(args.model, scale_folder, before, max_tp)
         runs = embedded_runs(args, cases) if cases else []
         if args.netns:
             runs += netns_runs(args)
@@ -238,7 +240,7 @@ def main() -> None:
             runs += scale_runs(scale_folder)
         files = [before] if args.single_calibration else [before, after]
         if not args.single_calibration:
-            calibrate_all(args.model, scale_folder, after)
+            calibrate_all(args.model, scale_folder, after, max_tp)
         per_file = [predicted_rows(runs, path) for path in files]
         results = [compare(c, list(rows)) for c, *rows in zip(runs, *per_file, strict=True)]
         figures = []
