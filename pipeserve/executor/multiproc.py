@@ -70,6 +70,10 @@ __all__ = ["MultiprocExecutor", "StageFailure"]
 
 WARMUP_STEPS = 4  # the first steps of a generation may be slow (lazy allocation, caches): a longer deadline
 WARMUP_FACTOR = 5.0
+# A rank that lost a peer is usually the echo of that peer's own failure, whose report (it raised, or its
+# connection closed) travels on another connection and can arrive a moment later: wait this long for it, so
+# the failure names its cause rather than the echo.
+ECHO_GRACE_S = 1.0
 
 
 class MultiprocExecutor(Executor):
@@ -99,6 +103,7 @@ class MultiprocExecutor(Executor):
         self._stats: queue.Queue = queue.Queue()
         self._busy: dict[int, float] = {}
         self._sizing: dict[int, object] = {}  # rank -> its answer in the KV sizing handshake (kv_sizing.py)
+        self._echo: tuple[float, int, str] | None = None  # a lost peer's report: (deadline, generation, cause)
         self._closed = False
         authkey = par.cluster_key.encode() if par.cluster_key else secrets.token_bytes(32)
         self._listener = ControlListener(listen, authkey, world, self._rank_connected, self._agent_connected)
@@ -239,6 +244,7 @@ class MultiprocExecutor(Executor):
                     self._agent_message(agents[conn], conn)
                 else:
                     self._rank_message(ranks[conn], conn)
+            self._check_echo()
             self._check_deadline()
 
     def _agent_message(self, node: int, conn: Connection) -> None:
@@ -270,8 +276,9 @@ class MultiprocExecutor(Executor):
         elif isinstance(msg, Pong) and self.step_feed.is_clock_pong(msg):
             self.step_feed.pong(rank, msg)
         elif isinstance(msg, GroupLost):
-            if msg.generation == self.generation:
-                self._failed(f"{self.who(rank)} lost a peer: {msg.cause}")
+            if msg.generation == self.generation and self._echo is None:
+                cause = f"{self.who(rank)} lost a peer: {msg.cause}"
+                self._echo = (time.monotonic() + ECHO_GRACE_S, msg.generation, cause)
         elif isinstance(msg, StageError):
             with t.cv:
                 if rank not in t.ready:
@@ -301,6 +308,15 @@ class MultiprocExecutor(Executor):
         if entry is not None:
             with contextlib.suppress(RuntimeError):  # its event loop is gone (a generate() that ended early)
                 entry[0].call_soon_threadsafe(_set_result, entry[1], step)
+
+    def _check_echo(self) -> None:
+        """A lost peer whose own failure was not reported within ECHO_GRACE_S is the failure (a link, a host)."""
+        if self._echo is None or time.monotonic() < self._echo[0]:
+            return
+        _, generation, cause = self._echo
+        self._echo = None
+        if generation == self.generation:  # else a reported cause already started the recovery
+            self._failed(cause)
 
     def _check_deadline(self) -> None:
         limit = self.config.parallel.step_timeout_s
