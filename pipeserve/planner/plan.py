@@ -174,12 +174,9 @@ def _predict(model, cluster, layout, stages, sched, work, row: Row) -> None:
     chunks = math.ceil(work.input_len / budget)
     first = timed(Step(chunk, 1, chunk / 2, 1, chunk_start=0))
     later = timed(Step(chunk, 1, chunk / 2, 1, chunk_start=budget * chunks / 2)) if chunks > 1 else first
-    ttft = first.latency + (chunks - 1) * pace(later)
-    if cores > 0:  # a long prompt's chunks stream too, their CPU-seconds spread over the shared cores
-        ttft = max(ttft, (first.work + (chunks - 1) * later.work) / cores)
-    row.ttft_ms = ttft * 1e3
-    row.output_tok_s = row.concurrency * work.output_len / (
-        offline_prefill_s(work, row.concurrency, ves, budget, timed, pace, cores) + (work.output_len - 1) * period)
+    row.ttft_ms = streamed_s(first, later, chunks, pace, cores) * 1e3  # a long prompt's chunks stream too
+    prefill_s = offline_prefill_s(work, row.concurrency, ves, budget, timed, pace, cores)
+    row.output_tok_s = row.concurrency * work.output_len / (prefill_s + (work.output_len - 1) * period)
     row.tpot_ms = period * 1e3
     row.decode_groups = groups
     row.bubble = max(0.0, 1 - groups * decode.busy_sum / layout.pp / period)
@@ -191,9 +188,7 @@ def offline_prefill_s(work: Workload, concurrency: int, ves: int, budget: int, t
     """Seconds to prefill every prompt of an offline run, all arriving at once.
 
     serve packs each virtual engine's own prompts into its chunks of at most `budget` tokens (8 prompts of 128
-    on PP=4: 4 chunks of 256, one per VE, not 2 of 512), and the chunks stream through the stages. The run
-    takes the first chunk's trip through every stage and one slowest stage per chunk after it, or, where the
-    layout's processes share `cores` CPUs, at least every chunk's CPU-seconds spread over them.
+    on PP=4: 4 chunks of 256, one per VE, not 2 of 512), and the chunks stream through the stages.
     """
     ve_tokens = concurrency / ves * work.input_len
     ve_chunks = math.ceil(ve_tokens / budget)
@@ -202,9 +197,17 @@ def offline_prefill_s(work: Workload, concurrency: int, ves: int, budget: int, t
     # a long prompt's chunk comes, on average, after half of its earlier chunks
     start = budget * (math.ceil(work.input_len / budget) - 1) / 2 if work.input_len >= budget else 0.0
     step = timed(Step(rows, max(1.0, per_chunk), work.input_len / 2, per_chunk, chunk_start=start))
-    n = ves * ve_chunks
-    critical_path = step.latency + (n - 1) * pace(step)
-    return max(critical_path, n * step.work / cores) if cores > 0 else critical_path
+    return streamed_s(step, step, ves * ve_chunks, pace, cores)
+
+
+def streamed_s(first, later, n: int, pace, cores: int) -> float:
+    """Seconds of `n` chunks streaming through the stages (`first`, then n - 1 like `later`): the first chunk's
+    trip through every stage and one `pace` per chunk after it, or, where the layout's processes share `cores`
+    CPUs, at least every chunk's CPU-seconds spread over them."""
+    critical_path = first.latency + (n - 1) * pace(later)
+    if cores <= 0:
+        return critical_path
+    return max(critical_path, (first.work + (n - 1) * later.work) / cores)
 
 
 def plan(model: ModelConfig, cluster: Cluster, work: Workload) -> list[Row]:
