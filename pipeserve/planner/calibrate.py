@@ -139,13 +139,11 @@ def measure(dtype: torch.dtype, sizes: CalibrationSizes, model=None, tps: tuple[
             for tp in tps:
                 layers[rank_shape_key(model, tp)]["corun"] = corun_factors(model, tp, usable_cores(),
                                                                            sizes.seconds / 4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(sizes.threads)
-    try:
+    from pipeserve.planner.calibrate_ops import torch_threads
+
+    with torch_threads(sizes.threads):
         curve = [[r, gemm_tflops(r, sizes.hidden, dtype, sizes.seconds)] for r in sorted(set(sizes.rows))]
         bandwidth = copy_gbps(sizes.copy_mib, sizes.seconds)
-    finally:
-        torch.set_num_threads(threads)
     latency_us, link = link_speed(sizes)
     from pipeserve.planner.calibrate_allreduce import measure_allreduce
 

@@ -56,15 +56,11 @@ def corun_factors(model: ModelConfig, tp: int, processes: int, seconds: float = 
     """[[rows, factor], ...]: one layer's seconds with `processes` copies running at once (their median) over
     its seconds alone, measured here before and after them (the mean of the two: on a machine whose speed
     drifts over minutes, one timing alone would read the drift as a factor), one torch thread each."""
-    import torch
+    from pipeserve.planner.calibrate_ops import torch_threads
 
     def alone() -> list[float]:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             return _timings(model, tp, rows, seconds)
-        finally:
-            torch.set_num_threads(threads)
 
     before = alone()
     start = mp.get_context("spawn").Barrier(processes)

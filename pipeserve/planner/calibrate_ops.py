@@ -22,8 +22,10 @@ What it stores, per rank shape (docs/planning.md, "Calibrated CPU steps"):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -42,6 +44,17 @@ BLOCK = 16
 DECODE_ROWS = (1, 4, 16, 64)  # a decode step's rows: one per sequence of a virtual engine's batch
 PREFILL_ROWS = (128, 512)  # prefill chunks (512: serve's CPU token budget)
 SHORT_CTX, LONG_CTX = 32, 1024  # the two context lengths the attention slope is taken between
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch threads, as a stage process runs (--threads-per-worker), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rank_config(model: ModelConfig, tp: int) -> ModelConfig:
@@ -179,9 +192,7 @@ def measure_layer_costs(model: ModelConfig, tp: int, seconds: float = 0.4,
                         prefill_rows: tuple[int, ...] = PREFILL_ROWS) -> dict:
     """The stored costs of one rank shape (module doc), measured with one torch thread."""
     cfg = rank_config(model, tp)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         parts = StreamedLayers(cfg, streamed_layer_count(cfg))
         parts.kv_pools(max(decode_rows) * -(-LONG_CTX // BLOCK) + 1)  # the largest measurement's, made once
         short = {r: layer_seconds(cfg, r, SHORT_CTX, False, seconds, parts) for r in decode_rows}
@@ -196,8 +207,6 @@ def measure_layer_costs(model: ModelConfig, tp: int, seconds: float = 0.4,
         later = layer_seconds(cfg, n, 2 * n, True, seconds, parts)  # the same chunk after n earlier tokens
         prefill_slope = max(0.0, (later - chunks[n]) / (n * n))
         head = [[r, head_seconds(cfg, r, seconds)] for r in sorted({1, *decode_rows})]
-    finally:
-        torch.set_num_threads(threads)
     base.sort()
     return {"base": base, "attn_s_per_row_ctx": slope, "prefill_s_per_row_ctx": prefill_slope, "head": head}
 
