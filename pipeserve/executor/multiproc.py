@@ -276,7 +276,8 @@ class MultiprocExecutor(Executor):
         elif isinstance(msg, Pong) and self.step_feed.is_clock_pong(msg):
             self.step_feed.pong(rank, msg)
         elif isinstance(msg, GroupLost):
-            if msg.generation == self.generation and self._echo is None:
+            # the first report of this generation is held; one held from an older generation is stale
+            if msg.generation == self.generation and (self._echo is None or self._echo[1] != msg.generation):
                 cause = f"{self.who(rank)} lost a peer: {msg.cause}"
                 self._echo = (time.monotonic() + ECHO_GRACE_S, msg.generation, cause)
         elif isinstance(msg, StageError):
